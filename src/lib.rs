@@ -1,0 +1,9 @@
+//! Spectral: deterministic decisions for software agents.
+//!
+//! A caller asks whether an action may proceed in a *world*; the rules of that world are small
+//! predicates compiled once and evaluated in a sandbox. See `ARCHITECTURE.md` for the map.
+
+pub mod cli;
+pub mod config;
+pub mod sandbox;
+pub mod worlds;

@@ -1,0 +1,510 @@
+//! The predicate VM: one shared, locked-down Rhai engine, compilation of predicates with
+//! static checks, and bounded evaluation. This is the only module that names `rhai` types.
+//!
+//! Predicates are Rhai *expressions*: no statements, loops, assignment, closures or function
+//! definitions, so every predicate terminates. The engine starts from `Engine::new_raw()` and
+//! gets an allow-list of packages plus our helpers, so nothing that blocks, reads files, time or
+//! randomness is reachable even by a computed name. Every size and depth limit is set, the
+//! source size is capped before parsing, and a wall-clock deadline per evaluation is enforced
+//! from `on_progress` with our own tick counter (Rhai's own count restarts inside callbacks).
+
+mod check;
+mod helpers;
+mod value;
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rhai::packages::{
+    ArithmeticPackage, BasicArrayPackage, BasicMapPackage, BasicMathPackage, BasicStringPackage,
+    LogicPackage, MoreStringPackage, Package,
+};
+use rhai::{Dynamic, Engine, EvalAltResult, OptimizationLevel, ParseErrorType, Position, Scope};
+use serde::{Deserialize, Serialize};
+
+pub use check::{inputs_match, Reads};
+pub use value::{Bindings, Input};
+
+/// Limits of the predicate VM. Every one has a safe default; all are configurable through
+/// `config` (`SPECTRAL_SANDBOX_*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Rhai operations one evaluation may use. A typical predicate uses 10–60.
+    pub max_operations: u64,
+    /// Depth of nested native calls an evaluation may reach.
+    pub max_call_levels: usize,
+    /// Nesting depth of an expression, checked while parsing (so a hostile source is rejected
+    /// before it can overflow the stack) and kept small enough that evaluation recursion fits
+    /// in a 2 MiB thread stack with a wide margin.
+    pub max_expr_depth: usize,
+    /// Bytes in one string value (summed over the strings inside one array or map).
+    pub max_string_bytes: usize,
+    /// Elements in one array, nested elements included.
+    pub max_array_len: usize,
+    /// Properties in one map, nested properties included.
+    pub max_map_len: usize,
+    /// Bytes of predicate source; Rhai itself has no such limit.
+    pub max_source_bytes: usize,
+    /// Wall-clock time one predicate evaluation may take, in microseconds.
+    pub deadline_us: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_operations: 10_000,
+            max_call_levels: 8,
+            max_expr_depth: 64,
+            max_string_bytes: 16 * 1024,
+            max_array_len: 1024,
+            max_map_len: 1024,
+            max_source_bytes: 8 * 1024,
+            deadline_us: 5_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The per-evaluation deadline as a duration.
+    pub fn deadline(&self) -> Duration {
+        Duration::from_micros(self.deadline_us)
+    }
+}
+
+/// What went wrong in a predicate, as a stable kind that tests, metrics and the metadata of a
+/// decision can rely on, plus a human-readable message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct SandboxError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// 1-based line and column in the predicate source, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<SourcePosition>,
+}
+
+/// 1-based line and column in a predicate's source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourcePosition {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl std::fmt::Display for SourcePosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// The stable kinds of predicate failure. Compile-time kinds come first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The source is longer than `max_source_bytes`.
+    SourceTooLarge,
+    /// The source does not parse as a predicate expression (statements, loops, `let`, `fn`,
+    /// closures and `eval` all land here).
+    Syntax,
+    /// The expression nests deeper than `max_expr_depth`.
+    ExpressionTooDeep,
+    /// A literal is larger than the size limits allow.
+    LiteralTooLarge,
+    /// A symbol that predicates may not use (`Fn`, `call`, `this`, …).
+    ForbiddenSymbol,
+    /// The predicate reads a context attribute it did not declare, reads context in a way
+    /// that cannot be checked, or declares an input it never reads.
+    UndeclaredInput,
+    /// The predicate reads a config constant that does not exist.
+    UnknownConfig,
+    /// The predicate can be seen not to produce a bool.
+    NotBool,
+    /// Evaluation used more than `max_operations`.
+    TooManyOperations,
+    /// Evaluation ran past its wall-clock deadline.
+    DeadlineExceeded,
+    /// A value grew past a size limit.
+    DataTooLarge,
+    /// Calls nested deeper than `max_call_levels`.
+    CallTooDeep,
+    /// A function that does not exist (or is not allowed) was called.
+    FunctionNotFound,
+    /// Integer overflow, division by zero and the like.
+    Arithmetic,
+    /// A context attribute or map property that is absent was read.
+    PropertyNotFound,
+    /// An operation on a value of the wrong type.
+    TypeMismatch,
+    /// The predicate evaluated to something other than a bool.
+    NonBoolResult,
+    /// A helper rejected its arguments (unknown time zone, …).
+    Helper,
+    /// Any other runtime error.
+    Runtime,
+}
+
+impl ErrorKind {
+    /// The snake_case name used in JSON and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SourceTooLarge => "source_too_large",
+            Self::Syntax => "syntax",
+            Self::ExpressionTooDeep => "expression_too_deep",
+            Self::LiteralTooLarge => "literal_too_large",
+            Self::ForbiddenSymbol => "forbidden_symbol",
+            Self::UndeclaredInput => "undeclared_input",
+            Self::UnknownConfig => "unknown_config",
+            Self::NotBool => "not_bool",
+            Self::TooManyOperations => "too_many_operations",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::DataTooLarge => "data_too_large",
+            Self::CallTooDeep => "call_too_deep",
+            Self::FunctionNotFound => "function_not_found",
+            Self::Arithmetic => "arithmetic",
+            Self::PropertyNotFound => "property_not_found",
+            Self::TypeMismatch => "type_mismatch",
+            Self::NonBoolResult => "non_bool_result",
+            Self::Helper => "helper",
+            Self::Runtime => "runtime",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl SandboxError {
+    fn new(kind: ErrorKind, message: impl Into<String>, pos: Position) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            position: source_position(pos),
+        }
+    }
+}
+
+fn source_position(pos: Position) -> Option<SourcePosition> {
+    Some(SourcePosition {
+        line: pos.line()?,
+        column: pos.position().unwrap_or(0),
+    })
+}
+
+thread_local! {
+    /// Operations seen by `on_progress` on this thread since the current evaluation began.
+    /// Evaluation is synchronous on the calling thread, so a thread-local is exact.
+    static TICKS: Cell<u64> = const { Cell::new(0) };
+    /// The deadline of the evaluation running on this thread; `None` outside evaluation
+    /// (compilation never runs predicate code, so it needs none).
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// The token `on_progress` aborts with when the deadline passes.
+const DEADLINE_TOKEN: &str = "spectral:deadline";
+
+/// A compiled predicate: an immutable AST, shared by every evaluation.
+#[derive(Debug, Clone)]
+pub struct Program {
+    ast: rhai::AST,
+    reads: Reads,
+}
+
+impl Program {
+    /// The context attributes and config names this program reads.
+    pub fn reads(&self) -> &Reads {
+        &self.reads
+    }
+}
+
+/// A successful evaluation: the bool and the operations it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub value: bool,
+    pub operations: u64,
+}
+
+/// A failed evaluation: the error and the operations used until it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub error: SandboxError,
+    pub operations: u64,
+}
+
+/// The shared predicate VM. Build it once at start; it is immutable afterwards and is
+/// `Send + Sync`, so one instance serves every thread.
+pub struct Sandbox {
+    engine: Engine,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new(Limits::default())
+    }
+}
+
+impl Sandbox {
+    /// Build the engine with the given limits.
+    pub fn new(limits: Limits) -> Self {
+        let mut engine = Engine::new_raw();
+        // The allow-list. Not registered, so unreachable even through `Fn("name")`:
+        // LanguageCorePackage (`sleep`, `parse_json`, …), time, iterators, blobs and `Fn`
+        // helpers.
+        for module in [
+            ArithmeticPackage::new().as_shared_module(),
+            LogicPackage::new().as_shared_module(),
+            BasicStringPackage::new().as_shared_module(),
+            MoreStringPackage::new().as_shared_module(),
+            BasicArrayPackage::new().as_shared_module(),
+            BasicMapPackage::new().as_shared_module(),
+            BasicMathPackage::new().as_shared_module(),
+        ] {
+            engine.register_global_module(module);
+        }
+        helpers::register(&mut engine);
+
+        engine
+            .set_max_operations(limits.max_operations)
+            .set_max_call_levels(limits.max_call_levels)
+            .set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth)
+            .set_max_string_size(limits.max_string_bytes)
+            .set_max_array_size(limits.max_array_len)
+            .set_max_map_size(limits.max_map_len)
+            .set_max_variables(8)
+            .set_max_functions(0)
+            .set_strict_variables(true)
+            .set_allow_looping(false)
+            .set_allow_anonymous_fn(false)
+            .set_allow_statement_expression(false)
+            .set_allow_shadowing(false)
+            .set_fail_on_invalid_map_property(true)
+            // Under `sync` the interner takes a lock that stalls for milliseconds (F7).
+            .set_max_strings_interned(0)
+            // Parsing does not optimize, so that the static checks see the source as
+            // written; `compile` then folds with `Simple`, which folds built-in operators and
+            // config constants but never calls functions at compile time, where no deadline
+            // runs (F6).
+            .set_optimization_level(OptimizationLevel::None);
+        engine.disable_symbol("eval");
+        engine.on_print(|_| {});
+        engine.on_debug(|_, _, _| {});
+        engine.on_progress(|_| {
+            let ticks = TICKS.with(|t| {
+                let v = t.get().wrapping_add(1);
+                t.set(v);
+                v
+            });
+            // Reading the clock every 16 operations keeps the overhead near zero while a single
+            // expensive operation can overshoot the deadline by at most 15 others.
+            if ticks & 0xF == 0 {
+                if let Some(deadline) = DEADLINE.with(Cell::get) {
+                    if Instant::now() >= deadline {
+                        return Some(Dynamic::from(DEADLINE_TOKEN));
+                    }
+                }
+            }
+            None
+        });
+        Self { engine, limits }
+    }
+
+    /// The limits this sandbox enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// How many strings the engine interns; always 0, because the interner's lock stalls
+    /// concurrent evaluations for milliseconds under `sync` (F7).
+    pub fn strings_interned_limit(&self) -> usize {
+        self.engine.max_strings_interned()
+    }
+
+    /// Compile a predicate expression.
+    ///
+    /// `inputs` are the context attributes the rule declares; `config` the version's constants,
+    /// which are folded into the AST. The static checks run here: only `context.<input>` and
+    /// `config.<name>` may be read, every declared input must be read, forbidden symbols are
+    /// rejected, and a result that can be seen not to be a bool is rejected.
+    pub fn compile(
+        &self,
+        source: &str,
+        inputs: &[String],
+        config: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<Program, SandboxError> {
+        let reads = self.compile_unchecked_inputs(source, config)?;
+        check::inputs_match(&reads.1, inputs)?;
+        Ok(Program {
+            ast: reads.0,
+            reads: reads.1,
+        })
+    }
+
+    /// Compile and run the static checks that do not depend on the declared inputs, returning
+    /// what the expression reads. Used where the inputs are checked for several expressions
+    /// together (a rule's `applies_when` and predicate).
+    pub fn compile_reads(
+        &self,
+        source: &str,
+        config: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<Program, SandboxError> {
+        let (ast, reads) = self.compile_unchecked_inputs(source, config)?;
+        Ok(Program { ast, reads })
+    }
+
+    fn compile_unchecked_inputs(
+        &self,
+        source: &str,
+        config: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<(rhai::AST, Reads), SandboxError> {
+        if source.len() > self.limits.max_source_bytes {
+            return Err(SandboxError {
+                kind: ErrorKind::SourceTooLarge,
+                message: format!(
+                    "predicate source is {} bytes, over the limit of {}",
+                    source.len(),
+                    self.limits.max_source_bytes
+                ),
+                position: None,
+            });
+        }
+        let mut scope = Scope::new();
+        // `context` is a variable so that strict mode accepts it but the optimizer cannot
+        // fold it; `config` is a constant so its properties become literals.
+        scope.push("context", ());
+        let mut config_map = rhai::Map::new();
+        for (name, value) in config {
+            let value = value::from_json(value, &self.limits).map_err(|why| SandboxError {
+                kind: ErrorKind::LiteralTooLarge,
+                message: format!("config.{name}: {why}"),
+                position: None,
+            })?;
+            config_map.insert(name.as_str().into(), value);
+        }
+        scope.push_constant("config", config_map);
+
+        let raw = self
+            .engine
+            .compile_expression_with_scope(&scope, source)
+            .map_err(|e| parse_error(*e.0, e.1))?;
+        let reads = check::check(&raw, config)?;
+        let optimized = self
+            .engine
+            .optimize_ast(&scope, raw, OptimizationLevel::Simple);
+        check::no_free_config(&optimized)?;
+        Ok((optimized, reads))
+    }
+
+    /// Evaluate a program against an input. Never panics; every failure, including a
+    /// non-bool result, comes back as a [`Failure`] for the caller to fail closed.
+    pub fn eval(&self, program: &Program, bindings: &mut Bindings) -> Result<Outcome, Failure> {
+        // An expression cannot declare variables, but rewind anyway so that nothing one
+        // program might leave in the scope can reach the next.
+        bindings.scope.rewind(1);
+        TICKS.with(|t| t.set(0));
+        DEADLINE.with(|d| d.set(Some(Instant::now() + self.limits.deadline())));
+        let result = self
+            .engine
+            .eval_ast_with_scope::<Dynamic>(&mut bindings.scope, &program.ast);
+        DEADLINE.with(|d| d.set(None));
+        let operations = TICKS.with(Cell::get);
+        match result {
+            Ok(value) => match value.as_bool() {
+                Ok(value) => Ok(Outcome { value, operations }),
+                Err(type_name) => Err(Failure {
+                    error: SandboxError {
+                        kind: ErrorKind::NonBoolResult,
+                        message: format!("predicate returned {type_name}, not bool"),
+                        position: None,
+                    },
+                    operations,
+                }),
+            },
+            Err(err) => Err(Failure {
+                error: eval_error(*err, &self.limits),
+                operations,
+            }),
+        }
+    }
+}
+
+fn parse_error(kind: ParseErrorType, pos: Position) -> SandboxError {
+    let kind_of = match &kind {
+        ParseErrorType::ExprTooDeep => ErrorKind::ExpressionTooDeep,
+        ParseErrorType::LiteralTooLarge(..) => ErrorKind::LiteralTooLarge,
+        ParseErrorType::BadInput(rhai::LexError::StringTooLong(_)) => ErrorKind::LiteralTooLarge,
+        _ => ErrorKind::Syntax,
+    };
+    SandboxError::new(kind_of, kind.to_string(), pos)
+}
+
+fn eval_error(err: EvalAltResult, limits: &Limits) -> SandboxError {
+    let pos = err.position();
+    if let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = err {
+        return eval_error(*inner, limits);
+    }
+    let (kind, message) = match &err {
+        EvalAltResult::ErrorTerminated(token, _)
+            if token.clone().into_string().ok().as_deref() == Some(DEADLINE_TOKEN) =>
+        {
+            (
+                ErrorKind::DeadlineExceeded,
+                format!(
+                    "evaluation ran past its deadline of {} µs",
+                    limits.deadline_us
+                ),
+            )
+        }
+        EvalAltResult::ErrorTooManyOperations(_) => (
+            ErrorKind::TooManyOperations,
+            format!(
+                "evaluation used more than {} operations",
+                limits.max_operations
+            ),
+        ),
+        EvalAltResult::ErrorDataTooLarge(what, _) => (
+            ErrorKind::DataTooLarge,
+            format!("{what} exceeds the sandbox size limits"),
+        ),
+        EvalAltResult::ErrorStackOverflow(_) => (
+            ErrorKind::CallTooDeep,
+            format!("calls nested deeper than {}", limits.max_call_levels),
+        ),
+        EvalAltResult::ErrorFunctionNotFound(sig, _) => (
+            ErrorKind::FunctionNotFound,
+            format!("function not found: {sig}"),
+        ),
+        EvalAltResult::ErrorArithmetic(msg, _) => (ErrorKind::Arithmetic, msg.clone()),
+        EvalAltResult::ErrorPropertyNotFound(prop, _) => (
+            ErrorKind::PropertyNotFound,
+            format!("property '{prop}' is absent"),
+        ),
+        EvalAltResult::ErrorIndexNotFound(idx, _) => (
+            ErrorKind::PropertyNotFound,
+            format!("index {idx} is absent"),
+        ),
+        EvalAltResult::ErrorMismatchDataType(..)
+        | EvalAltResult::ErrorMismatchOutputType(..)
+        | EvalAltResult::ErrorIndexingType(..) => (ErrorKind::TypeMismatch, err.to_string()),
+        EvalAltResult::ErrorRuntime(value, _) => match value.clone().into_string() {
+            Ok(msg) if msg.starts_with(helpers::ERROR_PREFIX) => (ErrorKind::Helper, msg),
+            _ => (ErrorKind::Runtime, err.to_string()),
+        },
+        _ => (ErrorKind::Runtime, err.to_string()),
+    };
+    SandboxError::new(kind, message, pos)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,271 @@
+//! The helper library predicates may call beyond Rhai's allow-listed packages.
+//!
+//! Every helper is total and bounded: it returns an error value on bad input and never panics
+//! (Rhai does not catch panics in registered functions), and its cost is at most linear in
+//! arguments that the sandbox's size limits already bound. Timestamps are integers of Unix
+//! seconds, as the evaluator binds `timestamp` attributes; time zones are IANA names.
+//! `docs/predicates.md` documents each helper for authors.
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+use chrono_tz::Tz;
+use rhai::{Array, Dynamic, Engine, EvalAltResult, ImmutableString, INT};
+
+/// Prefix of every helper error, so the evaluator can tell them from other runtime errors.
+pub(super) const ERROR_PREFIX: &str = "helper: ";
+
+type HelperResult<T> = Result<T, Box<EvalAltResult>>;
+
+fn fail<T>(message: String) -> HelperResult<T> {
+    Err(format!("{ERROR_PREFIX}{message}").into())
+}
+
+fn zone(tz: &str) -> HelperResult<Tz> {
+    match tz.parse::<Tz>() {
+        Ok(zone) => Ok(zone),
+        Err(_) => fail(format!("unknown time zone '{tz}'")),
+    }
+}
+
+fn local(ts: INT, tz: &str) -> HelperResult<DateTime<Tz>> {
+    let zone = zone(tz)?;
+    match DateTime::<Utc>::from_timestamp(ts, 0) {
+        Some(utc) => Ok(utc.with_timezone(&zone)),
+        None => fail(format!("timestamp {ts} is out of range")),
+    }
+}
+
+/// Hour of day (0–23) of a timestamp in a time zone.
+fn hour_in(ts: INT, tz: &str) -> HelperResult<INT> {
+    Ok(INT::from(local(ts, tz)?.hour()))
+}
+
+/// Minute of the hour (0–59) of a timestamp in a time zone.
+fn minute_in(ts: INT, tz: &str) -> HelperResult<INT> {
+    Ok(INT::from(local(ts, tz)?.minute()))
+}
+
+/// ISO weekday (1 = Monday … 7 = Sunday) of a timestamp in a time zone.
+fn weekday_in(ts: INT, tz: &str) -> HelperResult<INT> {
+    Ok(INT::from(local(ts, tz)?.weekday().number_from_monday()))
+}
+
+/// Whether a timestamp falls on a Saturday or Sunday in a time zone.
+fn is_weekend_in(ts: INT, tz: &str) -> HelperResult<bool> {
+    Ok(local(ts, tz)?.weekday().number_from_monday() >= 6)
+}
+
+/// The calendar date (`YYYY-MM-DD`) of a timestamp in a time zone.
+fn date_in(ts: INT, tz: &str) -> HelperResult<ImmutableString> {
+    Ok(local(ts, tz)?.format("%Y-%m-%d").to_string().into())
+}
+
+/// Whether the local hour of a timestamp is in `[start, end)`; a window with `start > end`
+/// wraps midnight (22–6 is a night shift).
+fn within_hours(ts: INT, tz: &str, start: INT, end: INT) -> HelperResult<bool> {
+    if !(0..=24).contains(&start) || !(0..=24).contains(&end) {
+        return fail(format!("hours must be within 0..=24, got {start}..{end}"));
+    }
+    let hour = INT::from(local(ts, tz)?.hour());
+    Ok(if start <= end {
+        start <= hour && hour < end
+    } else {
+        hour >= start || hour < end
+    })
+}
+
+/// Parse an RFC 3339 timestamp (for constants in a predicate) into Unix seconds.
+fn ts(text: &str) -> HelperResult<INT> {
+    match DateTime::parse_from_rfc3339(text) {
+        Ok(t) => Ok(t.timestamp()),
+        Err(e) => fail(format!("'{text}' is not an RFC 3339 timestamp: {e}")),
+    }
+}
+
+/// Whole hours from `a` to `b` (negative when `b` is earlier).
+fn hours_between(a: INT, b: INT) -> HelperResult<INT> {
+    match b.checked_sub(a) {
+        Some(d) => Ok(d / 3600),
+        None => fail("timestamp difference overflows".into()),
+    }
+}
+
+/// Whole days from `a` to `b` (negative when `b` is earlier).
+fn days_between(a: INT, b: INT) -> HelperResult<INT> {
+    match b.checked_sub(a) {
+        Some(d) => Ok(d / 86_400),
+        None => fail("timestamp difference overflows".into()),
+    }
+}
+
+/// The lower-cased domain of an e-mail address; an error when there is no `@`.
+fn email_domain(address: &str) -> HelperResult<ImmutableString> {
+    match address.rsplit_once('@') {
+        Some((_, domain)) if !domain.is_empty() => Ok(domain.to_ascii_lowercase().into()),
+        _ => fail(format!("'{address}' is not an e-mail address")),
+    }
+}
+
+/// Whether a string is empty or only whitespace.
+fn is_blank(text: &str) -> bool {
+    text.trim().is_empty()
+}
+
+/// Equality of the scalar values predicates compare; values of different types are unequal.
+fn same(a: &Dynamic, b: &Dynamic) -> bool {
+    if let (Ok(x), Ok(y)) = (a.as_int(), b.as_int()) {
+        return x == y;
+    }
+    if let (Ok(x), Ok(y)) = (a.as_float(), b.as_float()) {
+        return x == y;
+    }
+    if let (Ok(x), Ok(y)) = (a.as_bool(), b.as_bool()) {
+        return x == y;
+    }
+    if let (Some(x), Some(y)) = (
+        a.read_lock::<ImmutableString>(),
+        b.read_lock::<ImmutableString>(),
+    ) {
+        return x.as_str() == y.as_str();
+    }
+    false
+}
+
+/// The most element comparisons one list helper may make. A helper call is one operation to
+/// the engine, so its own cost must be small next to the evaluation deadline.
+pub(super) const MAX_COMPARISONS: usize = 65_536;
+
+fn comparisons(name: &str, items: &Array, set: &Array) -> HelperResult<()> {
+    let n = items.len().saturating_mul(set.len());
+    if n > MAX_COMPARISONS {
+        return fail(format!(
+            "{name}: {}×{} comparisons is over the limit of {MAX_COMPARISONS}",
+            items.len(),
+            set.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether any element of `items` is in `set`.
+fn any_in(items: Array, set: Array) -> HelperResult<bool> {
+    comparisons("any_in", &items, &set)?;
+    Ok(items.iter().any(|i| set.iter().any(|s| same(i, s))))
+}
+
+/// Whether every element of `items` is in `set` (true for an empty `items`).
+fn all_in(items: Array, set: Array) -> HelperResult<bool> {
+    comparisons("all_in", &items, &set)?;
+    Ok(items.iter().all(|i| set.iter().any(|s| same(i, s))))
+}
+
+/// Whether no element of `items` is in `set`.
+fn none_in(items: Array, set: Array) -> HelperResult<bool> {
+    comparisons("none_in", &items, &set)?;
+    Ok(!items.iter().any(|i| set.iter().any(|s| same(i, s))))
+}
+
+/// `part` as a percentage of `whole`; an error when `whole` is zero.
+fn percent_of(part: f64, whole: f64) -> HelperResult<f64> {
+    if whole == 0.0 {
+        return fail("percent_of: whole is zero".into());
+    }
+    Ok(part / whole * 100.0)
+}
+
+pub(super) fn register(engine: &mut Engine) {
+    engine
+        .register_fn("hour_in", hour_in)
+        .register_fn("minute_in", minute_in)
+        .register_fn("weekday_in", weekday_in)
+        .register_fn("is_weekend_in", is_weekend_in)
+        .register_fn("date_in", date_in)
+        .register_fn("within_hours", within_hours)
+        .register_fn("ts", ts)
+        .register_fn("hours_between", hours_between)
+        .register_fn("days_between", days_between)
+        .register_fn("email_domain", email_domain)
+        .register_fn("is_blank", is_blank)
+        .register_fn("any_in", any_in)
+        .register_fn("all_in", all_in)
+        .register_fn("none_in", none_in)
+        .register_fn("percent_of", percent_of)
+        .register_fn("percent_of", |p: INT, w: INT| {
+            percent_of(p as f64, w as f64)
+        })
+        .register_fn("percent_of", |p: f64, w: INT| percent_of(p, w as f64))
+        .register_fn("percent_of", |p: INT, w: f64| percent_of(p as f64, w));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hour_in_converts_to_the_named_zone() {
+        // 2026-03-02T15:30:00Z is 10:30 in New York (EST) and 16:30 in Berlin (CET).
+        let t = 1_772_465_400;
+        assert_eq!(hour_in(t, "America/New_York").ok(), Some(10));
+        assert_eq!(hour_in(t, "Europe/Berlin").ok(), Some(16));
+        assert_eq!(weekday_in(t, "UTC").ok(), Some(1));
+    }
+
+    #[test]
+    fn unknown_zone_is_an_error_not_a_panic() {
+        let err = hour_in(0, "Mars/Olympus").err().map(|e| e.to_string());
+        assert!(err
+            .unwrap_or_default()
+            .contains("unknown time zone 'Mars/Olympus'"));
+    }
+
+    #[test]
+    fn out_of_range_timestamp_is_an_error() {
+        assert!(hour_in(INT::MAX, "UTC").is_err());
+        assert!(days_between(INT::MIN, INT::MAX).is_err());
+    }
+
+    #[test]
+    fn night_window_wraps_midnight() {
+        let at = |h: i64| h * 3600;
+        assert_eq!(within_hours(at(23), "UTC", 22, 6).ok(), Some(true));
+        assert_eq!(within_hours(at(3), "UTC", 22, 6).ok(), Some(true));
+        assert_eq!(within_hours(at(12), "UTC", 22, 6).ok(), Some(false));
+        assert_eq!(within_hours(at(9), "UTC", 9, 17).ok(), Some(true));
+        assert_eq!(within_hours(at(17), "UTC", 9, 17).ok(), Some(false));
+        assert!(within_hours(0, "UTC", -1, 30).is_err());
+    }
+
+    #[test]
+    fn list_helpers_compare_by_value() {
+        let a: Array = vec!["x".into(), Dynamic::from_int(2)];
+        let b: Array = vec![Dynamic::from_int(2), "y".into()];
+        assert_eq!(any_in(a.clone(), b.clone()).ok(), Some(true));
+        assert_eq!(all_in(a.clone(), b.clone()).ok(), Some(false));
+        assert_eq!(all_in(Array::new(), b.clone()).ok(), Some(true));
+        assert_eq!(none_in(vec!["z".into()], b).ok(), Some(true));
+    }
+
+    #[test]
+    fn list_helpers_bound_their_work() {
+        let big: Array = (0..300).map(Dynamic::from_int).collect();
+        let err = any_in(big.clone(), big.clone())
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.unwrap_or_default().contains("300×300 comparisons"));
+        let fits: Array = (0..256).map(Dynamic::from_int).collect();
+        assert_eq!(any_in(fits.clone(), fits).ok(), Some(true));
+    }
+
+    #[test]
+    fn string_helpers_are_total() {
+        assert_eq!(
+            email_domain("Ann@Example.COM").ok().map(|s| s.to_string()),
+            Some("example.com".to_string())
+        );
+        assert!(email_domain("nobody").is_err());
+        assert!(email_domain("trailing@").is_err());
+        assert!(is_blank("  \t"));
+        assert!(ts("not a time").is_err());
+        assert_eq!(ts("1970-01-01T01:00:00+01:00").ok(), Some(0));
+        assert!(percent_of(1.0, 0.0).is_err());
+    }
+}

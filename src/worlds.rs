@@ -1,0 +1,18 @@
+//! Worlds: the world-model format and its loader, validation, modules, and the evaluator that
+//! turns (module, context) into a decision.
+//!
+//! **Boundary:** no rhai types (those stay in `sandbox`), no I/O beyond reading a world
+//! folder, no HTTP or store types.
+
+pub mod cases;
+pub mod context;
+pub mod evaluate;
+pub mod load;
+pub mod model;
+pub mod module;
+pub mod validate;
+
+pub use evaluate::{evaluate, ContextJson, Decision, Request};
+pub use model::{Severity, Status, WorldModel};
+pub use module::{Module, ModuleSource};
+pub use validate::{validate, CompiledWorld, Problem};

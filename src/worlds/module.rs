@@ -1,0 +1,336 @@
+//! Modules: the compiled, deployable unit of one (world, version, action).
+//!
+//! A [`ModuleSource`] is the canonical content of a module: everything that determines its
+//! decisions and nothing else. Its `sha256:` hash over the canonical JSON form addresses it;
+//! the same content always gives the same hash and any change gives another. A [`Module`] is a
+//! source compiled by the sandbox, ready to evaluate.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::model::{
+    Aggregation, Attribute, Rule, Severity, Status, WorkFrame, WorkFramePatch, WorldModel,
+};
+use super::validate::{Locus, Problem, Which};
+use crate::sandbox::{Bindings, ErrorKind, Failure, Program, Sandbox, SandboxError};
+
+/// The canonical content of a module. Field order and `BTreeMap`s make its JSON form
+/// canonical.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleSource {
+    pub world: String,
+    pub version: u64,
+    pub action: String,
+    pub aggregation: Aggregation,
+    /// The attributes the action's rules read, with their schema.
+    pub schema: BTreeMap<String, Attribute>,
+    /// The config constants the action's rules read.
+    pub config: BTreeMap<String, serde_json::Value>,
+    /// The resolved work frame of every status.
+    pub work_frames: BTreeMap<Status, WorkFrame>,
+    /// The rules in evaluation order: by severity, then by declaration.
+    pub rules: Vec<RuleSource>,
+}
+
+/// One rule as it is evaluated (its cases are authoring material, not module content).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSource {
+    pub id: String,
+    pub text: String,
+    pub severity: Severity,
+    pub outcome: Status,
+    pub inputs: Vec<String>,
+    pub applies_when: Option<String>,
+    pub predicate: String,
+    pub work_frame: Option<WorkFramePatch>,
+}
+
+impl ModuleSource {
+    /// Build the source of one action of a version. The action must exist.
+    pub fn of(model: &WorldModel, version: u64, action_index: usize) -> Option<Self> {
+        let action = model.actions.get(action_index)?;
+        let mut rules: Vec<&Rule> = action.rules.iter().collect();
+        // A stable sort keeps declaration order within a severity.
+        rules.sort_by_key(|r| r.severity);
+        let mut schema = BTreeMap::new();
+        for rule in &rules {
+            for input in &rule.inputs {
+                if let Some(attr) = model.context.get(input) {
+                    schema.insert(input.clone(), attr.clone());
+                }
+            }
+        }
+        let mut config = BTreeMap::new();
+        for rule in &rules {
+            for source in rule.applies_when.iter().chain([&rule.predicate]) {
+                for (name, value) in &model.config {
+                    // A textual over-approximation is enough here: the hash must change when
+                    // a constant a rule could read changes, and an unread constant that
+                    // happens to share a name costs nothing.
+                    if source.contains(&format!("config.{name}")) {
+                        config.insert(name.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        let work_frames = Status::ALL
+            .into_iter()
+            .map(|status| {
+                let base = WorkFrame::default_for(status, &action.name);
+                let frame = match action.work_frames.get(&status) {
+                    Some(patch) => base.patched(patch),
+                    None => base,
+                };
+                (status, frame)
+            })
+            .collect();
+        Some(Self {
+            world: model.world.clone(),
+            version,
+            action: action.name.clone(),
+            aggregation: action.aggregation,
+            schema,
+            config,
+            work_frames,
+            rules: rules
+                .into_iter()
+                .map(|r| RuleSource {
+                    id: r.id.clone(),
+                    text: r.text.clone(),
+                    severity: r.severity,
+                    outcome: r.outcome,
+                    inputs: r.inputs.clone(),
+                    applies_when: r.applies_when.clone(),
+                    predicate: r.predicate.clone(),
+                    work_frame: r.work_frame.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The canonical JSON form.
+    pub fn canonical_json(&self) -> Vec<u8> {
+        // Serializing plain structs, strings and BTreeMaps cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// `sha256:` and the hex digest of the canonical form.
+    pub fn hash(&self) -> String {
+        hash_bytes(&self.canonical_json())
+    }
+}
+
+/// `sha256:` and the hex digest of bytes.
+pub fn hash_bytes(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// The manifest of a module: what it is and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Manifest {
+    pub world: String,
+    pub version: u64,
+    pub action: String,
+    /// The hash of the canonical source.
+    pub source_digest: String,
+}
+
+/// A compiled rule.
+#[derive(Debug)]
+pub struct CompiledRule {
+    pub source: RuleSource,
+    pub applies_when: Option<Program>,
+    pub predicate: Program,
+}
+
+/// What one rule did in one evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleRun {
+    /// `applies_when` held (or there is none).
+    pub applied: bool,
+    /// The predicate was true, or an error made the rule count as matched.
+    pub matched: bool,
+    pub error: Option<SandboxError>,
+    pub operations: u64,
+}
+
+/// A compiled module, ready to evaluate.
+#[derive(Debug)]
+pub struct Module {
+    pub manifest: Manifest,
+    pub source: Arc<ModuleSource>,
+    /// The schema in a fixed order, for binding contexts.
+    pub attrs: Vec<(String, Attribute)>,
+    pub rules: Vec<CompiledRule>,
+}
+
+/// Loading a stored module failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("module content hashes to {actual}, not the expected {expected}")]
+    HashMismatch { expected: String, actual: String },
+    #[error("module content is not a valid module source: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("module does not compile: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Compile(Vec<Problem>),
+}
+
+impl Module {
+    /// Load a module from its stored canonical bytes: verify the hash first, then compile.
+    pub fn load(bytes: &[u8], expected_hash: &str, sandbox: &Sandbox) -> Result<Self, LoadError> {
+        let actual = hash_bytes(bytes);
+        if actual != expected_hash {
+            return Err(LoadError::HashMismatch {
+                expected: expected_hash.to_string(),
+                actual,
+            });
+        }
+        let source: ModuleSource = serde_json::from_slice(bytes)?;
+        Self::compile(source, sandbox).map_err(LoadError::Compile)
+    }
+
+    /// Compile a module source; every problem is reported.
+    pub fn compile(source: ModuleSource, sandbox: &Sandbox) -> Result<Self, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut rules = Vec::with_capacity(source.rules.len());
+        for rule in &source.rules {
+            let locus = |which| Locus::Predicate {
+                action: source.action.clone(),
+                rule: rule.id.clone(),
+                which,
+            };
+            let applies_when = match &rule.applies_when {
+                Some(text) => match sandbox.compile_reads(text, &source.config) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        problems.push(Problem::sandbox(locus(Which::AppliesWhen), e));
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let predicate = match sandbox.compile_reads(&rule.predicate, &source.config) {
+                Ok(p) => p,
+                Err(e) => {
+                    problems.push(Problem::sandbox(locus(Which::Predicate), e));
+                    continue;
+                }
+            };
+            let mut reads = predicate.reads().clone();
+            if let Some(a) = &applies_when {
+                reads.extend(a.reads());
+            }
+            if let Err(e) = crate::sandbox::inputs_match(&reads, &rule.inputs) {
+                problems.push(Problem::sandbox(
+                    Locus::Rule {
+                        action: source.action.clone(),
+                        rule: rule.id.clone(),
+                        field: "inputs",
+                    },
+                    e,
+                ));
+                continue;
+            }
+            rules.push(CompiledRule {
+                source: rule.clone(),
+                applies_when,
+                predicate,
+            });
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let manifest = Manifest {
+            world: source.world.clone(),
+            version: source.version,
+            action: source.action.clone(),
+            source_digest: source.hash(),
+        };
+        let attrs = source
+            .schema
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(Self {
+            manifest,
+            source: Arc::new(source),
+            attrs,
+            rules,
+        })
+    }
+
+    /// The module's content hash.
+    pub fn hash(&self) -> &str {
+        &self.manifest.source_digest
+    }
+
+    /// Run one rule: `applies_when`, then the predicate. An error in either fails closed:
+    /// the rule counts as matched.
+    pub fn run_rule(&self, sandbox: &Sandbox, index: usize, bindings: &mut Bindings) -> RuleRun {
+        let Some(rule) = self.rules.get(index) else {
+            return RuleRun {
+                applied: false,
+                matched: false,
+                error: None,
+                operations: 0,
+            };
+        };
+        let mut operations = 0;
+        if let Some(guard) = &rule.applies_when {
+            match sandbox.eval(guard, bindings) {
+                Ok(o) => {
+                    operations += o.operations;
+                    if !o.value {
+                        return RuleRun {
+                            applied: false,
+                            matched: false,
+                            error: None,
+                            operations,
+                        };
+                    }
+                }
+                Err(Failure {
+                    error,
+                    operations: ops,
+                }) => {
+                    return RuleRun {
+                        applied: true,
+                        matched: true,
+                        error: Some(SandboxError {
+                            message: format!("applies_when: {}", error.message),
+                            ..error
+                        }),
+                        operations: operations + ops,
+                    };
+                }
+            }
+        }
+        match sandbox.eval(&rule.predicate, bindings) {
+            Ok(o) => RuleRun {
+                applied: true,
+                matched: o.value,
+                error: None,
+                operations: operations + o.operations,
+            },
+            Err(Failure {
+                error,
+                operations: ops,
+            }) => RuleRun {
+                applied: true,
+                matched: true,
+                error: Some(error),
+                operations: operations + ops,
+            },
+        }
+    }
+}
+
+/// The error kind of a rule run, if any; a convenience for reports.
+pub fn error_kind(run: &RuleRun) -> Option<ErrorKind> {
+    run.error.as_ref().map(|e| e.kind)
+}

@@ -1,0 +1,133 @@
+//! Shared fixtures: a one-rule world built in code, and the example worlds.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+use spectral::sandbox::{Limits, Sandbox};
+use spectral::worlds::context::SystemValues;
+use spectral::worlds::model::{
+    Action, AttrType, Attribute, Case, Rule, Severity, Status, WorldModel,
+};
+use spectral::worlds::{self, CompiledWorld, ContextJson, Decision, Request};
+
+/// The folder of the example worlds.
+pub fn predicates_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("predicates")
+}
+
+/// Every example world's folder.
+pub fn example_worlds() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(predicates_dir())
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.join("world.toml").is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
+}
+
+/// The schema of the hostile world: one attribute of every shape an attack needs.
+pub fn hostile_schema() -> BTreeMap<String, Attribute> {
+    let mut m = BTreeMap::new();
+    m.insert("n".into(), Attribute::of(AttrType::Integer));
+    m.insert("s".into(), Attribute::of(AttrType::String));
+    m.insert("list".into(), Attribute::of(AttrType::List));
+    m.insert("m".into(), Attribute::of(AttrType::Object));
+    m.insert("m2".into(), Attribute::of(AttrType::Object));
+    let mut t = Attribute::of(AttrType::Timestamp);
+    t.required = false;
+    m.insert("t".into(), t);
+    m
+}
+
+/// A world with one action `probe.run` whose one T2 `GREEN` rule has this predicate.
+pub fn one_rule_world(predicate: &str, inputs: &[&str]) -> WorldModel {
+    WorldModel {
+        world: "hostile".into(),
+        description: String::new(),
+        context: hostile_schema(),
+        config: [("limit".to_string(), json!(10))].into_iter().collect(),
+        actions: vec![Action {
+            name: "probe.run".into(),
+            description: String::new(),
+            aggregation: Default::default(),
+            work_frames: BTreeMap::new(),
+            rules: vec![Rule {
+                id: "probe".into(),
+                text: "an attack".into(),
+                severity: Severity::T2,
+                outcome: Status::Green,
+                inputs: inputs.iter().map(|s| s.to_string()).collect(),
+                applies_when: None,
+                predicate: predicate.into(),
+                work_frame: None,
+                cases: vec![Case {
+                    name: String::new(),
+                    context: serde_json::Map::new(),
+                    matches: true,
+                }],
+            }],
+        }],
+    }
+}
+
+/// Compile a world or panic with its problems.
+pub fn compile(model: &WorldModel, sandbox: &Sandbox) -> CompiledWorld {
+    match worlds::validate(model, 1, sandbox) {
+        Ok(w) => w,
+        Err(problems) => panic!(
+            "world does not compile:\n{}",
+            problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    }
+}
+
+/// Fixed system values, so decisions are reproducible.
+pub fn system() -> SystemValues {
+    SystemValues {
+        request_time: 1_772_465_400,
+        request_id: "00000000-0000-7000-8000-000000000001".into(),
+        caller: "test".into(),
+    }
+}
+
+/// Decide an action of a compiled world with a context.
+pub fn decide(world: &CompiledWorld, sandbox: &Sandbox, action: &str, context: &Value) -> Decision {
+    let module = world
+        .module(action)
+        .unwrap_or_else(|| panic!("no action {action}"));
+    let request = Request {
+        context: ContextJson::Value(context),
+        system: system(),
+        correlation_id: None,
+        explain: true,
+    };
+    worlds::evaluate(sandbox, module, &request).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A sandbox with default limits except the given deadline.
+pub fn sandbox_with(f: impl FnOnce(&mut Limits)) -> Sandbox {
+    let mut limits = Limits::default();
+    f(&mut limits);
+    Sandbox::new(limits)
+}
+
+/// Resident memory of this process, in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
