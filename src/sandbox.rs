@@ -220,6 +220,13 @@ impl Program {
     }
 }
 
+/// Several rules compiled into one program; see [`Sandbox::compile_batch`].
+#[derive(Debug, Clone)]
+pub struct Batch {
+    ast: rhai::AST,
+    len: usize,
+}
+
 /// A successful evaluation: the bool and the operations it used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
@@ -379,9 +386,27 @@ impl Sandbox {
                 position: None,
             });
         }
+        let scope = self.compile_scope(config)?;
+        let raw = self
+            .engine
+            .compile_expression_with_scope(&scope, source)
+            .map_err(|e| parse_error(*e.0, e.1))?;
+        let reads = check::check(&raw, config)?;
+        let optimized = self
+            .engine
+            .optimize_ast(&scope, raw, OptimizationLevel::Simple);
+        check::no_free_config(&optimized)?;
+        Ok((optimized, reads))
+    }
+
+    /// The scope predicates compile in: `context` as a variable, so that strict mode accepts
+    /// it but the optimizer cannot fold it, and `config` as a constant, so that its
+    /// properties become literals.
+    fn compile_scope(
+        &self,
+        config: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<Scope<'static>, SandboxError> {
         let mut scope = Scope::new();
-        // `context` is a variable so that strict mode accepts it but the optimizer cannot
-        // fold it; `config` is a constant so its properties become literals.
         scope.push("context", ());
         let mut config_map = rhai::Map::new();
         for (name, value) in config {
@@ -393,17 +418,84 @@ impl Sandbox {
             config_map.insert(name.as_str().into(), value);
         }
         scope.push_constant("config", config_map);
+        Ok(scope)
+    }
 
+    /// Compile the rules of a module into one program that evaluates them all in a single
+    /// call, so that a decision pays the engine's per-call set-up once rather than per rule.
+    ///
+    /// Each rule is `(applies_when, predicate)`, both already compiled and checked one by one;
+    /// the batch is only a faster way to run the same expressions. `None` when the combined
+    /// source does not compile (for instance past the depth limit): callers then run the
+    /// rules one by one.
+    pub fn compile_batch(
+        &self,
+        rules: &[(Option<&str>, &str)],
+        config: &BTreeMap<String, serde_json::Value>,
+    ) -> Option<Batch> {
+        if rules.is_empty() || rules.len() > self.limits.max_array_len {
+            return None;
+        }
+        // Each rule is `if guard { predicate } else { () }` on its own lines, so that a line
+        // comment at the end of one source cannot swallow the next.
+        let mut source = String::from("[\n");
+        for (guard, predicate) in rules {
+            match guard {
+                Some(guard) => {
+                    source.push_str("if (\n");
+                    source.push_str(guard);
+                    source.push_str("\n) { (\n");
+                    source.push_str(predicate);
+                    source.push_str("\n) } else { () },\n");
+                }
+                None => {
+                    source.push_str("(\n");
+                    source.push_str(predicate);
+                    source.push_str("\n),\n");
+                }
+            }
+        }
+        source.push(']');
+        let scope = self.compile_scope(config).ok()?;
         let raw = self
             .engine
-            .compile_expression_with_scope(&scope, source)
-            .map_err(|e| parse_error(*e.0, e.1))?;
-        let reads = check::check(&raw, config)?;
-        let optimized = self
+            .compile_expression_with_scope(&scope, &source)
+            .ok()?;
+        let ast = self
             .engine
             .optimize_ast(&scope, raw, OptimizationLevel::Simple);
-        check::no_free_config(&optimized)?;
-        Ok((optimized, reads))
+        check::no_free_config(&ast).ok()?;
+        Some(Batch {
+            ast,
+            len: rules.len(),
+        })
+    }
+
+    /// Evaluate a batch: per rule, `None` when its guard did not hold, or the predicate's
+    /// bool. `None` overall when anything failed (an error, a limit, a non-bool), in which
+    /// case the caller runs the rules one by one to attribute the failure.
+    pub fn eval_batch(&self, batch: &Batch, bindings: &mut Bindings) -> Option<Vec<Option<bool>>> {
+        bindings.scope.rewind(1);
+        TICKS.with(|t| t.set(0));
+        DEADLINE.with(|d| d.set(Some(Instant::now() + self.limits.deadline())));
+        let result = self
+            .engine
+            .eval_ast_with_scope::<rhai::Array>(&mut bindings.scope, &batch.ast);
+        DEADLINE.with(|d| d.set(None));
+        let values = result.ok()?;
+        if values.len() != batch.len {
+            return None;
+        }
+        values
+            .into_iter()
+            .map(|v| {
+                if v.is_unit() {
+                    Some(None)
+                } else {
+                    v.as_bool().ok().map(Some)
+                }
+            })
+            .collect()
     }
 
     /// Evaluate a program against an input. Never panics; every failure, including a

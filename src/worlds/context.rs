@@ -81,6 +81,7 @@ impl<'de> DeserializeSeed<'de> for Seed<'_> {
     type Value = Vec<Option<Value>>;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        debug_assert!(self.attrs.windows(2).all(|w| w[0].0 < w[1].0));
         d.deserialize_map(self)
     }
 }
@@ -95,9 +96,13 @@ impl<'de> Visitor<'de> for Seed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut slots = vec![None; self.attrs.len()];
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match self.attrs.iter().position(|(name, _)| *name == key) {
-                Some(i) => slots[i] = Some(map.next_value::<Value>()?),
-                None => {
+            // `attrs` comes sorted by name from the module's schema.
+            match self
+                .attrs
+                .binary_search_by(|(name, _)| name.as_str().cmp(&key))
+            {
+                Ok(i) => slots[i] = Some(map.next_value::<Value>()?),
+                Err(_) => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }

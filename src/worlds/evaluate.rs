@@ -146,9 +146,8 @@ pub fn evaluate(
         .then(|| Vec::with_capacity(module.rules.len()));
     // The winner so far: (severity, effective outcome, rule index).
     let mut winner: Option<(Severity, Status, usize)> = None;
-    for (index, rule) in module.rules.iter().enumerate() {
-        let rule_started = trace.as_ref().map(|_| Instant::now());
-        let run = module.run_rule(sandbox, index, &mut bindings);
+    let runs = module.run_rules(sandbox, &mut bindings, request.explain);
+    for (index, (rule, run)) in module.rules.iter().zip(runs).enumerate() {
         let source = &rule.source;
         // A failing predicate counts as matched with at least YELLOW.
         let outcome = match run.error {
@@ -179,7 +178,7 @@ pub fn evaluate(
                 winner = Some((source.severity, outcome, index));
             }
         }
-        if let (Some(trace), Some(t0)) = (trace.as_mut(), rule_started) {
+        if let Some(trace) = trace.as_mut() {
             trace.push(TraceEntry {
                 rule: source.id.clone(),
                 severity: source.severity,
@@ -187,7 +186,7 @@ pub fn evaluate(
                 matched: run.matched,
                 error: run.error.as_ref().map(|e| e.kind.as_str().to_string()),
                 operations: run.operations,
-                us: t0.elapsed().as_micros() as u64,
+                us: run.us.unwrap_or(0),
             });
         }
     }

@@ -15,7 +15,7 @@ use super::model::{
     Aggregation, Attribute, Rule, Severity, Status, WorkFrame, WorkFramePatch, WorldModel,
 };
 use super::validate::{Locus, Problem, Which};
-use crate::sandbox::{Bindings, ErrorKind, Failure, Program, Sandbox, SandboxError};
+use crate::sandbox::{Batch, Bindings, Failure, Program, Sandbox, SandboxError};
 
 /// The canonical content of a module. Field order and `BTreeMap`s make its JSON form
 /// canonical.
@@ -156,7 +156,10 @@ pub struct RuleRun {
     /// The predicate was true, or an error made the rule count as matched.
     pub matched: bool,
     pub error: Option<SandboxError>,
+    /// Operations used; counted when rules run one by one, 0 when they ran as a batch.
     pub operations: u64,
+    /// Microseconds the rule took, when timed.
+    pub us: Option<u64>,
 }
 
 /// A compiled module, ready to evaluate.
@@ -167,6 +170,8 @@ pub struct Module {
     /// The schema in a fixed order, for binding contexts.
     pub attrs: Vec<(String, Attribute)>,
     pub rules: Vec<CompiledRule>,
+    /// Every rule in one program, the fast path of a decision.
+    batch: Option<Batch>,
 }
 
 /// Loading a stored module failed.
@@ -256,17 +261,66 @@ impl Module {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let parts: Vec<(Option<&str>, &str)> = source
+            .rules
+            .iter()
+            .map(|r| (r.applies_when.as_deref(), r.predicate.as_str()))
+            .collect();
+        let batch = sandbox.compile_batch(&parts, &source.config);
         Ok(Self {
             manifest,
             source: Arc::new(source),
             attrs,
             rules,
+            batch,
         })
     }
 
     /// The module's content hash.
     pub fn hash(&self) -> &str {
         &self.manifest.source_digest
+    }
+
+    /// Run every rule in evaluation order. Untimed runs take the batch path, one engine call
+    /// for all rules; if anything in the batch fails, or when timing is wanted, the rules run
+    /// one by one so that each failure is attributed to its rule with its own budget.
+    pub fn run_rules(
+        &self,
+        sandbox: &Sandbox,
+        bindings: &mut Bindings,
+        timed: bool,
+    ) -> Vec<RuleRun> {
+        if !timed {
+            if let Some(results) = self
+                .batch
+                .as_ref()
+                .and_then(|b| sandbox.eval_batch(b, bindings))
+            {
+                return results
+                    .into_iter()
+                    .map(|r| RuleRun {
+                        applied: r.is_some(),
+                        matched: r == Some(true),
+                        error: None,
+                        operations: 0,
+                        us: None,
+                    })
+                    .collect();
+            }
+        }
+        (0..self.rules.len())
+            .map(|index| {
+                let started = timed.then(std::time::Instant::now);
+                let mut run = self.run_rule(sandbox, index, bindings);
+                run.us = started.map(|t| t.elapsed().as_micros() as u64);
+                run
+            })
+            .collect()
+    }
+
+    /// Whether the module could be compiled into a single batch program.
+    pub fn has_batch(&self) -> bool {
+        self.batch.is_some()
     }
 
     /// Run one rule: `applies_when`, then the predicate. An error in either fails closed:
@@ -278,6 +332,7 @@ impl Module {
                 matched: false,
                 error: None,
                 operations: 0,
+                us: None,
             };
         };
         let mut operations = 0;
@@ -291,6 +346,7 @@ impl Module {
                             matched: false,
                             error: None,
                             operations,
+                            us: None,
                         };
                     }
                 }
@@ -306,6 +362,7 @@ impl Module {
                             ..error
                         }),
                         operations: operations + ops,
+                        us: None,
                     };
                 }
             }
@@ -316,6 +373,7 @@ impl Module {
                 matched: o.value,
                 error: None,
                 operations: operations + o.operations,
+                us: None,
             },
             Err(Failure {
                 error,
@@ -325,12 +383,8 @@ impl Module {
                 matched: true,
                 error: Some(error),
                 operations: operations + ops,
+                us: None,
             },
         }
     }
-}
-
-/// The error kind of a rule run, if any; a convenience for reports.
-pub fn error_kind(run: &RuleRun) -> Option<ErrorKind> {
-    run.error.as_ref().map(|e| e.kind)
 }

@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use spectral::sandbox::{ErrorKind, Sandbox};
 use spectral::worlds::Status;
 
-use crate::support::{compile, decide, one_rule_world, rss_kib, sandbox_with};
+use crate::support::{
+    compile, decide, decide_with, one_rule_world, rss_kib, sandbox_with, verdict,
+};
 
 /// Generous bounds: the point is "milliseconds, not seconds", on a shared, noisy machine.
 const COMPILE_BOUND: Duration = Duration::from_millis(250);
@@ -85,6 +87,11 @@ fn fails_closed(
     assert_eq!(errors[0].kind, kind.as_str(), "{errors:?}");
     assert_eq!(errors[0].rule.as_deref(), Some("probe"));
     assert!(took < bound, "evaluation took {took:?}, bound {bound:?}");
+    // The fast path (all rules in one call) falls back and fails closed the same way.
+    let started = Instant::now();
+    let fast = decide_with(&world, sandbox, "probe.run", context, false);
+    assert!(started.elapsed() < bound * 2, "{:?}", started.elapsed());
+    assert_eq!(verdict(&fast), verdict(&decision));
     assert_memory_bounded(before);
 }
 

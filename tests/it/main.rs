@@ -1,6 +1,9 @@
 //! The integration-test binary: everything that drives the library's public API end to end
 //! or runs the `spectral` binary as a process.
 
+// In tests a panic is how a check fails.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 mod cli;
 mod hostile;
 mod properties;

@@ -9,7 +9,7 @@ use spectral::sandbox::Sandbox;
 use spectral::worlds::model::{AttrType, Attribute};
 use spectral::worlds::{load, CompiledWorld, ContextJson, Request, Status};
 
-use crate::support::{example_worlds, system};
+use crate::support::{example_worlds, system, verdict};
 
 fn fixtures() -> &'static (Sandbox, Vec<CompiledWorld>) {
     static FIXTURES: OnceLock<(Sandbox, Vec<CompiledWorld>)> = OnceLock::new();
@@ -90,6 +90,13 @@ fn check_every_action(context_for: impl Fn(&[(String, Attribute)]) -> Value) {
                         if !d.decision_metadata.errors.is_empty() {
                             assert!(d.status >= Status::Yellow);
                         }
+                        // Running the rules as one batch answers exactly as one by one.
+                        let fast = Request {
+                            explain: false,
+                            ..request.clone()
+                        };
+                        let fast = spectral::worlds::evaluate(sandbox, module, &fast);
+                        assert_eq!(fast.as_ref().map(verdict).ok(), Some(verdict(&d)));
                     }
                     // Only a context that is not an object is refused.
                     Err(_) => assert!(!context.is_object(), "{context}"),

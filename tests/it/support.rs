@@ -99,8 +99,20 @@ pub fn system() -> SystemValues {
     }
 }
 
-/// Decide an action of a compiled world with a context.
+/// Decide an action of a compiled world with a context, with the per-rule trace.
 pub fn decide(world: &CompiledWorld, sandbox: &Sandbox, action: &str, context: &Value) -> Decision {
+    decide_with(world, sandbox, action, context, true)
+}
+
+/// Decide an action, with or without the trace. Without it, the rules run as one batch; with
+/// it, one by one.
+pub fn decide_with(
+    world: &CompiledWorld,
+    sandbox: &Sandbox,
+    action: &str,
+    context: &Value,
+    explain: bool,
+) -> Decision {
     let module = world
         .module(action)
         .unwrap_or_else(|| panic!("no action {action}"));
@@ -108,9 +120,19 @@ pub fn decide(world: &CompiledWorld, sandbox: &Sandbox, action: &str, context: &
         context: ContextJson::Value(context),
         system: system(),
         correlation_id: None,
-        explain: true,
+        explain,
     };
     worlds::evaluate(sandbox, module, &request).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The parts of a decision that must not depend on how the rules were run.
+pub fn verdict(d: &Decision) -> (spectral::worlds::Status, Value, Value, Value) {
+    (
+        d.status,
+        serde_json::to_value(&d.work_frame).unwrap_or_default(),
+        serde_json::to_value(&d.decision_metadata.matched_rules).unwrap_or_default(),
+        serde_json::to_value(&d.decision_metadata.errors).unwrap_or_default(),
+    )
 }
 
 /// A sandbox with default limits except the given deadline.

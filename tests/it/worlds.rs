@@ -8,7 +8,9 @@ use spectral::worlds::load;
 use spectral::worlds::model::{Severity, Status, WorkFramePatch};
 use spectral::worlds::module::{LoadError, Module, ModuleSource};
 
-use crate::support::{compile, decide, example_worlds, one_rule_world, predicates_dir};
+use crate::support::{
+    compile, decide, decide_with, example_worlds, one_rule_world, predicates_dir, verdict,
+};
 
 #[test]
 fn every_example_world_loads_and_passes_its_cases() {
@@ -69,6 +71,45 @@ fn payments_source() -> ModuleSource {
     let world = load::load(&predicates_dir().join("acme-payments"), &sandbox)
         .unwrap_or_else(|e| panic!("{e}"));
     ModuleSource::of(&world.model, 1, 0).unwrap_or_else(|| panic!("no action"))
+}
+
+#[test]
+fn every_example_action_runs_as_one_batch() {
+    let sandbox = Sandbox::default();
+    for dir in example_worlds() {
+        let world = load::load(&dir, &sandbox).unwrap_or_else(|e| panic!("{e}"));
+        for m in &world.modules {
+            assert!(m.has_batch(), "{} {}", dir.display(), m.manifest.action);
+        }
+    }
+}
+
+#[test]
+fn batch_and_rule_by_rule_agree_on_every_case_context() {
+    // Each rule's case contexts, merged with the first case of every other rule, exercise
+    // matches, misses and guards of the whole action.
+    let sandbox = Sandbox::default();
+    for dir in example_worlds() {
+        let world = load::load(&dir, &sandbox).unwrap_or_else(|e| panic!("{e}"));
+        for action in &world.model.actions {
+            let mut base = serde_json::Map::new();
+            for rule in &action.rules {
+                for (k, v) in &rule.cases[0].context {
+                    base.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+            for rule in &action.rules {
+                for case in &rule.cases {
+                    let mut ctx = base.clone();
+                    ctx.extend(case.context.clone());
+                    let ctx = serde_json::Value::Object(ctx);
+                    let slow = decide_with(&world, &sandbox, &action.name, &ctx, true);
+                    let fast = decide_with(&world, &sandbox, &action.name, &ctx, false);
+                    assert_eq!(verdict(&fast), verdict(&slow), "{} {ctx}", action.name);
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The project's test command: starts what the tests need, then runs every test.
+#
+#   bash scripts/test.sh            # everything
+#   bash scripts/test.sh hostile    # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# PostgreSQL 15 on 127.0.0.1:5432 (trust auth). The Postgres tests never skip: if it cannot
+# be started, the run fails here.
+if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+    if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+        echo "starting PostgreSQL"
+        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+        for _ in $(seq 1 30); do
+            pg_isready -h 127.0.0.1 -p 5432 -q && break
+            sleep 1
+        done
+    fi
+fi
+
+cargo test --locked "$@"
