@@ -317,3 +317,61 @@ fn an_invalid_limit_in_the_environment_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr.contains("SPECTRAL_SANDBOX_DEADLINE_US"), "{stderr}");
 }
+
+#[test]
+fn hostile_predicates_run_in_a_few_megabytes() {
+    // The attacks that compile, as rules of one action, decided by the real binary under an
+    // address-space cap of 256 MiB (the unguarded attacks allocate gigabytes; the process
+    // itself needs a few MB of heap plus its mappings).
+    let tmp = tempfile::tempdir().unwrap();
+    let attacks = [
+        ("pad-gigabytes", r#"(context.s + "").pad(2000000000, "y").len() > 0"#),
+        ("sleep", "sleep(3) == ()"),
+        ("overflow", "context.n + 9223372036854775807 > 0"),
+        (
+            "pad-chain",
+            "(\"a\"+context.s).pad(9999,\"a\")==\"\" || (\"a\"+context.s).pad(9999,\"a\")==\"\" || (\"a\"+context.s).pad(9999,\"a\")==\"\"",
+        ),
+    ];
+    let mut manifest = String::from(
+        "world = \"hostile\"\n[context.s]\ntype = \"string\"\n[context.n]\ntype = \"integer\"\n\n[[actions]]\nname = \"probe.run\"\n",
+    );
+    for (id, predicate) in attacks {
+        std::fs::write(tmp.path().join(format!("{id}.rhai")), predicate).unwrap();
+        let inputs = match (
+            predicate.contains("context.s"),
+            predicate.contains("context.n"),
+        ) {
+            (true, _) => r#"["s"]"#,
+            (_, true) => r#"["n"]"#,
+            _ => "[]",
+        };
+        manifest.push_str(&format!(
+            "\n[[actions.rules]]\nid = \"{id}\"\ntext = \"attack\"\nseverity = \"T3\"\noutcome = \"GREEN\"\ninputs = {inputs}\npredicate = \"{id}.rhai\"\ncases = [{{ context = {{}}, matches = true }}]\n"
+        ));
+    }
+    std::fs::write(tmp.path().join("world.toml"), manifest).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 262144 && exec \"$0\" decide --world \"$1\" --action probe.run --context \"$2\"")
+        .arg(env!("CARGO_BIN_EXE_spectral"))
+        .arg(tmp.path())
+        .arg(r#"{"s": "abc", "n": 1}"#)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["status"], "YELLOW");
+    let kinds: Vec<&str> = v["decision_metadata"]["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    // The pad chain allocates ~10 KB strings and finishes inside its deadline.
+    assert_eq!(
+        kinds,
+        ["data_too_large", "function_not_found", "arithmetic"]
+    );
+}
