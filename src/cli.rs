@@ -1,6 +1,7 @@
-//! The command line: `spectral world check|test`, `spectral decide`. Glue only: every
-//! command is a thin layer over the library, and the only place besides `main` where
-//! `anyhow` is used.
+//! The command line: `serve`, `migrate`, `keys`, `world check|test|push`, `decide`,
+//! `audit verify`. Glue only: every command is a thin layer over the library, and the only
+//! place besides `main` where `anyhow` is used. Commands that need async build the runtime
+//! here, by hand.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,6 +12,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::sandbox::Sandbox;
+use crate::service::auth;
+use crate::store::{NewKey, Scope, Store};
 use crate::worlds::{self, cases, context::SystemValues, load};
 
 #[derive(Debug, Parser)]
@@ -26,6 +29,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the API (port 8000 by default). With no configuration: SQLite under ./data, the
+    /// example worlds from ./predicates published and deployed, an operator key printed once.
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Audit the decision log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Work with a world folder (world.toml plus .rhai predicates).
     World {
         #[command(subcommand)]
@@ -61,6 +79,48 @@ enum WorldCommand {
     Check { dir: PathBuf },
     /// Run every rule's cases; report failures with context, expected and actual.
     Test { dir: PathBuf },
+    /// Upload a world folder as the draft of a running service, publish it, and optionally
+    /// deploy the new version.
+    Push {
+        dir: PathBuf,
+        /// The service's base URL, e.g. http://127.0.0.1:8000.
+        #[arg(long)]
+        url: String,
+        /// An API key with the author scope (and deploy, with --deploy).
+        #[arg(long, env = "SPECTRAL_KEY", hide_env_values = true)]
+        key: String,
+        /// Deploy the published version.
+        #[arg(long)]
+        deploy: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create an API key and print its secret once.
+    Create {
+        /// The world the key is bound to; omit with --operator for a key of every world.
+        #[arg(long, required_unless_present = "operator")]
+        world: Option<String>,
+        /// Comma-separated scopes: decide, read, author, deploy.
+        #[arg(long, value_delimiter = ',', default_value = "decide")]
+        scopes: Vec<String>,
+        /// A key for every world with every scope.
+        #[arg(long, conflicts_with = "world")]
+        operator: bool,
+        /// A note to recognise the key by.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Walk a world's decision chain and report the first broken link.
+    Verify {
+        #[arg(long)]
+        world: String,
+    },
 }
 
 /// Run the command line; the exit code is 0 on success, 1 when a check or test fails, and 2
@@ -76,8 +136,60 @@ pub fn main() -> ExitCode {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("spectral-api")
+        .build()
+        .context("cannot start the async runtime")
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::from_env().context("invalid configuration")?;
+    match cli.command {
+        Command::Serve => {
+            crate::telemetry::init_tracing(config.log.json, &config.log.filter);
+            runtime()?.block_on(crate::supervisor::run_until_signal(config))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Migrate => {
+            crate::telemetry::init_tracing(config.log.json, &config.log.filter);
+            runtime()?.block_on(async {
+                let mut store_config = config.store.clone();
+                store_config.migrate_on_start = false;
+                let store = Store::connect(&store_config).await?;
+                store.migrate().await?;
+                println!("migrations applied ({:?})", store.backend());
+                store.close().await;
+                Ok::<_, anyhow::Error>(())
+            })?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Keys {
+            command:
+                KeysCommand::Create {
+                    world,
+                    scopes,
+                    operator,
+                    label,
+                },
+        } => {
+            return runtime()?.block_on(create_key(&config, world, scopes, operator, label));
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { world },
+        } => return runtime()?.block_on(audit(&config, &world)),
+        Command::World {
+            command:
+                WorldCommand::Push {
+                    dir,
+                    url,
+                    key,
+                    deploy,
+                },
+        } => return runtime()?.block_on(push(&dir, &url, &key, deploy)),
+        _ => {}
+    }
     let sandbox = Sandbox::new(config.sandbox);
     match cli.command {
         Command::World {
@@ -102,7 +214,148 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             at,
             &sandbox,
         ),
+        // Handled above, before the sandbox is built.
+        _ => Ok(ExitCode::from(2)),
     }
+}
+
+async fn create_key(
+    config: &Config,
+    world: Option<String>,
+    scopes: Vec<String>,
+    operator: bool,
+    label: String,
+) -> anyhow::Result<ExitCode> {
+    let scopes: Vec<Scope> = if operator {
+        Scope::ALL.to_vec()
+    } else {
+        scopes
+            .iter()
+            .map(|s| {
+                Scope::parse(s.trim()).ok_or_else(|| {
+                    anyhow!("unknown scope '{s}'; expected decide, read, author or deploy")
+                })
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let store = Store::connect(&config.store).await?;
+    let (id, secret) = auth::generate();
+    store
+        .create_key(&NewKey {
+            id: id.clone(),
+            secret_hash: auth::hash_secret(&secret),
+            world: if operator { None } else { world.clone() },
+            scopes: scopes.clone(),
+            label,
+        })
+        .await?;
+    store.close().await;
+    println!("{secret}");
+    eprintln!(
+        "created {id} for {} with scopes {} (the secret above is shown once)",
+        world.map_or("every world".to_string(), |w| format!("world '{w}'")),
+        scopes
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit(config: &Config, world: &str) -> anyhow::Result<ExitCode> {
+    let mut store_config = config.store.clone();
+    store_config.migrate_on_start = false;
+    let store = Store::connect(&store_config).await?;
+    let report = crate::service::audit::verify(&store, world).await?;
+    store.close().await;
+    match report.broken {
+        None => {
+            println!("{world}: chain intact ({} records)", report.records);
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(b) => {
+            println!(
+                "{world}: chain broken at record {} (decision {}): {}",
+                b.seq, b.decision_id, b.reason
+            );
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+async fn push(
+    dir: &std::path::Path,
+    url: &str,
+    key: &str,
+    deploy: bool,
+) -> anyhow::Result<ExitCode> {
+    let model = load::load_model(dir).map_err(|e| anyhow!("{e}"))?;
+    let base = url.trim_end_matches('/');
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()?;
+    let world = &model.world;
+    let call = |method: reqwest::Method, path: String| {
+        client
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(key)
+    };
+    let answer = |r: reqwest::Response| async move {
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let mut message = format!(
+                "{status}: {}",
+                body["detail"].as_str().unwrap_or("no detail")
+            );
+            for p in body["problems"].as_array().into_iter().flatten() {
+                message.push_str(&format!(
+                    "\n  {}: {}",
+                    p["at"].as_str().unwrap_or("?"),
+                    p["message"].as_str().unwrap_or("")
+                ));
+            }
+            Err(anyhow!(message))
+        }
+    };
+    answer(
+        call(reqwest::Method::PUT, format!("/api/worlds/{world}/draft"))
+            .json(&model)
+            .send()
+            .await?,
+    )
+    .await
+    .context("uploading the draft")?;
+    let published = answer(
+        call(
+            reqwest::Method::POST,
+            format!("/api/worlds/{world}/versions"),
+        )
+        .send()
+        .await?,
+    )
+    .await
+    .context("publishing")?;
+    let version = published["version"].as_u64().unwrap_or(0);
+    println!("{world}: published version {version}");
+    if deploy {
+        answer(
+            call(
+                reqwest::Method::POST,
+                format!("/api/worlds/{world}/deployments"),
+            )
+            .json(&serde_json::json!({ "version": version }))
+            .send()
+            .await?,
+        )
+        .await
+        .context("deploying")?;
+        println!("{world}: deployed version {version}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(dir: &std::path::Path, sandbox: &Sandbox) -> ExitCode {

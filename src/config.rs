@@ -1,13 +1,175 @@
 //! Configuration: one typed struct per module, assembled here from the environment. Nothing
-//! else reads environment variables. Every option has a default that works with zero setup.
+//! else reads environment variables. Every option has a default that works with zero setup,
+//! a doc comment, and a line in `docs/config.md`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::sandbox::Limits;
+use crate::store::StoreConfig;
+
+/// A secret value: never printed, neither by `Debug` nor by `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Address to listen on (`SPECTRAL_ADDR`); port 8000 is the container's port.
+    pub addr: SocketAddr,
+    /// Largest request body accepted (`SPECTRAL_MAX_BODY_BYTES`); larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Time a client has to send a request's headers (`SPECTRAL_HEADER_TIMEOUT_MS`); also
+    /// how long an idle keep-alive connection is kept.
+    pub header_timeout: Duration,
+    /// Time a request may take end to end (`SPECTRAL_REQUEST_TIMEOUT_MS`).
+    pub request_timeout: Duration,
+    /// Connections served at once (`SPECTRAL_MAX_CONNECTIONS`); more are answered 503 and
+    /// closed.
+    pub max_connections: usize,
+    /// Items in one `POST /api/decide/batch` (`SPECTRAL_BATCH_MAX_ITEMS`).
+    pub batch_max_items: usize,
+    /// How long shutdown waits for in-flight work (`SPECTRAL_SHUTDOWN_GRACE_MS`).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            max_body_bytes: 1 << 20,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            batch_max_items: 100,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The per-world module cache and how it learns of deployments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// How often deployments are polled (`SPECTRAL_DEPLOY_POLL_MS`); the bound on how long a
+    /// deployment takes to reach an instance when notifications are lost.
+    pub poll_interval: Duration,
+    /// Listen for Postgres notifications of deployments (`SPECTRAL_DEPLOY_LISTEN`).
+    pub listen: bool,
+    /// Non-deployed versions kept compiled for pinned requests (`SPECTRAL_CACHE_MAX_VERSIONS`).
+    pub max_pinned_versions: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(1000),
+            listen: true,
+            max_pinned_versions: 64,
+        }
+    }
+}
+
+/// What the decision log does when its writer cannot keep up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Wait up to the given time for room, then drop the record.
+    Block(Duration),
+    /// Drop the record at once.
+    Drop,
+}
+
+/// The batched decision writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecisionLogConfig {
+    /// Records waiting to be written (`SPECTRAL_DECISION_LOG_CAPACITY`).
+    pub capacity: usize,
+    /// Records written per transaction at most (`SPECTRAL_DECISION_LOG_BATCH`).
+    pub batch_size: usize,
+    /// `SPECTRAL_DECISION_LOG_OVERFLOW` = `block` (with `SPECTRAL_DECISION_LOG_BLOCK_MS`) or
+    /// `drop`. Every dropped record is counted in metrics and on `/health`.
+    pub overflow: Overflow,
+}
+
+impl Default for DecisionLogConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 10_000,
+            batch_size: 256,
+            overflow: Overflow::Block(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// What `spectral serve` sets up on a fresh store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapConfig {
+    /// The operator key (`SPECTRAL_OPERATOR_KEY`). When unset and the store has no operator
+    /// key, one is generated and printed once.
+    pub operator_key: Option<Secret>,
+    /// Worlds published and deployed when the store has none (`SPECTRAL_SEED_DIR`; empty to
+    /// disable).
+    pub seed_dir: Option<PathBuf>,
+}
+
+impl Default for BootstrapConfig {
+    fn default() -> Self {
+        Self {
+            operator_key: None,
+            seed_dir: Some(PathBuf::from("predicates")),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `SPECTRAL_LOG_FORMAT`: `json` (production) or `pretty`.
+    pub json: bool,
+    /// `SPECTRAL_LOG`: a tracing filter such as `info` or `spectral=debug`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            json: false,
+            filter: "info".into(),
+        }
+    }
+}
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     /// Limits of the predicate sandbox (`SPECTRAL_SANDBOX_*`).
     pub sandbox: Limits,
+    pub server: ServerConfig,
+    /// `DATABASE_URL`, `SPECTRAL_DATA_DIR`, `SPECTRAL_DB_MAX_CONNECTIONS`,
+    /// `SPECTRAL_MIGRATE_ON_START`.
+    pub store: StoreConfig,
+    pub cache: CacheConfig,
+    pub decision_log: DecisionLogConfig,
+    pub bootstrap: BootstrapConfig,
+    pub log: LogConfig,
 }
 
 /// A configuration value could not be used.
@@ -17,6 +179,77 @@ pub struct ConfigError {
     pub name: String,
     pub value: String,
     pub reason: String,
+}
+
+/// The environment, read once.
+struct Vars(HashMap<String, String>);
+
+impl Vars {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    fn err(name: &str, value: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            name: name.into(),
+            value: value.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn number<T>(
+        &self,
+        name: &str,
+        target: &mut T,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<(), ConfigError>
+    where
+        T: TryFrom<u64>,
+    {
+        let Some(text) = self.get(name) else {
+            return Ok(());
+        };
+        let n: u64 = text
+            .trim()
+            .parse()
+            .map_err(|e| Self::err(name, text, format!("not a whole number: {e}")))?;
+        if !range.contains(&n) {
+            return Err(Self::err(
+                name,
+                text,
+                format!("must be within {}..={}", range.start(), range.end()),
+            ));
+        }
+        *target = T::try_from(n).map_err(|_| Self::err(name, text, "out of range"))?;
+        Ok(())
+    }
+
+    fn millis(
+        &self,
+        name: &str,
+        target: &mut Duration,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<(), ConfigError> {
+        let mut ms = target.as_millis() as u64;
+        self.number(name, &mut ms, range)?;
+        *target = Duration::from_millis(ms);
+        Ok(())
+    }
+
+    fn flag(&self, name: &str, target: &mut bool) -> Result<(), ConfigError> {
+        match self.get(name).map(str::trim) {
+            None => Ok(()),
+            Some("1" | "true" | "yes" | "on") => {
+                *target = true;
+                Ok(())
+            }
+            Some("0" | "false" | "no" | "off") => {
+                *target = false;
+                Ok(())
+            }
+            Some(other) => Err(Self::err(name, other, "expected true or false")),
+        }
+    }
 }
 
 impl Config {
@@ -29,117 +262,184 @@ impl Config {
     pub fn from_vars(
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut config = Self::default();
-        let s = &mut config.sandbox;
-        for (name, value) in vars {
-            let target: &mut dyn SetFrom = match name.as_str() {
-                "SPECTRAL_SANDBOX_MAX_OPERATIONS" => &mut s.max_operations,
-                "SPECTRAL_SANDBOX_MAX_CALL_LEVELS" => &mut s.max_call_levels,
-                "SPECTRAL_SANDBOX_MAX_EXPR_DEPTH" => &mut s.max_expr_depth,
-                "SPECTRAL_SANDBOX_MAX_STRING_BYTES" => &mut s.max_string_bytes,
-                "SPECTRAL_SANDBOX_MAX_ARRAY_LEN" => &mut s.max_array_len,
-                "SPECTRAL_SANDBOX_MAX_MAP_LEN" => &mut s.max_map_len,
-                "SPECTRAL_SANDBOX_MAX_SOURCE_BYTES" => &mut s.max_source_bytes,
-                "SPECTRAL_SANDBOX_DEADLINE_US" => &mut s.deadline_us,
-                _ => continue,
-            };
-            target.set_from(&value).map_err(|reason| ConfigError {
-                name: name.clone(),
-                value: value.clone(),
-                reason,
-            })?;
-        }
-        config.validate()?;
-        Ok(config)
-    }
+        let v = Vars(vars.into_iter().collect());
+        let mut c = Self::default();
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let s = &self.sandbox;
-        let checks: [(&str, u64, u64, u64); 8] = [
-            (
-                "SPECTRAL_SANDBOX_MAX_OPERATIONS",
-                s.max_operations,
-                1,
-                10_000_000,
-            ),
-            (
-                "SPECTRAL_SANDBOX_MAX_CALL_LEVELS",
-                s.max_call_levels as u64,
-                1,
-                64,
-            ),
-            // Deeper than 128 risks overflowing a 2 MiB stack during evaluation.
-            (
-                "SPECTRAL_SANDBOX_MAX_EXPR_DEPTH",
-                s.max_expr_depth as u64,
-                4,
-                128,
-            ),
-            (
-                "SPECTRAL_SANDBOX_MAX_STRING_BYTES",
-                s.max_string_bytes as u64,
-                64,
-                16 << 20,
-            ),
-            (
-                "SPECTRAL_SANDBOX_MAX_ARRAY_LEN",
-                s.max_array_len as u64,
-                1,
-                1 << 20,
-            ),
-            (
-                "SPECTRAL_SANDBOX_MAX_MAP_LEN",
-                s.max_map_len as u64,
-                1,
-                1 << 20,
-            ),
-            (
-                "SPECTRAL_SANDBOX_MAX_SOURCE_BYTES",
-                s.max_source_bytes as u64,
-                16,
-                1 << 20,
-            ),
-            (
-                "SPECTRAL_SANDBOX_DEADLINE_US",
-                s.deadline_us,
-                10,
-                10_000_000,
-            ),
-        ];
-        for (name, value, min, max) in checks {
-            if !(min..=max).contains(&value) {
-                return Err(ConfigError {
-                    name: name.into(),
-                    value: value.to_string(),
-                    reason: format!("must be within {min}..={max}"),
-                });
+        let s = &mut c.sandbox;
+        v.number(
+            "SPECTRAL_SANDBOX_MAX_OPERATIONS",
+            &mut s.max_operations,
+            1..=10_000_000,
+        )?;
+        v.number(
+            "SPECTRAL_SANDBOX_MAX_CALL_LEVELS",
+            &mut s.max_call_levels,
+            1..=64,
+        )?;
+        // Deeper than 128 risks overflowing a 2 MiB stack during evaluation.
+        v.number(
+            "SPECTRAL_SANDBOX_MAX_EXPR_DEPTH",
+            &mut s.max_expr_depth,
+            4..=128,
+        )?;
+        v.number(
+            "SPECTRAL_SANDBOX_MAX_STRING_BYTES",
+            &mut s.max_string_bytes,
+            64..=16 << 20,
+        )?;
+        v.number(
+            "SPECTRAL_SANDBOX_MAX_ARRAY_LEN",
+            &mut s.max_array_len,
+            1..=1 << 20,
+        )?;
+        v.number(
+            "SPECTRAL_SANDBOX_MAX_MAP_LEN",
+            &mut s.max_map_len,
+            1..=1 << 20,
+        )?;
+        v.number(
+            "SPECTRAL_SANDBOX_MAX_SOURCE_BYTES",
+            &mut s.max_source_bytes,
+            16..=1 << 20,
+        )?;
+        v.number(
+            "SPECTRAL_SANDBOX_DEADLINE_US",
+            &mut s.deadline_us,
+            10..=10_000_000,
+        )?;
+
+        let srv = &mut c.server;
+        if let Some(addr) = v.get("SPECTRAL_ADDR") {
+            srv.addr = addr
+                .trim()
+                .parse()
+                .map_err(|e| Vars::err("SPECTRAL_ADDR", addr, format!("not host:port: {e}")))?;
+        }
+        v.number(
+            "SPECTRAL_MAX_BODY_BYTES",
+            &mut srv.max_body_bytes,
+            1024..=64 << 20,
+        )?;
+        v.millis(
+            "SPECTRAL_HEADER_TIMEOUT_MS",
+            &mut srv.header_timeout,
+            10..=600_000,
+        )?;
+        v.millis(
+            "SPECTRAL_REQUEST_TIMEOUT_MS",
+            &mut srv.request_timeout,
+            10..=600_000,
+        )?;
+        v.number(
+            "SPECTRAL_MAX_CONNECTIONS",
+            &mut srv.max_connections,
+            1..=1_000_000,
+        )?;
+        v.number(
+            "SPECTRAL_BATCH_MAX_ITEMS",
+            &mut srv.batch_max_items,
+            1..=10_000,
+        )?;
+        v.millis(
+            "SPECTRAL_SHUTDOWN_GRACE_MS",
+            &mut srv.shutdown_grace,
+            0..=3_600_000,
+        )?;
+
+        let st = &mut c.store;
+        if let Some(url) = v.get("DATABASE_URL").filter(|u| !u.trim().is_empty()) {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                // Never echo the value: it may carry a password.
+                return Err(Vars::err(
+                    "DATABASE_URL",
+                    "<redacted>",
+                    "must start with postgres:// (leave it unset for the embedded SQLite store)",
+                ));
+            }
+            st.database_url = Some(url.trim().to_string());
+        }
+        if let Some(dir) = v.get("SPECTRAL_DATA_DIR") {
+            st.data_dir = PathBuf::from(dir);
+        }
+        v.number(
+            "SPECTRAL_DB_MAX_CONNECTIONS",
+            &mut st.max_connections,
+            1..=1000,
+        )?;
+        v.flag("SPECTRAL_MIGRATE_ON_START", &mut st.migrate_on_start)?;
+
+        let ca = &mut c.cache;
+        v.millis(
+            "SPECTRAL_DEPLOY_POLL_MS",
+            &mut ca.poll_interval,
+            10..=3_600_000,
+        )?;
+        v.flag("SPECTRAL_DEPLOY_LISTEN", &mut ca.listen)?;
+        v.number(
+            "SPECTRAL_CACHE_MAX_VERSIONS",
+            &mut ca.max_pinned_versions,
+            1..=100_000,
+        )?;
+
+        let dl = &mut c.decision_log;
+        v.number(
+            "SPECTRAL_DECISION_LOG_CAPACITY",
+            &mut dl.capacity,
+            1..=10_000_000,
+        )?;
+        v.number(
+            "SPECTRAL_DECISION_LOG_BATCH",
+            &mut dl.batch_size,
+            1..=100_000,
+        )?;
+        let mut block = match dl.overflow {
+            Overflow::Block(d) => d,
+            Overflow::Drop => Duration::from_millis(5),
+        };
+        v.millis("SPECTRAL_DECISION_LOG_BLOCK_MS", &mut block, 0..=60_000)?;
+        dl.overflow = match v.get("SPECTRAL_DECISION_LOG_OVERFLOW").map(str::trim) {
+            None | Some("block") => Overflow::Block(block),
+            Some("drop") => Overflow::Drop,
+            Some(other) => {
+                return Err(Vars::err(
+                    "SPECTRAL_DECISION_LOG_OVERFLOW",
+                    other,
+                    "expected block or drop",
+                ))
+            }
+        };
+
+        let b = &mut c.bootstrap;
+        if let Some(key) = v.get("SPECTRAL_OPERATOR_KEY").filter(|k| !k.is_empty()) {
+            if key.len() < 16 {
+                return Err(Vars::err(
+                    "SPECTRAL_OPERATOR_KEY",
+                    "<redacted>",
+                    "must be at least 16 characters",
+                ));
+            }
+            b.operator_key = Some(Secret::new(key));
+        }
+        if let Some(dir) = v.get("SPECTRAL_SEED_DIR") {
+            b.seed_dir = (!dir.trim().is_empty()).then(|| PathBuf::from(dir));
+        }
+
+        let l = &mut c.log;
+        match v.get("SPECTRAL_LOG_FORMAT").map(str::trim) {
+            None | Some("pretty") => {}
+            Some("json") => l.json = true,
+            Some(other) => {
+                return Err(Vars::err(
+                    "SPECTRAL_LOG_FORMAT",
+                    other,
+                    "expected json or pretty",
+                ))
             }
         }
-        Ok(())
-    }
-}
-
-trait SetFrom {
-    fn set_from(&mut self, text: &str) -> Result<(), String>;
-}
-
-impl SetFrom for u64 {
-    fn set_from(&mut self, text: &str) -> Result<(), String> {
-        *self = text
-            .trim()
-            .parse()
-            .map_err(|e| format!("not a whole number: {e}"))?;
-        Ok(())
-    }
-}
-
-impl SetFrom for usize {
-    fn set_from(&mut self, text: &str) -> Result<(), String> {
-        *self = text
-            .trim()
-            .parse()
-            .map_err(|e| format!("not a whole number: {e}"))?;
-        Ok(())
+        if let Some(filter) = v.get("SPECTRAL_LOG") {
+            l.filter = filter.to_string();
+        }
+        Ok(c)
     }
 }
 
@@ -157,18 +457,38 @@ mod tests {
     #[test]
     fn defaults_with_no_environment() {
         assert_eq!(Config::from_vars(vec![]), Ok(Config::default()));
+        let c = Config::default();
+        assert_eq!(c.server.addr.port(), 8000);
+        assert!(c.store.database_url.is_none());
     }
 
     #[test]
-    fn reads_sandbox_limits() {
+    fn reads_every_section() {
         let c = Config::from_vars(vars(&[
             ("SPECTRAL_SANDBOX_MAX_OPERATIONS", "500"),
             ("SPECTRAL_SANDBOX_DEADLINE_US", "2000"),
+            ("SPECTRAL_ADDR", "127.0.0.1:9000"),
+            ("SPECTRAL_HEADER_TIMEOUT_MS", "250"),
+            ("DATABASE_URL", "postgres://u:pw@h/db"),
+            ("SPECTRAL_DEPLOY_LISTEN", "false"),
+            ("SPECTRAL_DECISION_LOG_OVERFLOW", "drop"),
+            ("SPECTRAL_SEED_DIR", ""),
+            ("SPECTRAL_LOG_FORMAT", "json"),
             ("UNRELATED", "x"),
-        ]));
-        let c = c.map_err(|e| e.to_string());
-        assert_eq!(c.as_ref().map(|c| c.sandbox.max_operations), Ok(500));
-        assert_eq!(c.as_ref().map(|c| c.sandbox.deadline_us), Ok(2000));
+        ]))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(c.sandbox.max_operations, 500);
+        assert_eq!(c.sandbox.deadline_us, 2000);
+        assert_eq!(c.server.addr.port(), 9000);
+        assert_eq!(c.server.header_timeout, Duration::from_millis(250));
+        assert_eq!(
+            c.store.database_url.as_deref(),
+            Some("postgres://u:pw@h/db")
+        );
+        assert!(!c.cache.listen);
+        assert_eq!(c.decision_log.overflow, Overflow::Drop);
+        assert_eq!(c.bootstrap.seed_dir, None);
+        assert!(c.log.json);
     }
 
     #[test]
@@ -180,5 +500,24 @@ mod tests {
         );
         let e = Config::from_vars(vars(&[("SPECTRAL_SANDBOX_MAX_EXPR_DEPTH", "100000")]));
         assert!(e.is_err_and(|e| e.reason.contains("4..=128")));
+        let e = Config::from_vars(vars(&[("SPECTRAL_DEPLOY_LISTEN", "maybe")]));
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let e = Config::from_vars(vars(&[("DATABASE_URL", "mysql://u:hunter2@h/db")]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!e.contains("hunter2"), "{e}");
+        let c = Config::from_vars(vars(&[
+            ("SPECTRAL_OPERATOR_KEY", "spk_supersecretvalue123"),
+            ("DATABASE_URL", "postgres://u:hunter2@h/db"),
+        ]))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("supersecretvalue"), "{printed}");
+        assert!(!printed.contains("hunter2"), "{printed}");
     }
 }

@@ -5,5 +5,10 @@
 
 pub mod cli;
 pub mod config;
+pub mod http;
 pub mod sandbox;
+pub mod service;
+pub mod store;
+pub mod supervisor;
+pub mod telemetry;
 pub mod worlds;

@@ -23,7 +23,6 @@ use crate::sandbox::{Batch, Bindings, Failure, Program, Sandbox, SandboxError};
 #[serde(deny_unknown_fields)]
 pub struct ModuleSource {
     pub world: String,
-    pub version: u64,
     pub action: String,
     pub aggregation: Aggregation,
     /// The attributes the action's rules read, with their schema.
@@ -51,8 +50,9 @@ pub struct RuleSource {
 }
 
 impl ModuleSource {
-    /// Build the source of one action of a version. The action must exist.
-    pub fn of(model: &WorldModel, version: u64, action_index: usize) -> Option<Self> {
+    /// Build the source of one action of a model. The version is not part of the content, so
+    /// an action that did not change between versions keeps its module and its hash.
+    pub fn of(model: &WorldModel, action_index: usize) -> Option<Self> {
         let action = model.actions.get(action_index)?;
         let mut rules: Vec<&Rule> = action.rules.iter().collect();
         // A stable sort keeps declaration order within a severity.
@@ -91,7 +91,6 @@ impl ModuleSource {
             .collect();
         Some(Self {
             world: model.world.clone(),
-            version,
             action: action.name.clone(),
             aggregation: action.aggregation,
             schema,
@@ -186,8 +185,14 @@ pub enum LoadError {
 }
 
 impl Module {
-    /// Load a module from its stored canonical bytes: verify the hash first, then compile.
-    pub fn load(bytes: &[u8], expected_hash: &str, sandbox: &Sandbox) -> Result<Self, LoadError> {
+    /// Load a module of `version` from its stored canonical bytes: verify the hash first,
+    /// then compile.
+    pub fn load(
+        bytes: &[u8],
+        expected_hash: &str,
+        version: u64,
+        sandbox: &Sandbox,
+    ) -> Result<Self, LoadError> {
         let actual = hash_bytes(bytes);
         if actual != expected_hash {
             return Err(LoadError::HashMismatch {
@@ -196,11 +201,15 @@ impl Module {
             });
         }
         let source: ModuleSource = serde_json::from_slice(bytes)?;
-        Self::compile(source, sandbox).map_err(LoadError::Compile)
+        Self::compile(source, version, sandbox).map_err(LoadError::Compile)
     }
 
-    /// Compile a module source; every problem is reported.
-    pub fn compile(source: ModuleSource, sandbox: &Sandbox) -> Result<Self, Vec<Problem>> {
+    /// Compile a module source as part of `version`; every problem is reported.
+    pub fn compile(
+        source: ModuleSource,
+        version: u64,
+        sandbox: &Sandbox,
+    ) -> Result<Self, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut rules = Vec::with_capacity(source.rules.len());
         for rule in &source.rules {
@@ -252,7 +261,7 @@ impl Module {
         }
         let manifest = Manifest {
             world: source.world.clone(),
-            version: source.version,
+            version,
             action: source.action.clone(),
             source_digest: source.hash(),
         };

@@ -86,6 +86,7 @@ impl fmt::Display for Locus {
 /// One problem with a world model, located as precisely as the source allows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
+    #[serde(flatten)]
     pub locus: Locus,
     pub message: String,
     /// The stable kind of a predicate error.
@@ -306,10 +307,10 @@ pub fn validate(
     // too; modules are only returned when everything is clean.
     let mut modules = Vec::with_capacity(model.actions.len());
     for index in 0..model.actions.len() {
-        let Some(source) = ModuleSource::of(model, version, index) else {
+        let Some(source) = ModuleSource::of(model, index) else {
             continue;
         };
-        match Module::compile(source, sandbox) {
+        match Module::compile(source, version, sandbox) {
             Ok(m) => modules.push(m),
             Err(mut p) => problems.append(&mut p),
         }

@@ -4,8 +4,13 @@
 // In tests a panic is how a check fails.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
+mod api;
+mod app;
 mod cli;
+mod db;
 mod hostile;
+mod openapi;
 mod properties;
+mod store;
 mod support;
 mod worlds;

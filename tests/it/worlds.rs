@@ -70,7 +70,7 @@ fn payments_source() -> ModuleSource {
     let sandbox = Sandbox::default();
     let world = load::load(&predicates_dir().join("acme-payments"), &sandbox)
         .unwrap_or_else(|e| panic!("{e}"));
-    ModuleSource::of(&world.model, 1, 0).unwrap_or_else(|| panic!("no action"))
+    ModuleSource::of(&world.model, 0).unwrap_or_else(|| panic!("no action"))
 }
 
 #[test]
@@ -135,7 +135,7 @@ fn any_change_gives_a_different_hash() {
     c.rules[1].outcome = Status::Yellow;
     changes.push(c);
     let mut c = base.clone();
-    c.version = 2;
+    c.world = "other-world".into();
     changes.push(c);
     let mut c = base.clone();
     if let Some(v) = c.config.values_mut().next() {
@@ -164,13 +164,15 @@ fn a_stored_module_is_verified_before_it_is_compiled() {
     let sandbox = Sandbox::default();
     let source = payments_source();
     let bytes = source.canonical_json();
-    let module = Module::load(&bytes, &source.hash(), &sandbox).unwrap_or_else(|e| panic!("{e}"));
+    let module =
+        Module::load(&bytes, &source.hash(), 7, &sandbox).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(module.hash(), source.hash());
+    assert_eq!(module.manifest.version, 7);
     let mut tampered = bytes.clone();
     let at = tampered.len() / 2;
     tampered[at] ^= 1;
     assert!(matches!(
-        Module::load(&tampered, &source.hash(), &sandbox),
+        Module::load(&tampered, &source.hash(), 7, &sandbox),
         Err(LoadError::HashMismatch { .. })
     ));
 }

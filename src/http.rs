@@ -1,0 +1,367 @@
+//! The HTTP API on hyper directly: the connection loop with its limits and graceful drain,
+//! and the handlers that turn requests into service calls.
+//!
+//! **Boundary:** the only module that names hyper types. Nothing else depends on it but the
+//! supervisor. Errors become responses in exactly one place, `problem`.
+
+mod problem;
+mod router;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::ServerConfig;
+use crate::service::auth::Caller;
+use crate::service::{App, DecideInput, ServiceError};
+use crate::telemetry::Route;
+use router::Endpoint;
+
+type Body = Full<Bytes>;
+
+/// Serve HTTP on `listener` until `stop` turns true, then stop accepting, let in-flight
+/// requests finish within the grace period, and return.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    config: ServerConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let config = Arc::new(config);
+    // Each connection holds a permit while it is open; with none left, new connections are
+    // answered 503 and closed at once, so idle clients cannot starve the server of memory
+    // or file descriptors, and the ones already connected keep being served.
+    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(config.header_timeout));
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    app.metrics.connections_shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::spawn(shed(stream));
+                    continue;
+                };
+                let app = app.clone();
+                let cfg = config.clone();
+                let service = service_fn(move |req| handle(app.clone(), cfg.clone(), req));
+                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("HTTP server draining");
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("HTTP server drained"),
+        _ = tokio::time::sleep(config.shutdown_grace) => {
+            tracing::warn!("grace period ended with connections still open");
+        }
+    }
+}
+
+/// Answer a connection over the limit with a 503 and close it.
+async fn shed(mut stream: tokio::net::TcpStream) {
+    let body = problem::body(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_connections",
+        "the server is at its connection limit; retry later",
+    );
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(&body).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn handle(
+    app: Arc<App>,
+    config: Arc<ServerConfig>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let (route, response) = match router::route(req.method(), req.uri().path()) {
+        Err(e) => (Route::NotFound, problem::from_route_error(e)),
+        Ok(endpoint) => {
+            let route = endpoint.route();
+            let work = dispatch(&app, &config, endpoint, req);
+            let response = match tokio::time::timeout(config.request_timeout, work).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(e)) => problem::from_error(&e),
+                Err(_) => problem::from_service(&ServiceError::Unavailable(format!(
+                    "the request took longer than {} ms",
+                    config.request_timeout.as_millis()
+                ))),
+            };
+            (route, response)
+        }
+    };
+    app.metrics
+        .request(route, response.status().as_u16(), started.elapsed());
+    Ok(response)
+}
+
+/// A request failed before reaching the service: the body.
+#[derive(Debug)]
+pub enum BodyError {
+    TooLarge(usize),
+    WrongType(String),
+    Read(String),
+}
+
+async fn dispatch(
+    app: &App,
+    config: &ServerConfig,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, HttpError> {
+    match endpoint {
+        Endpoint::Health => {
+            let (ready, body) = app.health().await;
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            Ok(json(status, &body))
+        }
+        Endpoint::Version => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "version": app.build.version,
+                "git_sha": app.build.git_sha,
+                "generation": null,
+            }),
+        )),
+        Endpoint::Metrics => {
+            let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(r)
+        }
+        endpoint => {
+            let caller = app.keys.authenticate(authorization(&req)).await?;
+            authed(app, config, &caller, endpoint, req).await
+        }
+    }
+}
+
+fn authorization(req: &Request<Incoming>) -> Option<&str> {
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+async fn authed(
+    app: &App,
+    config: &ServerConfig,
+    caller: &Caller,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, HttpError> {
+    match endpoint {
+        Endpoint::Decide => {
+            let body = json_body(req, config.max_body_bytes).await?;
+            let input: DecideInput = parse(&body)?;
+            let decision = app.decide(caller, &input).await?;
+            Ok(json(StatusCode::OK, &decision))
+        }
+        Endpoint::DecideBatch => {
+            let body = json_body(req, config.max_body_bytes).await?;
+            let batch: BatchInput = parse(&body)?;
+            if batch.requests.len() > config.batch_max_items {
+                return Err(ServiceError::BadRequest(format!(
+                    "a batch holds at most {} requests, this one has {}",
+                    config.batch_max_items,
+                    batch.requests.len()
+                ))
+                .into());
+            }
+            let mut results = Vec::with_capacity(batch.requests.len());
+            for raw in batch.requests {
+                let result = match serde_json::from_str::<DecideInput>(raw.get()) {
+                    Err(e) => Err(HttpError::Malformed(e.to_string())),
+                    Ok(input) => app.decide(caller, &input).await.map_err(HttpError::from),
+                };
+                results.push(match result {
+                    Ok(decision) => serde_json::json!({"status": 200, "decision": decision}),
+                    Err(e) => {
+                        let (status, body) = problem::parts(&e);
+                        serde_json::json!({"status": status.as_u16(), "problem": body})
+                    }
+                });
+            }
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"results": results}),
+            ))
+        }
+        Endpoint::Draft(world) => {
+            let body = json_body(req, config.max_body_bytes).await?;
+            let model = app.put_draft(caller, &world, &body).await?;
+            let rules: usize = model.actions.iter().map(|a| a.rules.len()).sum();
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"world": world, "draft": "valid", "actions": model.actions.len(), "rules": rules}),
+            ))
+        }
+        Endpoint::Publish(world) => {
+            let published = app.publish(caller, &world).await?;
+            Ok(json(StatusCode::CREATED, &published))
+        }
+        Endpoint::Deploy(world) => {
+            let body = json_body(req, config.max_body_bytes).await?;
+            let input: DeployInput = parse(&body)?;
+            let deployment = app.deploy(caller, &world, input.version).await?;
+            Ok(json(StatusCode::OK, &deployment))
+        }
+        Endpoint::Worlds => Ok(json(StatusCode::OK, &app.worlds(caller).await?)),
+        Endpoint::World(world) => Ok(json(StatusCode::OK, &app.world(caller, &world).await?)),
+        Endpoint::WorldVersion(world, version) => Ok(json(
+            StatusCode::OK,
+            &app.version(caller, &world, version).await?,
+        )),
+        Endpoint::Actions(world) => Ok(json(StatusCode::OK, &app.actions(caller, &world).await?)),
+        Endpoint::Health | Endpoint::Version | Endpoint::Metrics => Err(ServiceError::Internal(
+            "unauthenticated endpoint routed as authenticated".into(),
+        )
+        .into()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchInput<'a> {
+    #[serde(borrow)]
+    requests: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployInput {
+    version: u64,
+}
+
+/// Everything a handler can fail with.
+#[derive(Debug)]
+pub enum HttpError {
+    Service(ServiceError),
+    Body(BodyError),
+    Malformed(String),
+}
+
+impl From<ServiceError> for HttpError {
+    fn from(e: ServiceError) -> Self {
+        Self::Service(e)
+    }
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
+    serde_json::from_slice(body).map_err(|e| HttpError::Malformed(e.to_string()))
+}
+
+/// Read a JSON request body within the size limit.
+async fn json_body(req: Request<Incoming>, max: usize) -> Result<Bytes, HttpError> {
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence != "application/json" {
+        return Err(HttpError::Body(BodyError::WrongType(
+            content_type.to_string(),
+        )));
+    }
+    // Refuse a declared oversize body before reading any of it.
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(HttpError::Body(BodyError::TooLarge(max)));
+    }
+    match Limited::new(req.into_body(), max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(HttpError::Body(BodyError::TooLarge(max)))
+        }
+        Err(e) => Err(HttpError::Body(BodyError::Read(e.to_string()))),
+    }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => {
+            let mut r = Response::new(Full::new(Bytes::from(bytes)));
+            *r.status_mut() = status;
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(e) => problem::from_service(&ServiceError::Internal(format!(
+            "response does not serialize: {e}"
+        ))),
+    }
+}
+
+/// Methods the router knows, for `405` answers.
+pub(crate) fn allow_header(methods: &[Method]) -> String {
+    methods
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,149 @@
+//! The hand-written router: method and path to an endpoint, with its path parameters.
+
+use http::Method;
+
+use crate::telemetry::Route;
+
+/// Every endpoint of the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Decide,
+    DecideBatch,
+    Draft(String),
+    Publish(String),
+    Deploy(String),
+    Worlds,
+    World(String),
+    WorldVersion(String, u64),
+    Actions(String),
+    Health,
+    Version,
+    Metrics,
+}
+
+impl Endpoint {
+    pub fn route(&self) -> Route {
+        match self {
+            Self::Decide => Route::Decide,
+            Self::DecideBatch => Route::DecideBatch,
+            Self::Draft(_) => Route::Draft,
+            Self::Publish(_) => Route::Publish,
+            Self::Deploy(_) => Route::Deploy,
+            Self::Worlds => Route::Worlds,
+            Self::World(_) => Route::World,
+            Self::WorldVersion(..) => Route::WorldVersion,
+            Self::Actions(_) => Route::Actions,
+            Self::Health => Route::Health,
+            Self::Version => Route::ServiceVersion,
+            Self::Metrics => Route::Metrics,
+        }
+    }
+}
+
+/// Why a request matched no endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    NotFound(String),
+    MethodNotAllowed(Vec<Method>),
+}
+
+/// Match a request. Paths are matched segment by segment; a trailing slash is ignored.
+pub fn route(method: &Method, path: &str) -> Result<Endpoint, RouteError> {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let one = |m: Method, e: Endpoint| {
+        if *method == m {
+            Ok(e)
+        } else {
+            Err(RouteError::MethodNotAllowed(vec![m]))
+        }
+    };
+    match segments.as_slice() {
+        ["api", "decide"] | ["decide"] => one(Method::POST, Endpoint::Decide),
+        ["api", "decide", "batch"] => one(Method::POST, Endpoint::DecideBatch),
+        ["api", "worlds"] => one(Method::GET, Endpoint::Worlds),
+        ["api", "worlds", w] => one(Method::GET, Endpoint::World(w.to_string())),
+        ["api", "worlds", w, "draft"] => one(Method::PUT, Endpoint::Draft(w.to_string())),
+        ["api", "worlds", w, "versions"] => one(Method::POST, Endpoint::Publish(w.to_string())),
+        ["api", "worlds", w, "versions", n] => match n.parse::<u64>() {
+            Ok(n) => one(Method::GET, Endpoint::WorldVersion(w.to_string(), n)),
+            Err(_) => Err(RouteError::NotFound(path.to_string())),
+        },
+        ["api", "worlds", w, "deployments"] => one(Method::POST, Endpoint::Deploy(w.to_string())),
+        ["api", "worlds", w, "actions"] => one(Method::GET, Endpoint::Actions(w.to_string())),
+        ["health"] => one(Method::GET, Endpoint::Health),
+        ["version"] => one(Method::GET, Endpoint::Version),
+        ["metrics"] => one(Method::GET, Endpoint::Metrics),
+        _ => Err(RouteError::NotFound(path.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_every_endpoint() {
+        let cases = [
+            (Method::POST, "/api/decide", Endpoint::Decide),
+            (Method::POST, "/decide", Endpoint::Decide),
+            (Method::POST, "/api/decide/batch", Endpoint::DecideBatch),
+            (Method::GET, "/api/worlds", Endpoint::Worlds),
+            (
+                Method::GET,
+                "/api/worlds/acme/",
+                Endpoint::World("acme".into()),
+            ),
+            (
+                Method::PUT,
+                "/api/worlds/acme/draft",
+                Endpoint::Draft("acme".into()),
+            ),
+            (
+                Method::POST,
+                "/api/worlds/acme/versions",
+                Endpoint::Publish("acme".into()),
+            ),
+            (
+                Method::GET,
+                "/api/worlds/acme/versions/3",
+                Endpoint::WorldVersion("acme".into(), 3),
+            ),
+            (
+                Method::POST,
+                "/api/worlds/acme/deployments",
+                Endpoint::Deploy("acme".into()),
+            ),
+            (
+                Method::GET,
+                "/api/worlds/acme/actions",
+                Endpoint::Actions("acme".into()),
+            ),
+            (Method::GET, "/health", Endpoint::Health),
+            (Method::GET, "/version", Endpoint::Version),
+            (Method::GET, "/metrics", Endpoint::Metrics),
+        ];
+        for (method, path, expected) in cases {
+            assert_eq!(route(&method, path), Ok(expected), "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn unknown_paths_and_methods_are_told_apart() {
+        assert_eq!(
+            route(&Method::GET, "/api/decide"),
+            Err(RouteError::MethodNotAllowed(vec![Method::POST]))
+        );
+        assert!(matches!(
+            route(&Method::GET, "/nope"),
+            Err(RouteError::NotFound(_))
+        ));
+        assert!(matches!(
+            route(&Method::GET, "/api/worlds/a/versions/x"),
+            Err(RouteError::NotFound(_))
+        ));
+        assert!(matches!(
+            route(&Method::GET, "/"),
+            Err(RouteError::NotFound(_))
+        ));
+    }
+}

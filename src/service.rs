@@ -1,0 +1,489 @@
+//! The decide service: what the API does, independent of HTTP. It authenticates callers,
+//! resolves worlds and versions through the cache, evaluates, records decisions, and runs the
+//! authoring flow (draft → publish → deploy).
+//!
+//! **Boundary:** no hyper or sqlx types; the HTTP layer turns requests into calls here and
+//! [`ServiceError`]s into problem responses. The decide path never awaits anything but the
+//! key cache (a store read on a miss), a pinned version's first load, and the decision
+//! queue's bounded wait.
+
+pub mod audit;
+pub mod auth;
+pub mod cache;
+pub mod decision_log;
+pub mod openapi;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+use crate::sandbox::Sandbox;
+use crate::store::{
+    Deployment, NewDecision, NewModule, NewVersion, Scope, Store, StoreError, VersionRecord,
+    WorldDetail, WorldSummary,
+};
+use crate::telemetry::Metrics;
+use crate::worlds::cases::run_cases;
+use crate::worlds::context::SystemValues;
+use crate::worlds::{self, ContextJson, Decision, Problem, Request, Status, WorldModel};
+use auth::{Caller, Keys};
+use cache::{Cache, LoadError};
+use decision_log::DecisionLog;
+
+/// What went wrong, in terms a caller can act on. Each variant maps to one HTTP status in
+/// `http::problem`, the one place errors become responses.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// A world model that fails validation, with every problem.
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        problems: Vec<Problem>,
+    },
+    /// Not ready, or a dependency is down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A fault of ours; the message is logged, never shown.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    pub(crate) fn from_store(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => Self::NotFound(what),
+            StoreError::Conflict(what) => Self::Conflict(what),
+            StoreError::Database(_) => Self::Unavailable(format!("store unavailable: {e}")),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+/// The body of `POST /api/decide`, borrowing the context's JSON text so that only the
+/// attributes the rules read are ever parsed.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecideInput<'a> {
+    pub action: String,
+    #[serde(borrow)]
+    pub context: &'a RawValue,
+    #[serde(default)]
+    pub world: Option<String>,
+    #[serde(default)]
+    pub world_model_version: Option<u64>,
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    #[serde(default)]
+    pub explain: bool,
+}
+
+/// Build identity, shown on `/version` and `/health`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildInfo {
+    pub version: &'static str,
+    pub git_sha: &'static str,
+}
+
+impl BuildInfo {
+    pub fn current() -> Self {
+        Self {
+            version: env!("CARGO_PKG_VERSION"),
+            git_sha: option_env!("SPECTRAL_GIT_SHA").unwrap_or("unknown"),
+        }
+    }
+}
+
+/// The published version and its modules.
+#[derive(Debug, Clone, Serialize)]
+pub struct Published {
+    pub world: String,
+    pub version: u64,
+    pub modules: Vec<(String, String)>,
+}
+
+/// The service and everything it owns.
+pub struct App {
+    pub sandbox: Arc<Sandbox>,
+    pub store: Store,
+    pub cache: Arc<Cache>,
+    pub keys: Keys,
+    pub log: DecisionLog,
+    pub metrics: Arc<Metrics>,
+    pub build: BuildInfo,
+    pub started: Instant,
+    pub batch_max_items: usize,
+    /// Set by the supervisor once bootstrap and the first cache load are done; cleared when
+    /// shutdown begins so that load balancers stop sending traffic.
+    pub ready: AtomicBool,
+}
+
+fn digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+impl App {
+    /// Decide one request.
+    pub async fn decide(
+        &self,
+        caller: &Caller,
+        input: &DecideInput<'_>,
+    ) -> Result<Decision, ServiceError> {
+        let world = caller.resolve_world(input.world.as_deref())?;
+        caller.check(world, Scope::Decide)?;
+        let loaded = match input.world_model_version {
+            None => self.cache.deployed(world).ok_or_else(|| {
+                ServiceError::NotFound(format!("world '{world}' has no deployed version"))
+            })?,
+            Some(v) => self.cache.version(world, v).await.map_err(|e| match e {
+                LoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
+                LoadError::Failed { .. } => ServiceError::Unavailable(e.to_string()),
+            })?,
+        };
+        let module = loaded.modules.get(&input.action).ok_or_else(|| {
+            ServiceError::NotFound(format!(
+                "world '{world}' version {} has no action '{}'",
+                loaded.version, input.action
+            ))
+        })?;
+        let request_id = uuid::Uuid::now_v7().to_string();
+        let request = Request {
+            context: ContextJson::Text(input.context.get()),
+            system: SystemValues {
+                request_time: chrono::Utc::now().timestamp(),
+                request_id,
+                caller: caller.key_id.clone(),
+            },
+            correlation_id: input.correlation_id.clone(),
+            explain: input.explain,
+        };
+        let decision = worlds::evaluate(&self.sandbox, module, &request)
+            .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        self.observe(&decision);
+        let meta = &decision.decision_metadata;
+        self.log
+            .record(NewDecision {
+                decision_id: meta.decision_id.clone(),
+                world: meta.world.clone(),
+                version: meta.world_model_version,
+                action: meta.action.clone(),
+                module_hash: meta.module_hash.clone(),
+                status: decision.status.as_str().to_string(),
+                matched_rules: serde_json::to_value(&meta.matched_rules).unwrap_or_default(),
+                caller: caller.key_id.clone(),
+                correlation_id: meta.correlation_id.clone(),
+                context_digest: digest(input.context.get().as_bytes()),
+                decided_at: chrono::Utc::now(),
+            })
+            .await;
+        Ok(decision)
+    }
+
+    fn observe(&self, decision: &Decision) {
+        let index = Status::ALL
+            .iter()
+            .position(|s| *s == decision.status)
+            .unwrap_or(0);
+        self.metrics
+            .decision(&decision.decision_metadata.world, index);
+        for e in &decision.decision_metadata.errors {
+            if e.rule.is_some() {
+                self.metrics.sandbox_error(&e.kind);
+            }
+        }
+    }
+
+    /// Replace a world's draft with a whole model, validated with every problem listed.
+    pub async fn put_draft(
+        &self,
+        caller: &Caller,
+        world: &str,
+        body: &[u8],
+    ) -> Result<WorldModel, ServiceError> {
+        caller.check(world, Scope::Author)?;
+        let model: WorldModel = serde_json::from_slice(body)
+            .map_err(|e| ServiceError::BadRequest(format!("world model: {e}")))?;
+        if model.world != world {
+            return Err(ServiceError::BadRequest(format!(
+                "the model is for world '{}', not '{world}'",
+                model.world
+            )));
+        }
+        self.verify(&model).await?;
+        let json =
+            serde_json::to_value(&model).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        self.store
+            .put_draft(world, &json)
+            .await
+            .map_err(ServiceError::from_store)?;
+        Ok(model)
+    }
+
+    /// Validate, compile and run every case of a model, off the request threads.
+    async fn verify(&self, model: &WorldModel) -> Result<worlds::CompiledWorld, ServiceError> {
+        let sandbox = self.sandbox.clone();
+        let model = model.clone();
+        tokio::task::spawn_blocking(move || {
+            let compiled = worlds::validate(&model, 1, &sandbox).map_err(|problems| {
+                let first: Vec<String> = problems.iter().take(3).map(ToString::to_string).collect();
+                ServiceError::Invalid {
+                    message: format!(
+                        "the world model has {} problem(s): {}",
+                        problems.len(),
+                        first.join("; ")
+                    ),
+                    problems,
+                }
+            })?;
+            let failures: Vec<Problem> = run_cases(&compiled, &sandbox)
+                .into_iter()
+                .filter(|r| !r.passed)
+                .map(|r| {
+                    Problem::new(
+                        worlds::validate::Locus::Case {
+                            action: r.action,
+                            rule: r.rule,
+                            case: r.case - 1,
+                        },
+                        format!(
+                            "expected {}, got {}",
+                            if r.expected { "matched" } else { "not matched" },
+                            r.actual
+                        ),
+                    )
+                })
+                .collect();
+            if failures.is_empty() {
+                Ok(compiled)
+            } else {
+                let first: Vec<String> = failures.iter().take(3).map(ToString::to_string).collect();
+                Err(ServiceError::Invalid {
+                    message: format!("{} case(s) fail: {}", failures.len(), first.join("; ")),
+                    problems: failures,
+                })
+            }
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("verification task failed: {e}")))?
+    }
+
+    /// Publish the world's draft as its next version.
+    pub async fn publish(&self, caller: &Caller, world: &str) -> Result<Published, ServiceError> {
+        caller.check(world, Scope::Author)?;
+        let draft = self
+            .store
+            .draft(world)
+            .await
+            .map_err(ServiceError::from_store)?
+            .ok_or_else(|| ServiceError::NotFound(format!("world '{world}' has no draft")))?;
+        let model: WorldModel = serde_json::from_value(draft.clone())
+            .map_err(|e| ServiceError::Internal(format!("stored draft does not decode: {e}")))?;
+        self.publish_model(&caller.key_id, &model, draft).await
+    }
+
+    async fn publish_model(
+        &self,
+        by: &str,
+        model: &WorldModel,
+        json: serde_json::Value,
+    ) -> Result<Published, ServiceError> {
+        let compiled = self.verify(model).await?;
+        let modules: Vec<NewModule> = compiled
+            .modules
+            .iter()
+            .map(|m| NewModule {
+                action: m.manifest.action.clone(),
+                hash: m.hash().to_string(),
+                content: m.source.canonical_json(),
+            })
+            .collect();
+        let listed = modules
+            .iter()
+            .map(|m| (m.action.clone(), m.hash.clone()))
+            .collect();
+        let version = self
+            .store
+            .publish(&NewVersion {
+                world: model.world.clone(),
+                model: json,
+                modules,
+                published_by: by.to_string(),
+            })
+            .await
+            .map_err(ServiceError::from_store)?;
+        tracing::info!(world = model.world, version, by, "version published");
+        Ok(Published {
+            world: model.world.clone(),
+            version,
+            modules: listed,
+        })
+    }
+
+    /// Deploy (or roll back to) a published version; this instance serves it before
+    /// answering, others within the configured bound.
+    pub async fn deploy(
+        &self,
+        caller: &Caller,
+        world: &str,
+        version: u64,
+    ) -> Result<Deployment, ServiceError> {
+        caller.check(world, Scope::Deploy)?;
+        // Load first: a version that cannot be served is not deployed.
+        self.cache
+            .version(world, version)
+            .await
+            .map_err(|e| match e {
+                LoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
+                LoadError::Failed { .. } => ServiceError::Conflict(e.to_string()),
+            })?;
+        let deployment = self
+            .store
+            .deploy(world, version, &caller.key_id)
+            .await
+            .map_err(ServiceError::from_store)?;
+        self.cache
+            .refresh()
+            .await
+            .map_err(ServiceError::from_store)?;
+        tracing::info!(world, version, by = caller.key_id, "version deployed");
+        Ok(deployment)
+    }
+
+    /// The worlds a caller may read.
+    pub async fn worlds(&self, caller: &Caller) -> Result<Vec<WorldSummary>, ServiceError> {
+        let all = self
+            .store
+            .list_worlds()
+            .await
+            .map_err(ServiceError::from_store)?;
+        Ok(all
+            .into_iter()
+            .filter(|w| caller.check(&w.world, Scope::Read).is_ok())
+            .collect())
+    }
+
+    pub async fn world(&self, caller: &Caller, world: &str) -> Result<WorldDetail, ServiceError> {
+        caller.check(world, Scope::Read)?;
+        self.store
+            .world(world)
+            .await
+            .map_err(ServiceError::from_store)?
+            .ok_or_else(|| ServiceError::NotFound(format!("world '{world}' does not exist")))
+    }
+
+    pub async fn version(
+        &self,
+        caller: &Caller,
+        world: &str,
+        version: u64,
+    ) -> Result<VersionRecord, ServiceError> {
+        caller.check(world, Scope::Read)?;
+        self.store
+            .version(world, version)
+            .await
+            .map_err(ServiceError::from_store)?
+            .ok_or_else(|| {
+                ServiceError::NotFound(format!("world '{world}' has no version {version}"))
+            })
+    }
+
+    /// The OpenAPI document of the deployed version's actions.
+    pub async fn actions(
+        &self,
+        caller: &Caller,
+        world: &str,
+    ) -> Result<serde_json::Value, ServiceError> {
+        caller.check(world, Scope::Read)?;
+        let loaded = self.cache.deployed(world).ok_or_else(|| {
+            ServiceError::NotFound(format!("world '{world}' has no deployed version"))
+        })?;
+        Ok(openapi::document(&loaded.model, loaded.version))
+    }
+
+    /// Publish and deploy every world folder under `dir` that the store does not have yet.
+    /// Used by `spectral serve` so that a fresh install answers decisions at once.
+    pub async fn seed(&self, dir: &Path) -> Result<Vec<Published>, ServiceError> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| ServiceError::Internal(format!("cannot read {}: {e}", dir.display())))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.join(worlds::load::MANIFEST).is_file())
+            .collect();
+        entries.sort();
+        let existing = self
+            .store
+            .list_worlds()
+            .await
+            .map_err(ServiceError::from_store)?;
+        let mut done = Vec::new();
+        for path in entries {
+            let model = worlds::load::load_model(&path).map_err(|e| ServiceError::Invalid {
+                message: format!("{} does not load", path.display()),
+                problems: e.0,
+            })?;
+            if existing.iter().any(|w| w.world == model.world) {
+                continue;
+            }
+            let json =
+                serde_json::to_value(&model).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            self.store
+                .put_draft(&model.world, &json)
+                .await
+                .map_err(ServiceError::from_store)?;
+            let published = self.publish_model("bootstrap", &model, json).await?;
+            self.store
+                .deploy(&model.world, published.version, "bootstrap")
+                .await
+                .map_err(ServiceError::from_store)?;
+            tracing::info!(
+                world = model.world,
+                version = published.version,
+                "seeded world"
+            );
+            done.push(published);
+        }
+        self.cache
+            .refresh()
+            .await
+            .map_err(ServiceError::from_store)?;
+        Ok(done)
+    }
+
+    /// Readiness and the wiring of every feature, for `/health`.
+    pub async fn health(&self) -> (bool, serde_json::Value) {
+        let store_ok = self.store.ping().await.is_ok();
+        let loaded = self.cache.loaded();
+        let failed = self.cache.failures();
+        let ready = self.ready.load(Ordering::Acquire) && store_ok && failed.is_empty();
+        let body = serde_json::json!({
+            "status": if ready { "ok" } else { "unavailable" },
+            "version": self.build.version,
+            "git_sha": self.build.git_sha,
+            "generation": null,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "features": {
+                "store": {"backend": self.store.backend(), "reachable": store_ok},
+                "deployments": self.cache.watch_mode(),
+                "worlds": {"loaded": loaded, "failed": failed},
+                "decision_log": self.log.status(),
+                "outbox": "off",
+                "agent": "unconfigured",
+            }
+        });
+        (ready, body)
+    }
+}

@@ -1,0 +1,340 @@
+//! The per-world module cache.
+//!
+//! The decide path reads the deployed version of a world with one lock-free load
+//! (`arc-swap`). A version is loaded by fetching its modules, verifying each one's hash and
+//! compiling it, once: concurrent requests for the same version share one load. A deployment
+//! swaps a world to its new version atomically; every instance learns of deployments at once
+//! through Postgres notifications, and by polling the store when notifications are lost.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::{watch, OnceCell};
+
+use crate::config::CacheConfig;
+use crate::sandbox::Sandbox;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+use crate::worlds::model::WorldModel;
+use crate::worlds::Module;
+
+/// One version of a world, compiled.
+#[derive(Debug)]
+pub struct LoadedVersion {
+    pub world: String,
+    pub version: u64,
+    pub model: WorldModel,
+    pub modules: HashMap<String, Arc<Module>>,
+}
+
+/// Why a version could not be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    #[error("world '{world}' has no version {version}")]
+    NotFound { world: String, version: u64 },
+    #[error("loading world '{world}' version {version} failed: {reason}")]
+    Failed {
+        world: String,
+        version: u64,
+        reason: String,
+    },
+}
+
+/// How the cache learns of deployments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Watch {
+    /// Postgres notifications, with polling behind them.
+    Listening,
+    /// Polling only (SQLite, listening disabled, or the listener is down).
+    Polling,
+}
+
+type Slot = Arc<OnceCell<Arc<LoadedVersion>>>;
+
+pub struct Cache {
+    store: Store,
+    sandbox: Arc<Sandbox>,
+    metrics: Arc<Metrics>,
+    config: CacheConfig,
+    /// The deployed version of every world: read lock-free on the decide path, replaced
+    /// whole by `refresh`.
+    deployed: ArcSwap<HashMap<String, Arc<LoadedVersion>>>,
+    /// Loads in progress or done, by (world, version); a slot is shared by every request
+    /// that needs the version while it loads.
+    versions: Mutex<HashMap<(String, u64), Slot>>,
+    /// Deployed worlds whose version failed to load, with the reason.
+    failed: Mutex<BTreeMap<String, String>>,
+    /// Serializes refreshes so that two never race to swap the same world.
+    refreshing: tokio::sync::Mutex<()>,
+    watch: Mutex<Watch>,
+}
+
+impl Cache {
+    pub fn new(
+        store: Store,
+        sandbox: Arc<Sandbox>,
+        metrics: Arc<Metrics>,
+        config: CacheConfig,
+    ) -> Self {
+        Self {
+            store,
+            sandbox,
+            metrics,
+            config,
+            deployed: ArcSwap::from_pointee(HashMap::new()),
+            versions: Mutex::new(HashMap::new()),
+            failed: Mutex::new(BTreeMap::new()),
+            refreshing: tokio::sync::Mutex::new(()),
+            watch: Mutex::new(Watch::Polling),
+        }
+    }
+
+    /// The deployed version of a world, if it is loaded. Lock-free.
+    pub fn deployed(&self, world: &str) -> Option<Arc<LoadedVersion>> {
+        self.deployed.load().get(world).cloned()
+    }
+
+    /// A specific version of a world, loading it on a miss.
+    pub async fn version(
+        &self,
+        world: &str,
+        version: u64,
+    ) -> Result<Arc<LoadedVersion>, LoadError> {
+        if let Some(v) = self.deployed(world).filter(|v| v.version == version) {
+            return Ok(v);
+        }
+        let slot = {
+            let mut versions = self
+                .versions
+                .lock()
+                .map_err(|_| failed(world, version, "cache lock poisoned"))?;
+            if versions.len() >= self.config.max_pinned_versions {
+                self.evict(&mut versions);
+            }
+            versions
+                .entry((world.to_string(), version))
+                .or_default()
+                .clone()
+        };
+        let loaded = slot
+            .get_or_try_init(|| self.load(world, version))
+            .await
+            .cloned();
+        if loaded.is_err() {
+            // A failed load is retried by the next request rather than remembered.
+            if let Ok(mut versions) = self.versions.lock() {
+                versions.remove(&(world.to_string(), version));
+            }
+        }
+        loaded
+    }
+
+    /// Drop cached versions that are not deployed, to stay within the configured bound.
+    fn evict(&self, versions: &mut HashMap<(String, u64), Slot>) {
+        let deployed = self.deployed.load();
+        versions.retain(|(world, version), _| {
+            deployed.get(world).is_some_and(|v| v.version == *version)
+        });
+    }
+
+    async fn load(&self, world: &str, version: u64) -> Result<Arc<LoadedVersion>, LoadError> {
+        let result = self.load_uncounted(world, version).await;
+        self.metrics.cache_load(result.is_ok());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "world version failed to load");
+        } else {
+            tracing::info!(world, version, "world version loaded");
+        }
+        result
+    }
+
+    async fn load_uncounted(
+        &self,
+        world: &str,
+        version: u64,
+    ) -> Result<Arc<LoadedVersion>, LoadError> {
+        let record = self
+            .store
+            .version(world, version)
+            .await
+            .map_err(|e| failed(world, version, &e.to_string()))?
+            .ok_or_else(|| LoadError::NotFound {
+                world: world.to_string(),
+                version,
+            })?;
+        let model: WorldModel = serde_json::from_value(record.model).map_err(|e| {
+            failed(
+                world,
+                version,
+                &format!("stored model does not decode: {e}"),
+            )
+        })?;
+        let mut sources = Vec::with_capacity(record.modules.len());
+        for (action, hash) in record.modules {
+            let bytes = self
+                .store
+                .module(&hash)
+                .await
+                .map_err(|e| failed(world, version, &e.to_string()))?
+                .ok_or_else(|| failed(world, version, &format!("module {hash} is missing")))?;
+            sources.push((action, hash, bytes));
+        }
+        // Verifying hashes and compiling is CPU work of milliseconds: keep it off the
+        // threads that serve requests.
+        let sandbox = self.sandbox.clone();
+        let (w, v) = (world.to_string(), version);
+        let modules = tokio::task::spawn_blocking(move || {
+            let mut modules = HashMap::new();
+            for (action, hash, bytes) in sources {
+                let module = Module::load(&bytes, &hash, v, &sandbox)
+                    .map_err(|e| failed(&w, v, &format!("action '{action}': {e}")))?;
+                modules.insert(action, Arc::new(module));
+            }
+            Ok::<_, LoadError>(modules)
+        })
+        .await
+        .map_err(|e| failed(world, version, &format!("compile task failed: {e}")))??;
+        Ok(Arc::new(LoadedVersion {
+            world: world.to_string(),
+            version,
+            model,
+            modules,
+        }))
+    }
+
+    /// Bring every world to its deployed version, swapping atomically per refresh. Worlds
+    /// already at their version are untouched.
+    pub async fn refresh(&self) -> Result<(), crate::store::StoreError> {
+        let _guard = self.refreshing.lock().await;
+        let deployed = self.store.deployed().await?;
+        let current = self.deployed.load_full();
+        let mut next: HashMap<String, Arc<LoadedVersion>> = (*current).clone();
+        let mut changed = false;
+        for (world, version) in deployed {
+            if current.get(&world).is_some_and(|v| v.version == version) {
+                continue;
+            }
+            match self.version(&world, version).await {
+                Ok(loaded) => {
+                    tracing::info!(world, version, "serving deployed version");
+                    next.insert(world.clone(), loaded);
+                    changed = true;
+                    if let Ok(mut failed) = self.failed.lock() {
+                        failed.remove(&world);
+                    }
+                }
+                Err(e) => {
+                    if let Ok(mut failed) = self.failed.lock() {
+                        failed.insert(world.clone(), e.to_string());
+                    }
+                }
+            }
+        }
+        if changed {
+            self.deployed.store(Arc::new(next));
+        }
+        Ok(())
+    }
+
+    /// Whether every deployed world is loaded: the readiness condition.
+    pub fn all_loaded(&self) -> bool {
+        self.failed.lock().map(|f| f.is_empty()).unwrap_or(false)
+    }
+
+    /// Worlds served, with their versions.
+    pub fn loaded(&self) -> BTreeMap<String, u64> {
+        self.deployed
+            .load()
+            .iter()
+            .map(|(w, v)| (w.clone(), v.version))
+            .collect()
+    }
+
+    /// Deployed worlds that failed to load, with the reason.
+    pub fn failures(&self) -> BTreeMap<String, String> {
+        self.failed.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    pub fn watch_mode(&self) -> Watch {
+        self.watch.lock().map(|w| *w).unwrap_or(Watch::Polling)
+    }
+
+    fn set_watch(&self, mode: Watch) {
+        if let Ok(mut w) = self.watch.lock() {
+            if *w != mode {
+                tracing::info!(mode = ?mode, "deployment watch changed");
+                *w = mode;
+            }
+        }
+    }
+
+    /// Keep the cache current until `stop` turns true: listen for notifications where the
+    /// store has them (reconnecting with backoff when the connection drops) and poll every
+    /// `poll_interval` regardless, because a notification can be lost.
+    pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let poll = self.config.poll_interval;
+        let mut listener = None;
+        let mut retry_at = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            if listener.is_none() && self.config.listen && tokio::time::Instant::now() >= retry_at {
+                match self.store.listen_deployments().await {
+                    Ok(Some(l)) => {
+                        listener = Some(l);
+                        backoff = Duration::from_millis(250);
+                        self.set_watch(Watch::Listening);
+                        // Anything deployed while we were not listening.
+                        self.refresh_logged().await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for deployments; polling");
+                        retry_at = tokio::time::Instant::now() + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => Some(l.next().await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.changed() => break,
+                n = notified => match n {
+                    Some(Ok(world)) => {
+                        tracing::debug!(world, "deployment notification");
+                        self.refresh_logged().await;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "deployment listener lost; polling");
+                        listener = None;
+                        self.set_watch(Watch::Polling);
+                        retry_at = tokio::time::Instant::now() + backoff;
+                    }
+                    None => {}
+                },
+                _ = tokio::time::sleep(poll) => self.refresh_logged().await,
+            }
+        }
+    }
+
+    async fn refresh_logged(&self) {
+        if let Err(e) = self.refresh().await {
+            tracing::warn!(error = %e, "refreshing deployments failed");
+        }
+    }
+}
+
+fn failed(world: &str, version: u64, reason: &str) -> LoadError {
+    LoadError::Failed {
+        world: world.to_string(),
+        version,
+        reason: reason.to_string(),
+    }
+}

@@ -1,0 +1,170 @@
+//! The decision log: every decision is queued here and written by one background task in
+//! batches (group commit), off the request's critical path.
+//!
+//! What happens when the writer cannot keep up is configured: wait briefly for room, or drop
+//! at once. Every drop is counted in metrics and on `/health`; nothing is dropped silently.
+//! Records still queued when the process is killed are lost; a graceful shutdown writes them.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{DecisionLogConfig, Overflow};
+use crate::store::{NewDecision, Store};
+use crate::telemetry::Metrics;
+
+/// Attempts to write one batch before its records are counted as lost.
+const WRITE_ATTEMPTS: u32 = 3;
+
+/// The sending side, shared by every request.
+pub struct DecisionLog {
+    /// Requests send; the writer task receives.
+    tx: mpsc::Sender<NewDecision>,
+    /// The supervisor signals once, after the HTTP server has drained; the writer then
+    /// writes what is queued and exits.
+    stop: watch::Sender<bool>,
+    overflow: Overflow,
+    capacity: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// What `/health` shows of the log.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogStatus {
+    pub queue_depth: u64,
+    pub capacity: usize,
+    pub overflow: &'static str,
+    pub dropped: u64,
+    pub written: u64,
+    pub write_errors: u64,
+}
+
+impl DecisionLog {
+    /// Start the writer task on the current runtime.
+    pub fn start(
+        store: Store,
+        config: &DecisionLogConfig,
+        metrics: Arc<Metrics>,
+    ) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(config.capacity);
+        let (stop, stopped) = watch::channel(false);
+        let writer = tokio::spawn(write_loop(
+            store,
+            rx,
+            stopped,
+            config.batch_size,
+            metrics.clone(),
+        ));
+        (
+            Self {
+                tx,
+                stop,
+                overflow: config.overflow,
+                capacity: config.capacity,
+                metrics,
+            },
+            writer,
+        )
+    }
+
+    /// Queue a decision record, waiting or dropping as configured when the queue is full.
+    pub async fn record(&self, decision: NewDecision) {
+        let queued = match self.tx.try_send(decision) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(decision)) => match self.overflow {
+                Overflow::Drop => false,
+                Overflow::Block(wait) => {
+                    matches!(
+                        tokio::time::timeout(wait, self.tx.send(decision)).await,
+                        Ok(Ok(()))
+                    )
+                }
+            },
+        };
+        if queued {
+            self.metrics.decision_log_queued.fetch_add(1, Relaxed);
+        } else {
+            self.metrics.decision_log_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Ask the writer to write what is queued and stop.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    pub fn status(&self) -> LogStatus {
+        LogStatus {
+            queue_depth: self.metrics.decision_log_queued.load(Relaxed),
+            capacity: self.capacity,
+            overflow: match self.overflow {
+                Overflow::Block(_) => "block",
+                Overflow::Drop => "drop",
+            },
+            dropped: self.metrics.decision_log_dropped.load(Relaxed),
+            written: self.metrics.decision_log_written.load(Relaxed),
+            write_errors: self.metrics.decision_log_write_errors.load(Relaxed),
+        }
+    }
+}
+
+async fn write_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<NewDecision>,
+    mut stopped: watch::Receiver<bool>,
+    batch_size: usize,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch = Vec::with_capacity(batch_size);
+    loop {
+        tokio::select! {
+            biased;
+            n = rx.recv_many(&mut batch, batch_size) => {
+                if n == 0 {
+                    break;
+                }
+                write(&store, &mut batch, &metrics).await;
+            }
+            _ = stopped.changed() => {
+                // Everything queued before the stop is written, batch by batch.
+                rx.close();
+                while rx.recv_many(&mut batch, batch_size).await > 0 {
+                    write(&store, &mut batch, &metrics).await;
+                }
+                break;
+            }
+        }
+    }
+    tracing::debug!("decision log writer stopped");
+}
+
+async fn write(store: &Store, batch: &mut Vec<NewDecision>, metrics: &Metrics) {
+    let n = batch.len() as u64;
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=WRITE_ATTEMPTS {
+        match store.append_decisions(batch).await {
+            Ok(()) => {
+                metrics.decision_log_written.fetch_add(n, Relaxed);
+                break;
+            }
+            Err(e) if attempt < WRITE_ATTEMPTS => {
+                tracing::warn!(error = %e, attempt, records = n, "decision log write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 4;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, records = n, "decision log write failed; records lost");
+                metrics.decision_log_write_errors.fetch_add(n, Relaxed);
+            }
+        }
+    }
+    metrics
+        .decision_log_queued
+        .fetch_sub(n.min(metrics.decision_log_queued.load(Relaxed)), Relaxed);
+    batch.clear();
+}

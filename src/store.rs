@@ -1,0 +1,654 @@
+//! Durable state behind one seam with two backends: SQLite (the embedded default, a file in a
+//! data directory) and PostgreSQL (`DATABASE_URL=postgres://…`, Supabase-compatible).
+//!
+//! **Boundary:** the only module that contains SQL or names `sqlx` types. All SQL for Postgres
+//! is in `store/postgres.rs`, all SQL for SQLite in `store/sqlite.rs`; this file holds the
+//! shared types and the dispatch. Callers never see which backend they talk to, except through
+//! [`Store::backend`] for reporting.
+//!
+//! **Invariants:** world-model versions are immutable once published; modules are write-once,
+//! addressed by the sha256 of their content; each world's decision records form a hash chain
+//! (every record carries the hash of the previous record of its world), appended under a
+//! per-world lock so that several API instances on one Postgres extend one chain.
+
+mod postgres;
+mod sqlite;
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// How to reach the store.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// `postgres://…` to use PostgreSQL; `None` for SQLite under `data_dir`.
+    pub database_url: Option<String>,
+    /// Where the SQLite database lives (`spectral.db` inside it).
+    pub data_dir: PathBuf,
+    /// Connections in the pool.
+    pub max_connections: u32,
+    /// Apply pending migrations when connecting.
+    pub migrate_on_start: bool,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    // The URL may carry a password: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field(
+                "database_url",
+                &self.database_url.as_ref().map(|_| "<redacted>"),
+            )
+            .field("data_dir", &self.data_dir)
+            .field("max_connections", &self.max_connections)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            data_dir: PathBuf::from("data"),
+            max_connections: 8,
+            migrate_on_start: true,
+        }
+    }
+}
+
+/// Which backend a store uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The thing asked for does not exist (a world, a version).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The change conflicts with what is stored (a duplicate key id, …).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database could not be reached or answered with an error.
+    #[error("database error: {0}")]
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Applying migrations failed.
+    #[error("migration failed: {0}")]
+    Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Stored data could not be decoded.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// A scope an API key may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Decide,
+    Read,
+    Author,
+    Deploy,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Self::Decide, Self::Read, Self::Author, Self::Deploy];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Decide => "decide",
+            Self::Read => "read",
+            Self::Author => "author",
+            Self::Deploy => "deploy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// A new API key to store. Only the sha256 of the secret is ever stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKey {
+    /// Public identifier (shown in logs and decision records).
+    pub id: String,
+    /// Lower-case hex sha256 of the secret.
+    pub secret_hash: String,
+    /// The one world the key is bound to; `None` for an operator key (all worlds).
+    pub world: Option<String>,
+    pub scopes: Vec<Scope>,
+    pub label: String,
+}
+
+/// A stored API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub world: Option<String>,
+    pub scopes: Vec<Scope>,
+    pub label: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A module to store with a new version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewModule {
+    pub action: String,
+    /// `sha256:<hex>` of `content`.
+    pub hash: String,
+    /// The canonical module source.
+    pub content: Vec<u8>,
+}
+
+/// A version to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewVersion {
+    pub world: String,
+    /// The whole world model as JSON.
+    pub model: serde_json::Value,
+    pub modules: Vec<NewModule>,
+    /// Who published it (a key id).
+    pub published_by: String,
+}
+
+/// A published version, summarised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VersionSummary {
+    pub version: u64,
+    pub published_at: DateTime<Utc>,
+    pub published_by: String,
+}
+
+/// A published version in full.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VersionRecord {
+    pub world: String,
+    pub version: u64,
+    pub model: serde_json::Value,
+    /// `(action, module hash)` in the model's action order.
+    pub modules: Vec<(String, String)>,
+    pub published_at: DateTime<Utc>,
+    pub published_by: String,
+}
+
+/// One deployment in a world's history. Rollback is a deployment of an older version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Deployment {
+    /// Increases with every deployment of the world.
+    pub seq: u64,
+    pub version: u64,
+    pub deployed_at: DateTime<Utc>,
+    pub deployed_by: String,
+}
+
+/// A world in the list of worlds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorldSummary {
+    pub world: String,
+    pub deployed_version: Option<u64>,
+    pub latest_version: Option<u64>,
+}
+
+/// A world in detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorldDetail {
+    pub world: String,
+    pub deployed_version: Option<u64>,
+    pub has_draft: bool,
+    /// Oldest first.
+    pub versions: Vec<VersionSummary>,
+    /// Oldest first.
+    pub deployments: Vec<Deployment>,
+}
+
+/// A decision to record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewDecision {
+    pub decision_id: String,
+    pub world: String,
+    pub version: u64,
+    pub action: String,
+    pub module_hash: String,
+    pub status: String,
+    /// The matched rules as the decision reported them.
+    pub matched_rules: serde_json::Value,
+    /// The key id that asked.
+    pub caller: String,
+    pub correlation_id: Option<String>,
+    /// `sha256:<hex>` of the context the caller sent.
+    pub context_digest: String,
+    pub decided_at: DateTime<Utc>,
+}
+
+/// A recorded decision, with its place in its world's chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    /// 1, 2, 3 … within the world.
+    pub seq: u64,
+    #[serde(flatten)]
+    pub decision: NewDecision,
+    /// The previous record's hash (`GENESIS` for the first).
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// The `prev_hash` of a world's first decision record.
+pub const GENESIS: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The hash of a decision record: sha256 over the previous hash, the sequence number and
+/// the canonical JSON of the decision. Both backends and the auditor use this one function.
+pub fn chain_hash(prev_hash: &str, seq: u64, decision: &NewDecision) -> String {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(b"\n");
+    h.update(seq.to_string().as_bytes());
+    h.update(b"\n");
+    // Serializing a struct of strings, numbers and a JSON value cannot fail.
+    h.update(serde_json::to_vec(decision).unwrap_or_default());
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// Notifications that some world's deployment changed, pushed by Postgres `LISTEN`.
+pub struct DeploymentListener {
+    inner: postgres::Listener,
+}
+
+impl DeploymentListener {
+    /// Wait for the next notification; the payload is the world's slug. An error means the
+    /// connection was lost: callers fall back to polling and listen again later.
+    pub async fn next(&mut self) -> Result<String, StoreError> {
+        self.inner.next().await
+    }
+}
+
+/// The store: a pool for one backend.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $body:expr) => {
+        match $self {
+            Store::Sqlite($s) => $body,
+            Store::Postgres($s) => $body,
+        }
+    };
+}
+
+impl Store {
+    /// Connect as configured (and migrate when `migrate_on_start`).
+    pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
+        let store = match &config.database_url {
+            Some(url) => {
+                Store::Postgres(postgres::PgStore::connect(url, config.max_connections).await?)
+            }
+            None => Store::Sqlite(
+                sqlite::SqliteStore::open(&config.data_dir, config.max_connections).await?,
+            ),
+        };
+        if config.migrate_on_start {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Store::Sqlite(_) => Backend::Sqlite,
+            Store::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Apply pending forward-only migrations.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.migrate().await)
+    }
+
+    /// Check the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    /// Close the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        dispatch!(self, s => s.close().await)
+    }
+
+    /// Replace a world's draft (creating the world on first use).
+    pub async fn put_draft(
+        &self,
+        world: &str,
+        model: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_draft(world, model).await)
+    }
+
+    pub async fn draft(&self, world: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        dispatch!(self, s => s.draft(world).await)
+    }
+
+    /// Store a new version as the world's latest number + 1, with its modules (write-once:
+    /// a module already stored under its hash is kept as it is), in one transaction. Returns
+    /// the new version number.
+    pub async fn publish(&self, version: &NewVersion) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.publish(version).await)
+    }
+
+    /// Make `version` the deployed version of `world` and append it to the history, in one
+    /// transaction; on Postgres, `NOTIFY` every instance. `NotFound` when the version does not
+    /// exist.
+    pub async fn deploy(
+        &self,
+        world: &str,
+        version: u64,
+        deployed_by: &str,
+    ) -> Result<Deployment, StoreError> {
+        dispatch!(self, s => s.deploy(world, version, deployed_by).await)
+    }
+
+    pub async fn list_worlds(&self) -> Result<Vec<WorldSummary>, StoreError> {
+        dispatch!(self, s => s.list_worlds().await)
+    }
+
+    pub async fn world(&self, world: &str) -> Result<Option<WorldDetail>, StoreError> {
+        dispatch!(self, s => s.world(world).await)
+    }
+
+    pub async fn version(
+        &self,
+        world: &str,
+        version: u64,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        dispatch!(self, s => s.version(world, version).await)
+    }
+
+    /// A module's canonical content by its hash.
+    pub async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        dispatch!(self, s => s.module(hash).await)
+    }
+
+    /// Every world's deployed version.
+    pub async fn deployed(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        dispatch!(self, s => s.deployed().await)
+    }
+
+    /// Listen for deployment notifications; `None` on SQLite, which has no such channel.
+    pub async fn listen_deployments(&self) -> Result<Option<DeploymentListener>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => Ok(Some(DeploymentListener {
+                inner: s.listen().await?,
+            })),
+        }
+    }
+
+    /// `Conflict` when the id is taken.
+    pub async fn create_key(&self, key: &NewKey) -> Result<(), StoreError> {
+        dispatch!(self, s => s.create_key(key).await)
+    }
+
+    pub async fn key_by_hash(&self, secret_hash: &str) -> Result<Option<KeyRecord>, StoreError> {
+        dispatch!(self, s => s.key_by_hash(secret_hash).await)
+    }
+
+    pub async fn has_operator_key(&self) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.has_operator_key().await)
+    }
+
+    /// Append decisions to their worlds' chains in one transaction (group commit). Each
+    /// world's chain head is locked for the transaction, so concurrent writers serialize.
+    pub async fn append_decisions(&self, decisions: &[NewDecision]) -> Result<(), StoreError> {
+        dispatch!(self, s => s.append_decisions(decisions).await)
+    }
+
+    /// A world's decision records with `seq > after`, in order, at most `limit`.
+    pub async fn decisions(
+        &self,
+        world: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<DecisionRecord>, StoreError> {
+        dispatch!(self, s => s.decisions(world, after, limit).await)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers shared by both backends. They hold no SQL; they keep the two backends agreeing on
+// how values are converted, so that a record reads back the same from either.
+
+/// Map a sqlx error: a unique violation is the caller's conflict, anything else the server's.
+fn db_error(e: sqlx::Error) -> StoreError {
+    match e.as_database_error() {
+        Some(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_lowercase()),
+        _ => StoreError::Database(Box::new(e)),
+    }
+}
+
+/// Like [`db_error`], but with a conflict message that names the caller's value instead of
+/// the database's constraint.
+fn db_error_or_conflict(e: sqlx::Error, conflict: impl FnOnce() -> String) -> StoreError {
+    match db_error(e) {
+        StoreError::Conflict(_) => StoreError::Conflict(conflict()),
+        other => other,
+    }
+}
+
+fn migrate_error(e: sqlx::migrate::MigrateError) -> StoreError {
+    StoreError::Migration(Box::new(e))
+}
+
+/// Both databases keep microseconds. Truncating before anything is stored or hashed makes a
+/// stored time read back equal to what was written, so hashes recompute.
+fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+/// The current time as it will be stored.
+fn now() -> DateTime<Utc> {
+    truncate_micros(Utc::now())
+}
+
+/// Micros since the epoch back to a time (SQLite stores times as integer microseconds).
+fn from_micros(micros: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| StoreError::Corrupt(format!("timestamp {micros} µs is out of range")))
+}
+
+/// Version numbers, sequence numbers and limits are `u64` in the API and `BIGINT` in both
+/// databases. A number beyond `i64::MAX` cannot have been stored, so lookups treat it as absent.
+fn to_i64(n: u64) -> Option<i64> {
+    i64::try_from(n).ok()
+}
+
+fn to_u64(n: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{what} {n} is negative")))
+}
+
+fn parse_json(text: &str, what: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn to_json_text(value: &serde_json::Value) -> Result<String, StoreError> {
+    // A `Value` always serializes; the error arm only keeps this free of `unwrap`.
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("json: {e}")))
+}
+
+fn parse_scopes<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Vec<Scope>, StoreError> {
+    items
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| Scope::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown scope '{s}'"))))
+        .collect()
+}
+
+/// A decision in the exact form it is stored in, so that the hash computed before the insert
+/// is the hash an auditor recomputes from what [`Store::decisions`] returns.
+struct StoredDecision {
+    decision: NewDecision,
+    /// `matched_rules` as stored: the text of its JSON. Text rather than `jsonb`, because
+    /// `jsonb` normalizes numbers (`-0.0` becomes `0.0`) and would change the hashed bytes.
+    matched_rules: String,
+    /// `decision.version` as stored.
+    version: i64,
+}
+
+/// The batch grouped by world, in the form it will be stored in. Worlds come out in sorted
+/// order: every writer locks chain heads in that order, so two batches never deadlock.
+fn group_by_world(
+    batch: &[NewDecision],
+) -> Result<std::collections::BTreeMap<&str, Vec<StoredDecision>>, StoreError> {
+    let mut worlds: std::collections::BTreeMap<&str, Vec<StoredDecision>> = Default::default();
+    for d in batch {
+        let matched_rules = to_json_text(&d.matched_rules)?;
+        let decision = NewDecision {
+            // Parsed back from the stored text, because that is what a reader will see.
+            matched_rules: parse_json(&matched_rules, "matched rules")?,
+            decided_at: truncate_micros(d.decided_at),
+            ..d.clone()
+        };
+        worlds
+            .entry(d.world.as_str())
+            .or_default()
+            .push(StoredDecision {
+                version: bigint(d.version, "version")?,
+                decision,
+                matched_rules,
+            });
+    }
+    Ok(worlds)
+}
+
+/// A decision with its place in the chain, ready to insert.
+struct ChainedDecision {
+    record: DecisionRecord,
+    /// `record.seq` as stored.
+    seq: i64,
+    matched_rules: String,
+    version: i64,
+}
+
+/// Extend a chain whose head is `(seq, hash)` (`(0, GENESIS)` for an empty chain) by
+/// `decisions`, in order.
+fn extend_chain(
+    head: (i64, String),
+    decisions: Vec<StoredDecision>,
+) -> Result<Vec<ChainedDecision>, StoreError> {
+    let (mut seq, mut prev_hash) = head;
+    decisions
+        .into_iter()
+        .map(|d| {
+            seq = seq
+                .checked_add(1)
+                .ok_or_else(|| StoreError::Corrupt(format!("chain head seq {seq} cannot grow")))?;
+            let seq_u64 = to_u64(seq, "chain head seq")?;
+            let hash = chain_hash(&prev_hash, seq_u64, &d.decision);
+            let record = DecisionRecord {
+                seq: seq_u64,
+                decision: d.decision,
+                prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
+                hash,
+            };
+            Ok(ChainedDecision {
+                record,
+                seq,
+                matched_rules: d.matched_rules,
+                version: d.version,
+            })
+        })
+        .collect()
+}
+
+/// The modules of a version once each, in hash order: publishers insert shared modules in the
+/// same order, so two concurrent publishes never wait on each other in a cycle.
+fn unique_modules(modules: &[NewModule]) -> Vec<&NewModule> {
+    let mut unique: Vec<&NewModule> = modules.iter().collect();
+    unique.sort_by(|a, b| a.hash.cmp(&b.hash));
+    unique.dedup_by(|a, b| a.hash == b.hash);
+    unique
+}
+
+/// A number the caller gives that must fit a `BIGINT` column.
+fn bigint(n: u64, what: &str) -> Result<i64, StoreError> {
+    to_i64(n).ok_or_else(|| StoreError::Conflict(format!("{what} {n} is too large to store")))
+}
+
+/// How many decision rows one `INSERT` carries: well under both databases' bind-parameter
+/// limits (14 parameters a row), and large enough that a group commit is a few statements.
+const DECISION_ROWS_PER_INSERT: usize = 500;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn unknown_scopes_are_corrupt_data() {
+        assert_eq!(
+            parse_scopes("decide,read".split(',')).unwrap(),
+            vec![Scope::Decide, Scope::Read]
+        );
+        // An empty list is stored as an empty string.
+        assert_eq!(parse_scopes("".split(',')).unwrap(), vec![]);
+        let err = parse_scopes(["decide", "admin"]).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m == "unknown scope 'admin'"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn times_are_truncated_to_microseconds() {
+        let t = DateTime::from_timestamp(1_700_000_000, 123_456_789).unwrap();
+        let stored = truncate_micros(t);
+        assert_eq!(stored.timestamp_subsec_nanos(), 123_456_000);
+        assert_eq!(from_micros(stored.timestamp_micros()).unwrap(), stored);
+        let before_epoch = DateTime::from_timestamp(-1, 999_999_999).unwrap();
+        assert_eq!(
+            truncate_micros(before_epoch),
+            DateTime::from_timestamp(-1, 999_999_000).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_chain_continues_from_its_head() {
+        let d = NewDecision {
+            decision_id: "d".into(),
+            world: "w".into(),
+            version: 1,
+            action: "a".into(),
+            module_hash: "sha256:00".into(),
+            status: "GREEN".into(),
+            matched_rules: serde_json::json!([]),
+            caller: "k".into(),
+            correlation_id: None,
+            context_digest: "sha256:11".into(),
+            decided_at: DateTime::from_timestamp(0, 1).unwrap(),
+        };
+        let batch = [d.clone(), d.clone()];
+        let grouped = group_by_world(&batch).unwrap();
+        let batch = grouped.into_values().next().unwrap();
+        let chained = extend_chain((7, "sha256:head".into()), batch).unwrap();
+        assert_eq!(chained[0].seq, 8);
+        assert_eq!(chained[0].record.prev_hash, "sha256:head");
+        assert_eq!(chained[1].record.prev_hash, chained[0].record.hash);
+        // The hash covers the decision as stored, with its time truncated.
+        let stored = NewDecision {
+            decided_at: DateTime::from_timestamp(0, 0).unwrap(),
+            ..d
+        };
+        assert_eq!(
+            chained[0].record.hash,
+            chain_hash("sha256:head", 8, &stored)
+        );
+    }
+}

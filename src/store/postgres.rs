@@ -1,0 +1,624 @@
+//! All SQL for PostgreSQL: the production store, shared by every API instance, with every
+//! table in schema `core`, and the `LISTEN` side of deployment notifications.
+//!
+//! Several instances write to one database, so every read-then-write locks a row first and
+//! runs at the default READ COMMITTED isolation: a writer that waited for a lock reads what
+//! the previous holder committed. Publishing and deploying lock the world's row; appending
+//! decisions locks each world's chain-head row, worlds in sorted order so that two batches
+//! never wait on each other in a cycle.
+
+use chrono::{DateTime, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::{Postgres, QueryBuilder};
+
+use super::{
+    db_error, db_error_or_conflict, extend_chain, group_by_world, migrate_error, now, parse_json,
+    parse_scopes, to_i64, to_u64, unique_modules, DecisionRecord, Deployment, KeyRecord,
+    NewDecision, NewKey, NewVersion, StoreError, VersionRecord, VersionSummary, WorldDetail,
+    WorldSummary, DECISION_ROWS_PER_INSERT, GENESIS,
+};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The channel `deploy` notifies on commit; the payload is the world's slug.
+const DEPLOYMENTS_CHANNEL: &str = "spectral_deployments";
+
+const DECISION_COLUMNS: &str = "seq, world, decision_id, version, action, module_hash, status, \
+     matched_rules, caller, correlation_id, context_digest, decided_at, prev_hash, hash";
+
+type DecisionRow = (
+    i64,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    DateTime<Utc>,
+    String,
+    String,
+);
+
+/// `id, world, scopes, label, created_at` of `core.api_keys`.
+type KeyRow = (String, Option<String>, Vec<String>, String, DateTime<Utc>);
+
+/// The Postgres backend: a pool over one database.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connect to `url`; fails when the database cannot be reached.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect(url)
+            .await
+            .map_err(db_error)?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        // sqlx holds an advisory lock while it migrates, so instances starting together apply
+        // each migration once.
+        MIGRATOR.run(&self.pool).await.map_err(migrate_error)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(db_error)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Listen for deployment notifications on a connection of its own, outside the pool, so a
+    /// listener never takes a connection that queries need.
+    pub async fn listen(&self) -> Result<Listener, StoreError> {
+        let options = (*self.pool.connect_options()).clone();
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_with(options)
+            .await
+            .map_err(db_error)?;
+        let mut inner = PgListener::connect_with(&pool).await.map_err(db_error)?;
+        inner.listen(DEPLOYMENTS_CHANNEL).await.map_err(db_error)?;
+        Ok(Listener { inner })
+    }
+
+    pub async fn put_draft(
+        &self,
+        world: &str,
+        model: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO core.worlds (slug, draft, created_at) VALUES ($1, $2, $3)
+             ON CONFLICT (slug) DO UPDATE SET draft = excluded.draft",
+        )
+        .bind(world)
+        .bind(model)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    pub async fn draft(&self, world: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let row: Option<(Option<serde_json::Value>,)> =
+            sqlx::query_as("SELECT draft FROM core.worlds WHERE slug = $1")
+                .bind(world)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(row.and_then(|(draft,)| draft))
+    }
+
+    pub async fn publish(&self, version: &NewVersion) -> Result<u64, StoreError> {
+        let world = version.world.as_str();
+        let at = now();
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO core.worlds (slug, created_at) VALUES ($1, $2)
+             ON CONFLICT (slug) DO NOTHING",
+        )
+        .bind(world)
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        // The world's row lock serializes publishers of one world, so no two read the same
+        // latest version.
+        sqlx::query("SELECT 1 FROM core.worlds WHERE slug = $1 FOR UPDATE")
+            .bind(world)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let (next,): (i64,) = sqlx::query_as(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM core.world_versions WHERE world = $1",
+        )
+        .bind(world)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO core.world_versions (world, version, model, published_at, published_by)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(world)
+        .bind(next)
+        .bind(&version.model)
+        .bind(at)
+        .bind(&version.published_by)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        for module in unique_modules(&version.modules) {
+            sqlx::query(
+                "INSERT INTO core.modules (hash, content, created_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (hash) DO NOTHING",
+            )
+            .bind(&module.hash)
+            .bind(&module.content)
+            .bind(at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
+        for (position, module) in (0_i32..).zip(&version.modules) {
+            sqlx::query(
+                "INSERT INTO core.version_modules (world, version, position, action, module_hash)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(world)
+            .bind(next)
+            .bind(position)
+            .bind(&module.action)
+            .bind(&module.hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                db_error_or_conflict(e, || {
+                    format!(
+                        "action '{}' appears twice in the new version of world '{world}'",
+                        module.action
+                    )
+                })
+            })?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        to_u64(next, "version")
+    }
+
+    pub async fn deploy(
+        &self,
+        world: &str,
+        version: u64,
+        deployed_by: &str,
+    ) -> Result<Deployment, StoreError> {
+        let missing = || StoreError::NotFound(format!("world '{world}' version {version}"));
+        let v = to_i64(version).ok_or_else(missing)?;
+        let deployed_at = now();
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        // The world's row lock serializes deployers of one world, so each deployment gets the
+        // next seq and the last committed deployment is the deployed version.
+        let locked: Option<(i32,)> =
+            sqlx::query_as("SELECT 1 FROM core.worlds WHERE slug = $1 FOR UPDATE")
+                .bind(world)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        let exists: Option<(i32,)> =
+            sqlx::query_as("SELECT 1 FROM core.world_versions WHERE world = $1 AND version = $2")
+                .bind(world)
+                .bind(v)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        if locked.is_none() || exists.is_none() {
+            return Err(missing());
+        }
+        let (seq,): (i64,) = sqlx::query_as(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM core.deployments WHERE world = $1",
+        )
+        .bind(world)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        sqlx::query("UPDATE core.worlds SET deployed_version = $2 WHERE slug = $1")
+            .bind(world)
+            .bind(v)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO core.deployments (world, seq, version, deployed_at, deployed_by)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(world)
+        .bind(seq)
+        .bind(v)
+        .bind(deployed_at)
+        .bind(deployed_by)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        // Postgres delivers a notification when (and only if) the transaction commits.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(DEPLOYMENTS_CHANNEL)
+            .bind(world)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Deployment {
+            seq: to_u64(seq, "deployment seq")?,
+            version,
+            deployed_at,
+            deployed_by: deployed_by.to_owned(),
+        })
+    }
+
+    pub async fn list_worlds(&self) -> Result<Vec<WorldSummary>, StoreError> {
+        // COLLATE "C" sorts by bytes, as SQLite does, whatever the database's locale.
+        let rows: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
+            r#"SELECT w.slug, w.deployed_version,
+                      (SELECT MAX(v.version) FROM core.world_versions v WHERE v.world = w.slug)
+               FROM core.worlds w ORDER BY w.slug COLLATE "C""#,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter()
+            .map(|(world, deployed, latest)| {
+                Ok(WorldSummary {
+                    world,
+                    deployed_version: deployed.map(|v| to_u64(v, "version")).transpose()?,
+                    latest_version: latest.map(|v| to_u64(v, "version")).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn world(&self, world: &str) -> Result<Option<WorldDetail>, StoreError> {
+        // One snapshot for the three reads.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(db_error)?;
+        let row: Option<(Option<i64>, bool)> = sqlx::query_as(
+            "SELECT deployed_version, draft IS NOT NULL FROM core.worlds WHERE slug = $1",
+        )
+        .bind(world)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let Some((deployed, has_draft)) = row else {
+            return Ok(None);
+        };
+        let versions: Vec<(i64, DateTime<Utc>, String)> = sqlx::query_as(
+            "SELECT version, published_at, published_by FROM core.world_versions
+             WHERE world = $1 ORDER BY version",
+        )
+        .bind(world)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let deployments: Vec<(i64, i64, DateTime<Utc>, String)> = sqlx::query_as(
+            "SELECT seq, version, deployed_at, deployed_by FROM core.deployments
+             WHERE world = $1 ORDER BY seq",
+        )
+        .bind(world)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Some(WorldDetail {
+            world: world.to_owned(),
+            deployed_version: deployed.map(|v| to_u64(v, "version")).transpose()?,
+            has_draft,
+            versions: versions
+                .into_iter()
+                .map(|(version, published_at, published_by)| {
+                    Ok(VersionSummary {
+                        version: to_u64(version, "version")?,
+                        published_at,
+                        published_by,
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?,
+            deployments: deployments
+                .into_iter()
+                .map(|(seq, version, deployed_at, deployed_by)| {
+                    Ok(Deployment {
+                        seq: to_u64(seq, "deployment seq")?,
+                        version: to_u64(version, "version")?,
+                        deployed_at,
+                        deployed_by,
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?,
+        }))
+    }
+
+    pub async fn version(
+        &self,
+        world: &str,
+        version: u64,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        let Some(v) = to_i64(version) else {
+            return Ok(None);
+        };
+        // A version and its modules are written in one transaction and never change, so two
+        // plain reads agree without a snapshot.
+        let row: Option<(serde_json::Value, DateTime<Utc>, String)> = sqlx::query_as(
+            "SELECT model, published_at, published_by FROM core.world_versions
+             WHERE world = $1 AND version = $2",
+        )
+        .bind(world)
+        .bind(v)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let Some((model, published_at, published_by)) = row else {
+            return Ok(None);
+        };
+        let modules: Vec<(String, String)> = sqlx::query_as(
+            "SELECT action, module_hash FROM core.version_modules
+             WHERE world = $1 AND version = $2 ORDER BY position",
+        )
+        .bind(world)
+        .bind(v)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(Some(VersionRecord {
+            world: world.to_owned(),
+            version,
+            model,
+            modules,
+            published_at,
+            published_by,
+        }))
+    }
+
+    pub async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT content FROM core.modules WHERE hash = $1")
+                .bind(hash)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(row.map(|(content,)| content))
+    }
+
+    pub async fn deployed(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            r#"SELECT slug, deployed_version FROM core.worlds
+               WHERE deployed_version IS NOT NULL ORDER BY slug COLLATE "C""#,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter()
+            .map(|(world, v)| Ok((world, to_u64(v, "version")?)))
+            .collect()
+    }
+
+    pub async fn create_key(&self, key: &NewKey) -> Result<(), StoreError> {
+        let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO core.api_keys (id, secret_hash, world, scopes, label, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&key.id)
+        .bind(&key.secret_hash)
+        .bind(&key.world)
+        .bind(scopes)
+        .bind(&key.label)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            db_error_or_conflict(e, || {
+                format!("api key '{}' or its secret already exists", key.id)
+            })
+        })?;
+        Ok(())
+    }
+
+    pub async fn key_by_hash(&self, secret_hash: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(
+            "SELECT id, world, scopes, label, created_at FROM core.api_keys
+                 WHERE secret_hash = $1",
+        )
+        .bind(secret_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.map(|(id, world, scopes, label, created_at)| {
+            Ok(KeyRecord {
+                id,
+                world,
+                scopes: parse_scopes(scopes.iter().map(String::as_str))?,
+                label,
+                created_at,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn has_operator_key(&self) -> Result<bool, StoreError> {
+        let (exists,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM core.api_keys WHERE world IS NULL)")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(exists)
+    }
+
+    pub async fn append_decisions(&self, decisions: &[NewDecision]) -> Result<(), StoreError> {
+        if decisions.is_empty() {
+            return Ok(());
+        }
+        let worlds = group_by_world(decisions)?;
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        for (world, batch) in worlds {
+            // Make sure the head row exists, then lock it until commit: a writer on any
+            // instance that reaches this point for the same world waits here, and then reads
+            // the head this transaction committed.
+            sqlx::query(
+                "INSERT INTO core.decision_chain_heads (world, seq, hash) VALUES ($1, 0, $2)
+                 ON CONFLICT (world) DO NOTHING",
+            )
+            .bind(world)
+            .bind(GENESIS)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            let head: (i64, String) = sqlx::query_as(
+                "SELECT seq, hash FROM core.decision_chain_heads WHERE world = $1 FOR UPDATE",
+            )
+            .bind(world)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            let chained = extend_chain(head, batch)?;
+            for chunk in chained.chunks(DECISION_ROWS_PER_INSERT) {
+                let mut insert: QueryBuilder<Postgres> =
+                    QueryBuilder::new(format!("INSERT INTO core.decisions ({DECISION_COLUMNS}) "));
+                insert.push_values(chunk, |mut row, c| {
+                    let d = &c.record.decision;
+                    row.push_bind(c.seq)
+                        .push_bind(d.world.as_str())
+                        .push_bind(d.decision_id.as_str())
+                        .push_bind(c.version)
+                        .push_bind(d.action.as_str())
+                        .push_bind(d.module_hash.as_str())
+                        .push_bind(d.status.as_str())
+                        .push_bind(c.matched_rules.as_str())
+                        .push_bind(d.caller.as_str())
+                        .push_bind(d.correlation_id.as_deref())
+                        .push_bind(d.context_digest.as_str())
+                        .push_bind(d.decided_at)
+                        .push_bind(c.record.prev_hash.as_str())
+                        .push_bind(c.record.hash.as_str());
+                });
+                insert.build().execute(&mut *tx).await.map_err(|e| {
+                    db_error_or_conflict(e, || {
+                        format!(
+                            "a decision id in the batch for world '{world}' is already recorded"
+                        )
+                    })
+                })?;
+            }
+            if let Some(last) = chained.last() {
+                sqlx::query(
+                    "UPDATE core.decision_chain_heads SET seq = $2, hash = $3 WHERE world = $1",
+                )
+                .bind(world)
+                .bind(last.seq)
+                .bind(&last.record.hash)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            }
+        }
+        tx.commit().await.map_err(db_error)
+    }
+
+    pub async fn decisions(
+        &self,
+        world: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<DecisionRecord>, StoreError> {
+        // Nothing lies beyond the largest storable seq.
+        let Some(after) = to_i64(after) else {
+            return Ok(Vec::new());
+        };
+        let rows: Vec<DecisionRow> = sqlx::query_as(&format!(
+            "SELECT {DECISION_COLUMNS} FROM core.decisions
+             WHERE world = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        ))
+        .bind(world)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter().map(decision_record).collect()
+    }
+}
+
+fn decision_record(row: DecisionRow) -> Result<DecisionRecord, StoreError> {
+    let (
+        seq,
+        world,
+        decision_id,
+        version,
+        action,
+        module_hash,
+        status,
+        matched_rules,
+        caller,
+        correlation_id,
+        context_digest,
+        decided_at,
+        prev_hash,
+        hash,
+    ) = row;
+    Ok(DecisionRecord {
+        seq: to_u64(seq, "decision seq")?,
+        decision: NewDecision {
+            matched_rules: parse_json(
+                &matched_rules,
+                &format!("matched rules of decision '{decision_id}'"),
+            )?,
+            decision_id,
+            world,
+            version: to_u64(version, "version")?,
+            action,
+            module_hash,
+            status,
+            caller,
+            correlation_id,
+            context_digest,
+            decided_at,
+        },
+        prev_hash,
+        hash,
+    })
+}
+
+/// Deployment notifications from Postgres `LISTEN`, on a connection of their own.
+pub struct Listener {
+    inner: PgListener,
+}
+
+impl Listener {
+    /// The next notified world slug. A lost connection is an error even though the listener
+    /// reconnects, because notifications sent meanwhile are gone and the caller must poll.
+    pub async fn next(&mut self) -> Result<String, StoreError> {
+        match self.inner.try_recv().await {
+            Ok(Some(notification)) => Ok(notification.payload().to_owned()),
+            Ok(None) => Err(StoreError::Database(
+                "the notification connection was lost; notifications may have been missed".into(),
+            )),
+            Err(e) => Err(db_error(e)),
+        }
+    }
+}

@@ -1,0 +1,567 @@
+//! All SQL for SQLite: the embedded store, one database file (`spectral.db`) in the data
+//! directory, so that the service runs with no database server to install.
+//!
+//! SQLite admits one writer at a time. Every write that reads first (the next version number,
+//! the next deployment, a chain head) runs in a `BEGIN IMMEDIATE` transaction, which takes the
+//! write lock before the read: a second writer waits (`busy_timeout`) instead of reading the
+//! same head and then failing to upgrade its lock. This holds across pools and processes on
+//! one file, because the lock is SQLite's own.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{QueryBuilder, Sqlite};
+
+use super::{
+    db_error, db_error_or_conflict, extend_chain, from_micros, group_by_world, migrate_error, now,
+    parse_json, parse_scopes, to_i64, to_json_text, to_u64, unique_modules, DecisionRecord,
+    Deployment, KeyRecord, NewDecision, NewKey, NewVersion, StoreError, VersionRecord,
+    VersionSummary, WorldDetail, WorldSummary, DECISION_ROWS_PER_INSERT, GENESIS,
+};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a writer waits for another connection's write transaction before giving up. Write
+/// transactions here last milliseconds; a few seconds absorbs a burst of them.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Starts a transaction that holds the write lock from its first statement.
+const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+
+const DECISION_COLUMNS: &str = "seq, world, decision_id, version, action, module_hash, status, \
+     matched_rules, caller, correlation_id, context_digest, decided_at, prev_hash, hash";
+
+type DecisionRow = (
+    i64,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+    String,
+    String,
+);
+
+/// The SQLite backend: a pool over one database file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Open (creating when missing) `spectral.db` in `data_dir`, creating the directory too.
+    pub async fn open(data_dir: &Path, max_connections: u32) -> Result<Self, StoreError> {
+        tokio::fs::create_dir_all(data_dir).await.map_err(|e| {
+            StoreError::Database(Box::new(std::io::Error::new(
+                e.kind(),
+                format!("cannot create data directory {}: {e}", data_dir.display()),
+            )))
+        })?;
+        let options = SqliteConnectOptions::new()
+            .filename(data_dir.join("spectral.db"))
+            .create_if_missing(true)
+            // WAL lets readers proceed while a writer commits; the default `synchronous=FULL`
+            // is kept so that a committed decision record survives a power cut.
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options)
+            .await
+            .map_err(db_error)?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await.map_err(migrate_error)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(db_error)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub async fn put_draft(
+        &self,
+        world: &str,
+        model: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO worlds (slug, draft, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (slug) DO UPDATE SET draft = excluded.draft",
+        )
+        .bind(world)
+        .bind(to_json_text(model)?)
+        .bind(now().timestamp_micros())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    pub async fn draft(&self, world: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT draft FROM worlds WHERE slug = ?1")
+                .bind(world)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+        row.and_then(|(draft,)| draft)
+            .map(|text| parse_json(&text, &format!("draft of world '{world}'")))
+            .transpose()
+    }
+
+    pub async fn publish(&self, version: &NewVersion) -> Result<u64, StoreError> {
+        let world = version.world.as_str();
+        let at = now().timestamp_micros();
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO worlds (slug, created_at) VALUES (?1, ?2) ON CONFLICT (slug) DO NOTHING",
+        )
+        .bind(world)
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let (next,): (i64,) = sqlx::query_as(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM world_versions WHERE world = ?1",
+        )
+        .bind(world)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO world_versions (world, version, model, published_at, published_by)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(world)
+        .bind(next)
+        .bind(to_json_text(&version.model)?)
+        .bind(at)
+        .bind(&version.published_by)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        for module in unique_modules(&version.modules) {
+            sqlx::query(
+                "INSERT INTO modules (hash, content, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (hash) DO NOTHING",
+            )
+            .bind(&module.hash)
+            .bind(&module.content)
+            .bind(at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
+        for (position, module) in (0_i64..).zip(&version.modules) {
+            sqlx::query(
+                "INSERT INTO version_modules (world, version, position, action, module_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .bind(world)
+            .bind(next)
+            .bind(position)
+            .bind(&module.action)
+            .bind(&module.hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                db_error_or_conflict(e, || {
+                    format!(
+                        "action '{}' appears twice in the new version of world '{world}'",
+                        module.action
+                    )
+                })
+            })?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        to_u64(next, "version")
+    }
+
+    pub async fn deploy(
+        &self,
+        world: &str,
+        version: u64,
+        deployed_by: &str,
+    ) -> Result<Deployment, StoreError> {
+        let missing = || StoreError::NotFound(format!("world '{world}' version {version}"));
+        let v = to_i64(version).ok_or_else(missing)?;
+        let deployed_at = now();
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_error)?;
+        let exists: Option<(i64,)> =
+            sqlx::query_as("SELECT 1 FROM world_versions WHERE world = ?1 AND version = ?2")
+                .bind(world)
+                .bind(v)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        if exists.is_none() {
+            return Err(missing());
+        }
+        let (seq,): (i64,) =
+            sqlx::query_as("SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments WHERE world = ?1")
+                .bind(world)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        sqlx::query("UPDATE worlds SET deployed_version = ?2 WHERE slug = ?1")
+            .bind(world)
+            .bind(v)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO deployments (world, seq, version, deployed_at, deployed_by)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(world)
+        .bind(seq)
+        .bind(v)
+        .bind(deployed_at.timestamp_micros())
+        .bind(deployed_by)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Deployment {
+            seq: to_u64(seq, "deployment seq")?,
+            version,
+            deployed_at,
+            deployed_by: deployed_by.to_owned(),
+        })
+    }
+
+    pub async fn list_worlds(&self) -> Result<Vec<WorldSummary>, StoreError> {
+        let rows: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT w.slug, w.deployed_version,
+                    (SELECT MAX(v.version) FROM world_versions v WHERE v.world = w.slug)
+             FROM worlds w ORDER BY w.slug",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter()
+            .map(|(world, deployed, latest)| {
+                Ok(WorldSummary {
+                    world,
+                    deployed_version: deployed.map(|v| to_u64(v, "version")).transpose()?,
+                    latest_version: latest.map(|v| to_u64(v, "version")).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn world(&self, world: &str) -> Result<Option<WorldDetail>, StoreError> {
+        // One read transaction, so the three reads see one snapshot.
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let row: Option<(Option<i64>, bool)> = sqlx::query_as(
+            "SELECT deployed_version, draft IS NOT NULL FROM worlds WHERE slug = ?1",
+        )
+        .bind(world)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let Some((deployed, has_draft)) = row else {
+            return Ok(None);
+        };
+        let versions: Vec<(i64, i64, String)> = sqlx::query_as(
+            "SELECT version, published_at, published_by FROM world_versions
+             WHERE world = ?1 ORDER BY version",
+        )
+        .bind(world)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let deployments: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+            "SELECT seq, version, deployed_at, deployed_by FROM deployments
+             WHERE world = ?1 ORDER BY seq",
+        )
+        .bind(world)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Some(WorldDetail {
+            world: world.to_owned(),
+            deployed_version: deployed.map(|v| to_u64(v, "version")).transpose()?,
+            has_draft,
+            versions: versions
+                .into_iter()
+                .map(|(version, at, by)| {
+                    Ok(VersionSummary {
+                        version: to_u64(version, "version")?,
+                        published_at: from_micros(at)?,
+                        published_by: by,
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?,
+            deployments: deployments
+                .into_iter()
+                .map(|(seq, version, at, by)| {
+                    Ok(Deployment {
+                        seq: to_u64(seq, "deployment seq")?,
+                        version: to_u64(version, "version")?,
+                        deployed_at: from_micros(at)?,
+                        deployed_by: by,
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?,
+        }))
+    }
+
+    pub async fn version(
+        &self,
+        world: &str,
+        version: u64,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        let Some(v) = to_i64(version) else {
+            return Ok(None);
+        };
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let row: Option<(String, i64, String)> = sqlx::query_as(
+            "SELECT model, published_at, published_by FROM world_versions
+             WHERE world = ?1 AND version = ?2",
+        )
+        .bind(world)
+        .bind(v)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let Some((model, published_at, published_by)) = row else {
+            return Ok(None);
+        };
+        let modules: Vec<(String, String)> = sqlx::query_as(
+            "SELECT action, module_hash FROM version_modules
+             WHERE world = ?1 AND version = ?2 ORDER BY position",
+        )
+        .bind(world)
+        .bind(v)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Some(VersionRecord {
+            world: world.to_owned(),
+            version,
+            model: parse_json(
+                &model,
+                &format!("model of world '{world}' version {version}"),
+            )?,
+            modules,
+            published_at: from_micros(published_at)?,
+            published_by,
+        }))
+    }
+
+    pub async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT content FROM modules WHERE hash = ?1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(row.map(|(content,)| content))
+    }
+
+    pub async fn deployed(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT slug, deployed_version FROM worlds
+             WHERE deployed_version IS NOT NULL ORDER BY slug",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter()
+            .map(|(world, v)| Ok((world, to_u64(v, "version")?)))
+            .collect()
+    }
+
+    pub async fn create_key(&self, key: &NewKey) -> Result<(), StoreError> {
+        let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO api_keys (id, secret_hash, world, scopes, label, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(&key.id)
+        .bind(&key.secret_hash)
+        .bind(&key.world)
+        .bind(scopes.join(","))
+        .bind(&key.label)
+        .bind(now().timestamp_micros())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            db_error_or_conflict(e, || {
+                format!("api key '{}' or its secret already exists", key.id)
+            })
+        })?;
+        Ok(())
+    }
+
+    pub async fn key_by_hash(&self, secret_hash: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<(String, Option<String>, String, String, i64)> = sqlx::query_as(
+            "SELECT id, world, scopes, label, created_at FROM api_keys WHERE secret_hash = ?1",
+        )
+        .bind(secret_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.map(|(id, world, scopes, label, created_at)| {
+            Ok(KeyRecord {
+                id,
+                world,
+                scopes: parse_scopes(scopes.split(','))?,
+                label,
+                created_at: from_micros(created_at)?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn has_operator_key(&self) -> Result<bool, StoreError> {
+        let (exists,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM api_keys WHERE world IS NULL)")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(exists)
+    }
+
+    pub async fn append_decisions(&self, decisions: &[NewDecision]) -> Result<(), StoreError> {
+        if decisions.is_empty() {
+            return Ok(());
+        }
+        let worlds = group_by_world(decisions)?;
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_error)?;
+        for (world, batch) in worlds {
+            let head: Option<(i64, String)> =
+                sqlx::query_as("SELECT seq, hash FROM decision_chain_heads WHERE world = ?1")
+                    .bind(world)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+            let head = head.unwrap_or_else(|| (0, GENESIS.to_owned()));
+            let chained = extend_chain(head, batch)?;
+            for chunk in chained.chunks(DECISION_ROWS_PER_INSERT) {
+                let mut insert: QueryBuilder<Sqlite> =
+                    QueryBuilder::new(format!("INSERT INTO decisions ({DECISION_COLUMNS}) "));
+                insert.push_values(chunk, |mut row, c| {
+                    let d = &c.record.decision;
+                    row.push_bind(c.seq)
+                        .push_bind(d.world.as_str())
+                        .push_bind(d.decision_id.as_str())
+                        .push_bind(c.version)
+                        .push_bind(d.action.as_str())
+                        .push_bind(d.module_hash.as_str())
+                        .push_bind(d.status.as_str())
+                        .push_bind(c.matched_rules.as_str())
+                        .push_bind(d.caller.as_str())
+                        .push_bind(d.correlation_id.as_deref())
+                        .push_bind(d.context_digest.as_str())
+                        .push_bind(d.decided_at.timestamp_micros())
+                        .push_bind(c.record.prev_hash.as_str())
+                        .push_bind(c.record.hash.as_str());
+                });
+                insert.build().execute(&mut *tx).await.map_err(|e| {
+                    db_error_or_conflict(e, || {
+                        format!(
+                            "a decision id in the batch for world '{world}' is already recorded"
+                        )
+                    })
+                })?;
+            }
+            if let Some(last) = chained.last() {
+                sqlx::query(
+                    "INSERT INTO decision_chain_heads (world, seq, hash) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (world) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                )
+                .bind(world)
+                .bind(last.seq)
+                .bind(&last.record.hash)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            }
+        }
+        tx.commit().await.map_err(db_error)
+    }
+
+    pub async fn decisions(
+        &self,
+        world: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<DecisionRecord>, StoreError> {
+        // Nothing lies beyond the largest storable seq.
+        let Some(after) = to_i64(after) else {
+            return Ok(Vec::new());
+        };
+        let rows: Vec<DecisionRow> = sqlx::query_as(&format!(
+            "SELECT {DECISION_COLUMNS} FROM decisions
+             WHERE world = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+        ))
+        .bind(world)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter().map(decision_record).collect()
+    }
+}
+
+fn decision_record(row: DecisionRow) -> Result<DecisionRecord, StoreError> {
+    let (
+        seq,
+        world,
+        decision_id,
+        version,
+        action,
+        module_hash,
+        status,
+        matched_rules,
+        caller,
+        correlation_id,
+        context_digest,
+        decided_at,
+        prev_hash,
+        hash,
+    ) = row;
+    Ok(DecisionRecord {
+        seq: to_u64(seq, "decision seq")?,
+        decision: NewDecision {
+            matched_rules: parse_json(
+                &matched_rules,
+                &format!("matched rules of decision '{decision_id}'"),
+            )?,
+            decision_id,
+            world,
+            version: to_u64(version, "version")?,
+            action,
+            module_hash,
+            status,
+            caller,
+            correlation_id,
+            context_digest,
+            decided_at: from_micros(decided_at)?,
+        },
+        prev_hash,
+        hash,
+    })
+}

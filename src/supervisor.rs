@@ -1,0 +1,233 @@
+//! The composition root: builds the store, sandbox, cache, decision log and service, runs
+//! bootstrap, serves HTTP, and shuts everything down in order under one grace period.
+//!
+//! **Boundary:** nothing depends on this module but the CLI. It is the only place that knows
+//! every other module.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::sandbox::Sandbox;
+use crate::service::auth::{self, Keys};
+use crate::service::cache::Cache;
+use crate::service::decision_log::DecisionLog;
+use crate::service::{App, BuildInfo, ServiceError};
+use crate::store::{NewKey, Scope, Store, StoreError};
+use crate::telemetry::Metrics;
+
+/// Starting the service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("bootstrap: {0}")]
+    Bootstrap(#[from] ServiceError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running service.
+pub struct Running {
+    /// The address the API listens on.
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    /// The operator key generated at this start, if one was (it is shown once).
+    pub generated_operator_key: Option<String>,
+    /// The supervisor signals it once to begin shutdown; the server, the cache watcher and
+    /// the shutdown sequence wait on it.
+    stop: watch::Sender<bool>,
+    done: JoinHandle<()>,
+}
+
+impl Running {
+    /// Begin a graceful shutdown and wait for it to finish.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.done.await;
+    }
+
+    /// Wait until the service stops (after [`Running::trigger`] or a fatal error).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    /// A handle that begins shutdown when sent `true`.
+    pub fn trigger(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+}
+
+/// Start the service on a bound listener.
+pub async fn start(config: Config, listener: TcpListener) -> Result<Running, StartError> {
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.server.addr,
+        source,
+    })?;
+    let store = Store::connect(&config.store).await?;
+    let metrics = Arc::new(Metrics::default());
+    let sandbox = Arc::new(Sandbox::new(config.sandbox.clone()));
+    let cache = Arc::new(Cache::new(
+        store.clone(),
+        sandbox.clone(),
+        metrics.clone(),
+        config.cache.clone(),
+    ));
+    let (log, writer) = DecisionLog::start(store.clone(), &config.decision_log, metrics.clone());
+    let app = Arc::new(App {
+        sandbox,
+        store: store.clone(),
+        cache: cache.clone(),
+        keys: Keys::new(store.clone()),
+        log,
+        metrics,
+        build: BuildInfo::current(),
+        started: Instant::now(),
+        batch_max_items: config.server.batch_max_items,
+        ready: Default::default(),
+    });
+
+    let generated_operator_key = ensure_operator_key(&store, &config).await?;
+    if let Some(dir) = config.bootstrap.seed_dir.as_ref().filter(|d| d.is_dir()) {
+        let seeded = app.seed(dir).await?;
+        if !seeded.is_empty() {
+            tracing::info!(worlds = seeded.len(), dir = %dir.display(), "published and deployed example worlds");
+        }
+    }
+    cache.refresh().await?;
+
+    let (stop, stopped) = watch::channel(false);
+    let watcher = tokio::spawn(cache.clone().watch(stopped.clone()));
+    app.ready.store(true, Ordering::Release);
+    tracing::info!(%addr, backend = ?store.backend(), "spectral API listening");
+
+    let server_app = app.clone();
+    let server_config = config.server.clone();
+    let mut stop_seen = stopped.clone();
+    let done = tokio::spawn(async move {
+        let server = tokio::spawn(crate::http::serve(
+            listener,
+            server_app.clone(),
+            server_config,
+            stopped,
+        ));
+        let _ = stop_seen.changed().await;
+        // Not ready first, so that health checks steer traffic away while we drain.
+        server_app.ready.store(false, Ordering::Release);
+        let _ = server.await;
+        // Requests are done: write what the decision log still holds, then close the pool.
+        server_app.log.stop();
+        let _ = writer.await;
+        let _ = watcher.await;
+        server_app.store.close().await;
+        tracing::info!("spectral stopped");
+    });
+    Ok(Running {
+        addr,
+        app,
+        generated_operator_key,
+        stop,
+        done,
+    })
+}
+
+/// Make sure an operator key exists: the configured one, or a new one that is returned so
+/// the caller can show it once.
+async fn ensure_operator_key(store: &Store, config: &Config) -> Result<Option<String>, StartError> {
+    if let Some(secret) = &config.bootstrap.operator_key {
+        let hash = auth::hash_secret(secret.expose());
+        if store.key_by_hash(&hash).await?.is_none() {
+            let id = format!("key_operator_{}", &hash[..8]);
+            store
+                .create_key(&NewKey {
+                    id,
+                    secret_hash: hash,
+                    world: None,
+                    scopes: Scope::ALL.to_vec(),
+                    label: "operator (SPECTRAL_OPERATOR_KEY)".into(),
+                })
+                .await?;
+        }
+        return Ok(None);
+    }
+    if store.has_operator_key().await? {
+        return Ok(None);
+    }
+    let (id, secret) = auth::generate();
+    store
+        .create_key(&NewKey {
+            id,
+            secret_hash: auth::hash_secret(&secret),
+            world: None,
+            scopes: Scope::ALL.to_vec(),
+            label: "operator (generated at first start)".into(),
+        })
+        .await?;
+    Ok(Some(secret))
+}
+
+/// Run until SIGTERM or SIGINT, then shut down gracefully. A second signal, or the grace
+/// period running out, ends the process at once.
+pub async fn run_until_signal(config: Config) -> Result<(), StartError> {
+    let grace = config.server.shutdown_grace;
+    let addr = config.server.addr;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })?;
+    let running = start(config, listener).await?;
+    if let Some(key) = &running.generated_operator_key {
+        // Printed once, to stdout, and never logged: the only copy the operator gets.
+        println!("operator key (shown once, store it now): {key}");
+    }
+    let trigger = running.trigger();
+    let waiting = tokio::spawn(running.wait());
+    signal().await;
+    tracing::info!("shutdown signal received; draining");
+    let _ = trigger.send(true);
+    tokio::select! {
+        _ = waiting => Ok(()),
+        _ = signal() => {
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        }
+        _ = tokio::time::sleep(grace + std::time::Duration::from_secs(5)) => {
+            tracing::error!("shutdown exceeded the grace period: exiting now");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Wait for SIGTERM or SIGINT.
+async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,705 @@
+//! The decide service over HTTP, on SQLite and on Postgres: decide round trips, pinning,
+//! batch, explain, every problem code, auth, publish/deploy/rollback, immutability,
+//! restart, and the decision chain.
+
+use std::collections::BTreeSet;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use spectral::store::Scope;
+use spectral::worlds::context::SystemValues;
+use spectral::worlds::{load, ContextJson, Request};
+
+use crate::app::{green_wire, test_config, Backend, Db, TestApp, OPERATOR};
+use crate::support::{example_worlds, predicates_dir};
+
+crate::both_backends!(
+    every_example_world_answers_every_status_as_the_library_does,
+    pinning_a_version,
+    batch_answers_in_order_with_per_item_errors,
+    explain_includes_the_trace,
+    every_problem_code,
+    keys_of_one_world_never_reach_another,
+    publish_deploy_rollback,
+    published_versions_are_immutable,
+    restart_keeps_everything,
+    decision_chain_verifies_and_detects_tampering,
+    openapi_document_describes_the_deployed_actions,
+    draft_with_problems_lists_every_one,
+);
+
+/// Contexts for an action: every rule's cases laid over a base made of each rule's first
+/// case, so that across them every rule matches and misses.
+fn contexts(model: &spectral::worlds::WorldModel, action: &str) -> Vec<Value> {
+    let Some(action) = model.action(action) else {
+        return vec![];
+    };
+    let mut base = serde_json::Map::new();
+    for rule in &action.rules {
+        for case in rule.cases.iter().filter(|c| !c.matches).take(1) {
+            for (k, v) in &case.context {
+                base.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+    }
+    for rule in &action.rules {
+        for (k, v) in &rule.cases[0].context {
+            base.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    let mut out = vec![Value::Object(base.clone())];
+    for rule in &action.rules {
+        for case in &rule.cases {
+            let mut ctx = base.clone();
+            ctx.extend(case.context.clone());
+            out.push(Value::Object(ctx));
+        }
+    }
+    out
+}
+
+async fn every_example_world_answers_every_status_as_the_library_does(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let sandbox = spectral::sandbox::Sandbox::default();
+    for dir in example_worlds() {
+        let world = load::load(&dir, &sandbox).expect("example world loads");
+        let mut seen = BTreeSet::new();
+        for action in &world.model.actions {
+            let module = world.module(&action.name).expect("module");
+            for ctx in contexts(&world.model, &action.name) {
+                let body =
+                    json!({"world": world.model.world, "action": action.name, "context": ctx});
+                // The library's answer at (nearly) the same request time.
+                let text = ctx.to_string();
+                let offline = spectral::worlds::evaluate(
+                    &sandbox,
+                    module,
+                    &Request {
+                        context: ContextJson::Text(&text),
+                        system: SystemValues {
+                            request_time: chrono::Utc::now().timestamp(),
+                            request_id: "x".into(),
+                            caller: "key_operator".into(),
+                        },
+                        correlation_id: None,
+                        explain: false,
+                    },
+                )
+                .expect("context is an object");
+                let (status, online) = app.decide(OPERATOR, &body).await;
+                assert_eq!(status, 200, "{online}");
+                assert_eq!(
+                    online["status"],
+                    offline.status.as_str(),
+                    "{body}\n{online}"
+                );
+                assert_eq!(
+                    online["decision_metadata"]["matched_rules"],
+                    serde_json::to_value(&offline.decision_metadata.matched_rules).expect("json")
+                );
+                assert_eq!(
+                    online["decision_metadata"]["module_hash"],
+                    offline.decision_metadata.module_hash.as_str()
+                );
+                seen.insert(offline.status);
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            4,
+            "{} did not produce every status: {seen:?}",
+            world.model.world
+        );
+    }
+    app.stop().await;
+}
+
+/// Publish the payments world again with `standard-release` turned into a YELLOW rule, so
+/// that the green context answers differently in version 2.
+async fn publish_yellow_variant(app: &TestApp) -> u64 {
+    let model = load::load_model(&predicates_dir().join("acme-payments")).expect("loads");
+    let mut json = serde_json::to_value(&model).expect("json");
+    for rule in json["actions"][0]["rules"].as_array_mut().expect("rules") {
+        if rule["id"] == "standard-release" {
+            rule["outcome"] = json!("YELLOW");
+        }
+    }
+    let (status, body) = app
+        .put(OPERATOR, "/api/worlds/acme-payments/draft", &json)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = app
+        .post(OPERATOR, "/api/worlds/acme-payments/versions", &json!({}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["version"].as_u64().expect("version")
+}
+
+async fn pinning_a_version(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let v2 = publish_yellow_variant(&app).await;
+    assert_eq!(v2, 2);
+    // Not deployed: the deployed version 1 still answers; a pin reaches version 2.
+    let (_, d) = app.decide(OPERATOR, &green_wire()).await;
+    assert_eq!(d["status"], "GREEN");
+    assert_eq!(d["decision_metadata"]["world_model_version"], 1);
+    let mut pinned = green_wire();
+    pinned["world_model_version"] = json!(2);
+    let (status, d) = app.decide(OPERATOR, &pinned).await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["status"], "YELLOW");
+    assert_eq!(d["decision_metadata"]["world_model_version"], 2);
+    pinned["world_model_version"] = json!(9);
+    let (status, d) = app.decide(OPERATOR, &pinned).await;
+    assert_eq!(status, 404, "{d}");
+    assert_eq!(d["code"], "not_found");
+    app.stop().await;
+}
+
+async fn batch_answers_in_order_with_per_item_errors(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let mut red = green_wire();
+    red["context"]["vendor_country"] = json!("KP");
+    let mut unknown_action = green_wire();
+    unknown_action["action"] = json!("nope");
+    let body = json!({"requests": [green_wire(), red, {"not": "a request"}, unknown_action]});
+    let (status, out) = app.post(OPERATOR, "/api/decide/batch", &body).await;
+    assert_eq!(status, 200, "{out}");
+    let results = out["results"].as_array().expect("results");
+    assert_eq!(results.len(), 4);
+    assert_eq!(results[0]["status"], 200);
+    assert_eq!(results[0]["decision"]["status"], "GREEN");
+    assert_eq!(results[1]["decision"]["status"], "RED");
+    assert_eq!(results[2]["status"], 400);
+    assert_eq!(results[2]["problem"]["code"], "malformed_request");
+    assert_eq!(results[3]["status"], 404);
+    assert_eq!(results[3]["problem"]["code"], "not_found");
+    // Over the configured maximum: the whole batch is refused.
+    let many: Vec<Value> = (0..101).map(|_| green_wire()).collect();
+    let (status, out) = app
+        .post(OPERATOR, "/api/decide/batch", &json!({"requests": many}))
+        .await;
+    assert_eq!(status, 400, "{out}");
+    assert!(out["detail"].as_str().unwrap_or("").contains("at most 100"));
+    app.stop().await;
+}
+
+async fn explain_includes_the_trace(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let mut body = green_wire();
+    body["explain"] = json!(true);
+    body["correlation_id"] = json!("corr-7");
+    let (status, d) = app.decide(OPERATOR, &body).await;
+    assert_eq!(status, 200);
+    let trace = d["decision_metadata"]["trace"].as_array().expect("trace");
+    assert_eq!(trace.len(), 11);
+    assert_eq!(trace[0]["rule"], "embargoed-country");
+    assert_eq!(d["decision_metadata"]["correlation_id"], "corr-7");
+    let (_, d) = app.decide(OPERATOR, &green_wire()).await;
+    assert!(d["decision_metadata"]["trace"].is_null());
+    app.stop().await;
+}
+
+async fn every_problem_code(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let mut config = test_config(&db);
+    config.server.max_body_bytes = 4096;
+    let app = TestApp::start(config).await;
+    let raw = |body: &'static str, ctype: &'static str| {
+        app.client
+            .post(app.url("/api/decide"))
+            .bearer_auth(OPERATOR)
+            .header("content-type", ctype)
+            .body(body)
+    };
+    let check = |status: u16, body: &Value, code: &str, expect: u16| {
+        assert_eq!(status, expect, "{body}");
+        assert_eq!(body["code"], code, "{body}");
+        assert_eq!(body["status"], expect);
+        assert_eq!(body["type"], format!("/problems/{code}"));
+        assert!(body["title"].is_string() && body["detail"].is_string());
+    };
+    let send = |req: reqwest::RequestBuilder| async move {
+        let resp = req.send().await.expect("sent");
+        let status = resp.status().as_u16();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body: Value = resp.json().await.expect("json body");
+        assert_eq!(ctype, "application/problem+json");
+        (status, body)
+    };
+    // 400: malformed JSON, a missing field, a context that is not an object.
+    let (s, b) = send(raw("{\"action\": ", "application/json")).await;
+    check(s, &b, "malformed_request", 400);
+    let (s, b) = send(raw("{\"action\": \"x\"}", "application/json")).await;
+    check(s, &b, "malformed_request", 400);
+    let (s, b) = app
+        .decide(
+            OPERATOR,
+            &json!({"world": "acme-payments", "action": "vendor.onboard", "context": [1]}),
+        )
+        .await;
+    check(s, &b, "bad_request", 400);
+    // 401: no key, an unknown key.
+    let (s, b) = app
+        .call(Method::POST, "/api/decide", None, Some(&green_wire()))
+        .await;
+    check(s, &b, "unauthenticated", 401);
+    let (s, b) = app.decide("spk_not_a_key", &green_wire()).await;
+    check(s, &b, "unauthenticated", 401);
+    // 403: a key without the scope.
+    let reader = app.key(Some("acme-payments"), &[Scope::Read]).await;
+    let (s, b) = app.decide(&reader, &green_wire()).await;
+    check(s, &b, "forbidden", 403);
+    // 404: unknown world, action, version, route.
+    let mut body = green_wire();
+    body["world"] = json!("nowhere");
+    let (s, b) = app.decide(OPERATOR, &body).await;
+    check(s, &b, "not_found", 404);
+    let mut body = green_wire();
+    body["action"] = json!("wire_transfer.explode");
+    let (s, b) = app.decide(OPERATOR, &body).await;
+    check(s, &b, "not_found", 404);
+    let (s, b) = app
+        .get(Some(OPERATOR), "/api/worlds/acme-payments/versions/77")
+        .await;
+    check(s, &b, "not_found", 404);
+    let (s, b) = app.get(Some(OPERATOR), "/api/nothing-here").await;
+    check(s, &b, "route_not_found", 404);
+    // 405 with Allow.
+    let resp = app
+        .client
+        .get(app.url("/api/decide"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status().as_u16(), 405);
+    assert_eq!(resp.headers()["allow"], "POST");
+    // 413: over the body limit.
+    let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(8000));
+    let resp = app
+        .client
+        .post(app.url("/api/decide"))
+        .bearer_auth(OPERATOR)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status().as_u16(), 413);
+    let b: Value = resp.json().await.expect("json");
+    assert_eq!(b["code"], "payload_too_large");
+    // 415: not JSON.
+    let (s, b) = send(raw("{}", "text/plain")).await;
+    check(s, &b, "unsupported_media_type", 415);
+    // 409: deploying a version that does not exist is 404; a draft publish without a draft is 404.
+    let (s, b) = app
+        .post(
+            OPERATOR,
+            "/api/worlds/acme-payments/deployments",
+            &json!({"version": 42}),
+        )
+        .await;
+    check(s, &b, "not_found", 404);
+    // 422: a draft with problems.
+    let (s, b) = app
+        .put(
+            OPERATOR,
+            "/api/worlds/acme-payments/draft",
+            &json!({"world": "acme-payments", "actions": []}),
+        )
+        .await;
+    check(s, &b, "invalid_world_model", 422);
+    app.stop().await;
+}
+
+async fn keys_of_one_world_never_reach_another(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let a_all = app.key(Some("acme-payments"), &Scope::ALL).await;
+    let b_all = app.key(Some("globex-support"), &Scope::ALL).await;
+    // A decides on A (world from the key), never on B.
+    let mut own = green_wire();
+    own.as_object_mut().expect("object").remove("world");
+    let (s, _) = app.decide(&a_all, &own).await;
+    assert_eq!(s, 200);
+    let mut other = green_wire();
+    other["world"] = json!("globex-support");
+    other["action"] = json!("refund.issue");
+    let (s, b) = app.decide(&a_all, &other).await;
+    assert_eq!((s, b["code"].as_str()), (403, Some("forbidden")));
+    // Read, author, deploy on B are all refused for A's key.
+    let (s, _) = app.get(Some(&a_all), "/api/worlds/globex-support").await;
+    assert_eq!(s, 403);
+    let (s, _) = app
+        .get(Some(&a_all), "/api/worlds/globex-support/versions/1")
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = app
+        .get(Some(&a_all), "/api/worlds/globex-support/actions")
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = app
+        .post(&a_all, "/api/worlds/globex-support/versions", &json!({}))
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = app
+        .post(
+            &a_all,
+            "/api/worlds/globex-support/deployments",
+            &json!({"version": 1}),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let model = load::load_model(&predicates_dir().join("globex-support")).expect("loads");
+    let (s, _) = app
+        .put(
+            &a_all,
+            "/api/worlds/globex-support/draft",
+            &serde_json::to_value(&model).expect("json"),
+        )
+        .await;
+    assert_eq!(s, 403);
+    // The list shows A's key only its own world; B's key only its own.
+    let (_, list) = app.get(Some(&a_all), "/api/worlds").await;
+    let names: Vec<&str> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|w| w["world"].as_str())
+        .collect();
+    assert_eq!(names, ["acme-payments"]);
+    let (_, list) = app.get(Some(&b_all), "/api/worlds").await;
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    // Missing scopes within the own world.
+    let decide_only = app.key(Some("acme-payments"), &[Scope::Decide]).await;
+    let (s, _) = app
+        .get(Some(&decide_only), "/api/worlds/acme-payments")
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = app
+        .post(
+            &decide_only,
+            "/api/worlds/acme-payments/deployments",
+            &json!({"version": 1}),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let author = app.key(Some("acme-payments"), &[Scope::Author]).await;
+    let (s, _) = app
+        .post(
+            &author,
+            "/api/worlds/acme-payments/deployments",
+            &json!({"version": 1}),
+        )
+        .await;
+    assert_eq!(s, 403);
+    // An operator key must name the world.
+    let (s, b) = app.decide(OPERATOR, &own).await;
+    assert_eq!((s, b["code"].as_str()), (400, Some("bad_request")));
+    app.stop().await;
+}
+
+async fn publish_deploy_rollback(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let deployer = app
+        .key(
+            Some("acme-payments"),
+            &[Scope::Deploy, Scope::Decide, Scope::Read],
+        )
+        .await;
+    let v2 = publish_yellow_variant(&app).await;
+    let (s, dep) = app
+        .post(
+            &deployer,
+            "/api/worlds/acme-payments/deployments",
+            &json!({"version": v2}),
+        )
+        .await;
+    assert_eq!(s, 200, "{dep}");
+    assert_eq!(dep["version"], 2);
+    let (_, d) = app.decide(&deployer, &green_wire()).await;
+    assert_eq!(
+        (
+            d["status"].as_str(),
+            d["decision_metadata"]["world_model_version"].as_u64()
+        ),
+        (Some("YELLOW"), Some(2))
+    );
+    // Roll back.
+    let (s, _) = app
+        .post(
+            &deployer,
+            "/api/worlds/acme-payments/deployments",
+            &json!({"version": 1}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (_, d) = app.decide(&deployer, &green_wire()).await;
+    assert_eq!(
+        (
+            d["status"].as_str(),
+            d["decision_metadata"]["world_model_version"].as_u64()
+        ),
+        (Some("GREEN"), Some(1))
+    );
+    let (_, world) = app.get(Some(&deployer), "/api/worlds/acme-payments").await;
+    assert_eq!(world["deployed_version"], 1);
+    let history: Vec<u64> = world["deployments"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|d| d["version"].as_u64())
+        .collect();
+    assert_eq!(history, [1, 2, 1]);
+    let versions = world["versions"].as_array().map(Vec::len);
+    assert_eq!(versions, Some(2));
+    app.stop().await;
+}
+
+async fn published_versions_are_immutable(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let (_, v1_before) = app
+        .get(Some(OPERATOR), "/api/worlds/acme-payments/versions/1")
+        .await;
+    publish_yellow_variant(&app).await;
+    let (_, v1_after) = app
+        .get(Some(OPERATOR), "/api/worlds/acme-payments/versions/1")
+        .await;
+    assert_eq!(v1_before, v1_after);
+    let (_, v2) = app
+        .get(Some(OPERATOR), "/api/worlds/acme-payments/versions/2")
+        .await;
+    assert_ne!(v1_after["model"], v2["model"]);
+    // The unchanged action keeps its module (same content, same hash); the changed one does not.
+    let hashes = |v: &Value| -> Vec<String> {
+        v["modules"]
+            .as_array()
+            .expect("modules")
+            .iter()
+            .map(|m| m[1].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_ne!(hashes(&v1_after)[0], hashes(&v2)[0]);
+    assert_eq!(hashes(&v1_after)[1], hashes(&v2)[1]);
+    // There is no way to write a version: the routes refuse other methods.
+    let resp = app
+        .client
+        .put(app.url("/api/worlds/acme-payments/versions/1"))
+        .bearer_auth(OPERATOR)
+        .json(&v2["model"])
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status().as_u16(), 405);
+    app.stop().await;
+}
+
+async fn restart_keeps_everything(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let key = app.key(Some("acme-payments"), &Scope::ALL).await;
+    let v2 = publish_yellow_variant(&app).await;
+    app.post(
+        &key,
+        "/api/worlds/acme-payments/deployments",
+        &json!({"version": v2}),
+    )
+    .await;
+    let (_, before) = app.decide(&key, &green_wire()).await;
+    app.stop().await;
+
+    let app = TestApp::on(&db).await;
+    let (s, after) = app.decide(&key, &green_wire()).await;
+    assert_eq!(s, 200, "keys survive a restart: {after}");
+    assert_eq!(after["status"], before["status"]);
+    assert_eq!(after["decision_metadata"]["world_model_version"], 2);
+    assert_eq!(
+        after["decision_metadata"]["module_hash"],
+        before["decision_metadata"]["module_hash"]
+    );
+    let (_, world) = app.get(Some(&key), "/api/worlds/acme-payments").await;
+    assert_eq!(world["versions"].as_array().map(Vec::len), Some(2));
+    // Seeding does not publish the example worlds again.
+    let (_, worlds) = app.get(Some(OPERATOR), "/api/worlds").await;
+    for w in worlds.as_array().expect("list") {
+        if w["world"] != "acme-payments" {
+            assert_eq!(w["latest_version"], 1, "{w}");
+        }
+    }
+    app.stop().await;
+}
+
+async fn decision_chain_verifies_and_detects_tampering(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let mut red = green_wire();
+    red["context"]["sanctions_hit"] = json!(true);
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let body = if i % 3 == 0 {
+            red.clone()
+        } else {
+            green_wire()
+        };
+        let (_, d) = app.decide(OPERATOR, &body).await;
+        ids.push(
+            d["decision_metadata"]["decision_id"]
+                .as_str()
+                .expect("id")
+                .to_string(),
+        );
+    }
+    let store = app.running.as_ref().expect("running").app.store.clone();
+    // A graceful stop writes everything queued.
+    app.stop().await;
+    let mut config = test_config(&db).store;
+    config.migrate_on_start = false;
+    let store2 = spectral::store::Store::connect(&config)
+        .await
+        .expect("store");
+    drop(store);
+    let report = spectral::service::audit::verify(&store2, "acme-payments")
+        .await
+        .expect("verify");
+    assert_eq!(report.records, 30);
+    assert_eq!(report.broken, None);
+    let records = store2
+        .decisions("acme-payments", 0, 100)
+        .await
+        .expect("records");
+    let recorded: Vec<&str> = records
+        .iter()
+        .map(|r| r.decision.decision_id.as_str())
+        .collect();
+    assert_eq!(recorded, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(records[0].decision.status, "RED");
+    assert!(records[0].decision.caller.starts_with("key_operator_"));
+    store2.close().await;
+
+    // Rewrite one record's status behind the service's back.
+    // Record 10 (index 9) was RED; it now claims GREEN.
+    tamper(&db, &ids[9]).await;
+    let store3 = spectral::store::Store::connect(&config)
+        .await
+        .expect("store");
+    let report = spectral::service::audit::verify(&store3, "acme-payments")
+        .await
+        .expect("verify");
+    let broken = report.broken.expect("tampering is detected");
+    assert_eq!(broken.seq, 10);
+    assert_eq!(broken.decision_id, ids[9]);
+    assert!(
+        broken
+            .reason
+            .contains("does not match the record's content"),
+        "{}",
+        broken.reason
+    );
+    store3.close().await;
+}
+
+/// Rewrite one record's status behind the service's back, as someone with direct database
+/// access would: the append-only triggers are no obstacle to them, so they are dropped first.
+async fn tamper(db: &Db, decision_id: &str) {
+    use sqlx::Connection;
+    match (db.sqlite_file(), db.postgres_url()) {
+        (Some(file), _) => {
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+                .await
+                .expect("sqlite");
+            sqlx::query("DROP TRIGGER decisions_immutable")
+                .execute(&mut c)
+                .await
+                .expect("drop trigger");
+            let n = sqlx::query("UPDATE decisions SET status = 'GREEN' WHERE decision_id = ?1")
+                .bind(decision_id)
+                .execute(&mut c)
+                .await
+                .expect("update");
+            assert_eq!(n.rows_affected(), 1);
+        }
+        (None, Some(url)) => {
+            let mut c = sqlx::PgConnection::connect(url).await.expect("postgres");
+            sqlx::query("ALTER TABLE core.decisions DISABLE TRIGGER decisions_immutable")
+                .execute(&mut c)
+                .await
+                .expect("disable trigger");
+            let n =
+                sqlx::query("UPDATE core.decisions SET status = 'GREEN' WHERE decision_id = $1")
+                    .bind(decision_id)
+                    .execute(&mut c)
+                    .await
+                    .expect("update");
+            assert_eq!(n.rows_affected(), 1);
+        }
+        _ => unreachable!(),
+    }
+}
+
+async fn openapi_document_describes_the_deployed_actions(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let (s, doc) = app
+        .get(Some(OPERATOR), "/api/worlds/acme-payments/actions")
+        .await;
+    assert_eq!(s, 200, "{doc}");
+    assert_eq!(doc["openapi"], "3.1.0");
+    let ctx = &doc["components"]["schemas"]["wire_transfer_release_context"];
+    assert_eq!(ctx["properties"]["amount"]["type"], "number");
+    assert_eq!(ctx["properties"]["payment_method"]["enum"][0], "wire");
+    assert_eq!(ctx["properties"]["approvals"]["items"]["type"], "string");
+    // System attributes are the service's, not the caller's.
+    assert!(ctx["properties"]["request_time"].is_null());
+    assert!(ctx["required"]
+        .as_array()
+        .expect("required")
+        .contains(&json!("sanctions_hit")));
+    crate::openapi::validate(&doc);
+    app.stop().await;
+}
+
+async fn draft_with_problems_lists_every_one(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let model = load::load_model(&predicates_dir().join("acme-payments")).expect("loads");
+    let mut json = serde_json::to_value(&model).expect("json");
+    let rules = json["actions"][0]["rules"].as_array_mut().expect("rules");
+    rules[0]["predicate"] =
+        json!("context.vendor_country in config.embargoed_countries && context.amount > 1");
+    rules[1]["id"] = rules[2]["id"].clone();
+    rules[3]["cases"][0]["matches"] = json!(false);
+    let (s, b) = app
+        .put(OPERATOR, "/api/worlds/acme-payments/draft", &json)
+        .await;
+    assert_eq!(s, 422, "{b}");
+    let problems = b["problems"].as_array().expect("problems");
+    let text = b.to_string();
+    assert!(problems.len() >= 2, "{text}");
+    assert!(text.contains("undeclared_input"), "{text}");
+    assert!(text.contains("duplicate rule id"), "{text}");
+    // Fix the structure; the failing case is reported next.
+    let mut json = serde_json::to_value(&model).expect("json");
+    json["actions"][0]["rules"][3]["cases"][0]["matches"] = json!(false);
+    let (s, b) = app
+        .put(OPERATOR, "/api/worlds/acme-payments/draft", &json)
+        .await;
+    assert_eq!(s, 422, "{b}");
+    assert_eq!(b["problems"][0]["at"], "case");
+    assert_eq!(b["problems"][0]["rule"], "over-single-payment-cap");
+    // Nothing was stored: publishing finds no draft beyond the seeded one, still version 2
+    // only when the seeded draft is published.
+    let (_, world) = app.get(Some(OPERATOR), "/api/worlds/acme-payments").await;
+    assert_eq!(world["versions"].as_array().map(Vec::len), Some(1));
+    app.stop().await;
+}

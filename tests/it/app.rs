@@ -1,0 +1,226 @@
+//! `TestApp`: the real service on a loopback port against a fresh database, driven over HTTP.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use spectral::config::{Config, Secret};
+use spectral::supervisor::{self, Running};
+
+use crate::db;
+use crate::support::predicates_dir;
+
+/// The operator key every test app bootstraps with.
+pub const OPERATOR: &str = "spk_test_operator_key_0123456789";
+
+/// Which backend a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The database behind a test app; dropped (deleted) with the last app that uses it.
+pub enum Db {
+    Sqlite(tempfile::TempDir),
+    Postgres(db::TestDb),
+}
+
+impl Db {
+    pub async fn fresh(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => Db::Sqlite(db::fresh_sqlite_dir()),
+            Backend::Postgres => Db::Postgres(db::fresh_postgres().await),
+        }
+    }
+
+    /// Point a configuration at this database.
+    pub fn configure(&self, config: &mut Config) {
+        match self {
+            Db::Sqlite(dir) => {
+                config.store.database_url = None;
+                config.store.data_dir = dir.path().to_path_buf();
+            }
+            Db::Postgres(pg) => config.store.database_url = Some(pg.url().to_string()),
+        }
+    }
+
+    /// The SQLite file, for tests that reach into the store directly.
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        match self {
+            Db::Sqlite(dir) => Some(dir.path().join("spectral.db")),
+            Db::Postgres(_) => None,
+        }
+    }
+
+    pub fn postgres_url(&self) -> Option<&str> {
+        match self {
+            Db::Postgres(pg) => Some(pg.url()),
+            Db::Sqlite(_) => None,
+        }
+    }
+}
+
+/// The configuration every test app starts from: loopback, port 0, the example worlds,
+/// a known operator key, and a fast deployment poll.
+pub fn test_config(db: &Db) -> Config {
+    let mut config = Config::default();
+    db.configure(&mut config);
+    config.server.addr = "127.0.0.1:0".parse().expect("address");
+    config.bootstrap.operator_key = Some(Secret::new(OPERATOR));
+    config.bootstrap.seed_dir = Some(predicates_dir());
+    config.cache.poll_interval = Duration::from_millis(100);
+    // Unoptimized test builds on a busy machine can take milliseconds per predicate; the
+    // deadline itself is tested with its own sandboxes in `hostile.rs`.
+    config.sandbox.deadline_us = 500_000;
+    config
+}
+
+/// A running service and an HTTP client for it.
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub running: Option<Running>,
+}
+
+impl TestApp {
+    /// Start the service with a configuration.
+    pub async fn start(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind(config.server.addr)
+            .await
+            .expect("bind a loopback port");
+        let running = supervisor::start(config, listener)
+            .await
+            .unwrap_or_else(|e| panic!("service did not start: {e}"));
+        Self {
+            base: format!("http://{}", running.addr),
+            client: reqwest::Client::new(),
+            running: Some(running),
+        }
+    }
+
+    /// Start on a database with the default test configuration.
+    pub async fn on(db: &Db) -> Self {
+        Self::start(test_config(db)).await
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.running.as_ref().map(|r| r.addr).expect("running")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Stop gracefully (drains the decision log).
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    /// Send a request and return status and JSON body.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut req = self.client.request(method, self.url(path));
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body read");
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
+    }
+
+    pub async fn decide(&self, key: &str, body: &Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, "/api/decide", Some(key), Some(body))
+            .await
+    }
+
+    pub async fn get(&self, key: Option<&str>, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, key, None).await
+    }
+
+    pub async fn post(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(key), Some(body))
+            .await
+    }
+
+    pub async fn put(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
+        self.call(reqwest::Method::PUT, path, Some(key), Some(body))
+            .await
+    }
+
+    /// Create a key through the store, as `spectral keys create` does.
+    pub async fn key(&self, world: Option<&str>, scopes: &[spectral::store::Scope]) -> String {
+        let app = &self.running.as_ref().expect("running").app;
+        let (id, secret) = spectral::service::auth::generate();
+        app.store
+            .create_key(&spectral::store::NewKey {
+                id,
+                secret_hash: spectral::service::auth::hash_secret(&secret),
+                world: world.map(String::from),
+                scopes: scopes.to_vec(),
+                label: "test".into(),
+            })
+            .await
+            .expect("key created");
+        secret
+    }
+
+    /// Wait until the decision log has written `n` records in all.
+    pub async fn written(&self, n: u64) {
+        for _ in 0..200 {
+            let (_, health) = self.get(None, "/health").await;
+            if health["features"]["decision_log"]["written"].as_u64() >= Some(n) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the decision log did not write {n} records");
+    }
+}
+
+/// A valid wire-release context of the payments world that decides GREEN.
+pub fn green_wire() -> Value {
+    json!({
+        "world": "acme-payments",
+        "action": "wire_transfer.release",
+        "context": {"amount": 2500, "currency": "USD", "payment_method": "ach",
+            "vendor_id": "v-17", "vendor_status": "active", "vendor_country": "DE",
+            "bank_account_changed_days": 40, "approvals": ["u-bob", "u-cy"],
+            "initiator": "u-ann", "sanctions_hit": false}
+    })
+}
+
+/// Generate a `#[tokio::test]` per backend for an async test body taking a [`Backend`].
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::app::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::app::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
