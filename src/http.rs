@@ -79,11 +79,19 @@ pub async fn serve(
                 };
                 let app = app.clone();
                 let cfg = config.clone();
-                let service = service_fn(move |req| handle(app.clone(), cfg.clone(), req));
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    // hyper starts its header timeout only once the first bytes arrive, so a
+                    // client that connects and says nothing is timed out here.
+                    let mut probe = [0u8; 1];
+                    match tokio::time::timeout(cfg.header_timeout, stream.peek(&mut probe)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return,
+                    }
+                    let service = service_fn(move |req| handle(app.clone(), cfg.clone(), req));
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                     drop(permit);

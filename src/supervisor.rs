@@ -103,10 +103,11 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
             tracing::info!(worlds = seeded.len(), dir = %dir.display(), "published and deployed example worlds");
         }
     }
+    let notifications = cache.listen().await;
     cache.refresh().await?;
 
     let (stop, stopped) = watch::channel(false);
-    let watcher = tokio::spawn(cache.clone().watch(stopped.clone()));
+    let watcher = tokio::spawn(cache.clone().watch(notifications, stopped.clone()));
     app.ready.store(true, Ordering::Release);
     tracing::info!(%addr, backend = ?store.backend(), "spectral API listening");
 

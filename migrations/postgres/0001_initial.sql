@@ -44,7 +44,7 @@ CREATE TABLE core.version_modules (
 );
 
 -- Every deployment of a world, oldest first; a rollback is a deployment of an older version.
-CREATE TABLE core.deployments (
+CREATE TABLE core.world_deployments (
     world       text        NOT NULL REFERENCES core.worlds (slug),
     seq         bigint      NOT NULL CHECK (seq > 0),
     version     bigint      NOT NULL,

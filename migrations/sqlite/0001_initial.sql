@@ -44,7 +44,7 @@ CREATE TABLE version_modules (
 ) STRICT;
 
 -- Every deployment of a world, oldest first; a rollback is a deployment of an older version.
-CREATE TABLE deployments (
+CREATE TABLE world_deployments (
     world       TEXT    NOT NULL REFERENCES worlds (slug),
     seq         INTEGER NOT NULL CHECK (seq > 0),
     version     INTEGER NOT NULL,

@@ -16,7 +16,7 @@ use tokio::sync::{watch, OnceCell};
 
 use crate::config::CacheConfig;
 use crate::sandbox::Sandbox;
-use crate::store::Store;
+use crate::store::{DeploymentListener, Store};
 use crate::telemetry::Metrics;
 use crate::worlds::model::WorldModel;
 use crate::worlds::Module;
@@ -272,12 +272,35 @@ impl Cache {
         }
     }
 
+    /// Start listening for deployment notifications, if the store has them and listening is
+    /// enabled. Done before the instance reports ready, so that no deployment made after
+    /// that moment waits for a poll.
+    pub async fn listen(&self) -> Option<DeploymentListener> {
+        if !self.config.listen {
+            return None;
+        }
+        match self.store.listen_deployments().await {
+            Ok(Some(l)) => {
+                self.set_watch(Watch::Listening);
+                Some(l)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for deployments; polling");
+                None
+            }
+        }
+    }
+
     /// Keep the cache current until `stop` turns true: listen for notifications where the
     /// store has them (reconnecting with backoff when the connection drops) and poll every
     /// `poll_interval` regardless, because a notification can be lost.
-    pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    pub async fn watch(
+        self: Arc<Self>,
+        mut listener: Option<DeploymentListener>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let poll = self.config.poll_interval;
-        let mut listener = None;
         let mut retry_at = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(250);
         loop {

@@ -231,7 +231,7 @@ impl PgStore {
             return Err(missing());
         }
         let (seq,): (i64,) = sqlx::query_as(
-            "SELECT COALESCE(MAX(seq), 0) + 1 FROM core.deployments WHERE world = $1",
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM core.world_deployments WHERE world = $1",
         )
         .bind(world)
         .fetch_one(&mut *tx)
@@ -244,7 +244,7 @@ impl PgStore {
             .await
             .map_err(db_error)?;
         sqlx::query(
-            "INSERT INTO core.deployments (world, seq, version, deployed_at, deployed_by)
+            "INSERT INTO core.world_deployments (world, seq, version, deployed_at, deployed_by)
              VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(world)
@@ -318,7 +318,7 @@ impl PgStore {
         .await
         .map_err(db_error)?;
         let deployments: Vec<(i64, i64, DateTime<Utc>, String)> = sqlx::query_as(
-            "SELECT seq, version, deployed_at, deployed_by FROM core.deployments
+            "SELECT seq, version, deployed_at, deployed_by FROM core.world_deployments
              WHERE world = $1 ORDER BY seq",
         )
         .bind(world)

@@ -215,12 +215,13 @@ impl SqliteStore {
         if exists.is_none() {
             return Err(missing());
         }
-        let (seq,): (i64,) =
-            sqlx::query_as("SELECT COALESCE(MAX(seq), 0) + 1 FROM deployments WHERE world = ?1")
-                .bind(world)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_error)?;
+        let (seq,): (i64,) = sqlx::query_as(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM world_deployments WHERE world = ?1",
+        )
+        .bind(world)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
         sqlx::query("UPDATE worlds SET deployed_version = ?2 WHERE slug = ?1")
             .bind(world)
             .bind(v)
@@ -228,7 +229,7 @@ impl SqliteStore {
             .await
             .map_err(db_error)?;
         sqlx::query(
-            "INSERT INTO deployments (world, seq, version, deployed_at, deployed_by)
+            "INSERT INTO world_deployments (world, seq, version, deployed_at, deployed_by)
              VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .bind(world)
@@ -290,7 +291,7 @@ impl SqliteStore {
         .await
         .map_err(db_error)?;
         let deployments: Vec<(i64, i64, i64, String)> = sqlx::query_as(
-            "SELECT seq, version, deployed_at, deployed_by FROM deployments
+            "SELECT seq, version, deployed_at, deployed_by FROM world_deployments
              WHERE world = ?1 ORDER BY seq",
         )
         .bind(world)

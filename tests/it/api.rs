@@ -61,7 +61,7 @@ fn contexts(model: &spectral::worlds::WorldModel, action: &str) -> Vec<Value> {
 async fn every_example_world_answers_every_status_as_the_library_does(backend: Backend) {
     let db = Db::fresh(backend).await;
     let app = TestApp::on(&db).await;
-    let sandbox = spectral::sandbox::Sandbox::default();
+    let sandbox = crate::support::sandbox();
     for dir in example_worlds() {
         let world = load::load(&dir, &sandbox).expect("example world loads");
         let mut seen = BTreeSet::new();
@@ -701,5 +701,40 @@ async fn draft_with_problems_lists_every_one(backend: Backend) {
     // only when the seeded draft is published.
     let (_, world) = app.get(Some(OPERATOR), "/api/worlds/acme-payments").await;
     assert_eq!(world["versions"].as_array().map(Vec::len), Some(1));
+    app.stop().await;
+}
+
+/// What users see, snapshotted so that any change to it shows in review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_what_users_see() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let app = TestApp::on(&db).await;
+    let mut body = green_wire();
+    body["context"]["payment_method"] = json!("wire");
+    body["context"]["amount"] = json!(60000);
+    body["context"]["approvals"] = json!(["u-bob"]);
+    body["correlation_id"] = json!("abc-123");
+    let (_, decision) = app.decide(OPERATOR, &body).await;
+    insta::assert_json_snapshot!("decide_response", decision, {
+        ".decision_metadata.decision_id" => "[decision id]",
+        ".decision_metadata.eval_us" => "[µs]",
+    });
+    let (_, missing) = app
+        .decide(OPERATOR, &json!({"world": "acme-payments", "action": "vendor.onboard", "context": {"vendor_country": 7}}))
+        .await;
+    insta::assert_json_snapshot!("decide_missing_evidence", missing, {
+        ".decision_metadata.decision_id" => "[decision id]",
+        ".decision_metadata.eval_us" => "[µs]",
+    });
+    let (_, error) = app.decide("spk_nope", &body).await;
+    insta::assert_json_snapshot!("error_unauthenticated", error);
+    let (_, health) = app.get(None, "/health").await;
+    insta::assert_json_snapshot!("health", health, {
+        ".uptime_s" => "[seconds]",
+        ".git_sha" => "[sha]",
+        ".version" => "[version]",
+        ".features.decision_log.written" => "[count]",
+        ".features.decision_log.queue_depth" => "[count]",
+    });
     app.stop().await;
 }

@@ -176,18 +176,6 @@ impl TestApp {
             .expect("key created");
         secret
     }
-
-    /// Wait until the decision log has written `n` records in all.
-    pub async fn written(&self, n: u64) {
-        for _ in 0..200 {
-            let (_, health) = self.get(None, "/health").await;
-            if health["features"]["decision_log"]["written"].as_u64() >= Some(n) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the decision log did not write {n} records");
-    }
 }
 
 /// A valid wire-release context of the payments world that decides GREEN.

@@ -8,6 +8,9 @@ use crate::support::example_worlds;
 fn spectral(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_spectral"))
         .args(args)
+        // The deadline is tested in `hostile.rs`; here it must not fire because an
+        // unoptimized build waited for a core.
+        .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
         .output()
         .unwrap_or_else(|e| panic!("cannot run spectral: {e}"))
 }
@@ -357,6 +360,7 @@ fn hostile_predicates_run_in_a_few_megabytes() {
         .arg(env!("CARGO_BIN_EXE_spectral"))
         .arg(tmp.path())
         .arg(r#"{"s": "abc", "n": 1}"#)
+        .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
         .output()
         .unwrap();
     let (stdout, stderr) = text(&out);

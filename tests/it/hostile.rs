@@ -117,7 +117,7 @@ fn quick() -> Duration {
 
 #[test]
 fn f1_sleep_by_name_is_not_registered() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     fails_closed(
         &sandbox,
         "sleep(3) == ()",
@@ -131,7 +131,7 @@ fn f1_sleep_by_name_is_not_registered() {
 #[test]
 fn f1_sleep_through_a_function_pointer_is_forbidden() {
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         r#"Fn("sle" + "ep").call(3) == ()"#,
         &[],
         ErrorKind::ForbiddenSymbol,
@@ -140,7 +140,7 @@ fn f1_sleep_through_a_function_pointer_is_forbidden() {
 
 #[test]
 fn f1_call_and_curry_are_forbidden_too() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     rejected_at_compile(
         &sandbox,
         r#"call(Fn("abs"), -1) == 1"#,
@@ -160,7 +160,7 @@ fn f1_call_and_curry_are_forbidden_too() {
 #[test]
 fn f2_import_of_a_file_is_a_syntax_error() {
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         r#"import "/etc/passwd" as secret; true"#,
         &[],
         ErrorKind::Syntax,
@@ -172,7 +172,7 @@ fn f2_import_of_a_file_is_a_syntax_error() {
 #[test]
 fn f3_closures_passed_to_map_are_a_syntax_error() {
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "context.list.map(|x| x + 1).len() > 0",
         &["list"],
         ErrorKind::Syntax,
@@ -182,7 +182,7 @@ fn f3_closures_passed_to_map_are_a_syntax_error() {
 #[test]
 fn f3_function_pointers_passed_to_map_are_forbidden() {
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         r#"context.list.map(Fn("abs")).len() > 0"#,
         &["list"],
         ErrorKind::ForbiddenSymbol,
@@ -194,7 +194,7 @@ fn f3_function_pointers_passed_to_map_are_forbidden() {
 #[test]
 fn f4_index_assignment_is_a_syntax_error() {
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         r#"context.m["k"] = "x""#,
         &["m"],
         ErrorKind::Syntax,
@@ -206,7 +206,7 @@ fn f4_index_assignment_is_a_syntax_error() {
 #[test]
 fn f5_pad_of_gigabytes_in_one_call_is_refused() {
     fails_closed(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         r#"(context.s + "").pad(2000000000, "y").len() > 0"#,
         &["s"],
         &context(),
@@ -274,7 +274,7 @@ fn f7_the_string_interner_is_off() {
 fn f8_nesting_a_million_deep_is_refused_before_parsing() {
     let predicate = format!("{}true{}", "(".repeat(1_000_000), ")".repeat(1_000_000));
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         &predicate,
         &[],
         ErrorKind::SourceTooLarge,
@@ -290,7 +290,7 @@ fn f8_nesting_a_million_deep_hits_the_depth_limit_even_without_a_source_cap() {
 
 #[test]
 fn f8_deep_nesting_within_the_source_cap_hits_the_depth_limit() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     for (open, close) in [("(", ")"), ("[", "]"), ("!", ""), ("abs(", ")")] {
         let predicate = format!("{}1{} == 1", open.repeat(500), close.repeat(500));
         rejected_at_compile(&sandbox, &predicate, &[], ErrorKind::ExpressionTooDeep);
@@ -301,7 +301,7 @@ fn f8_deep_nesting_within_the_source_cap_hits_the_depth_limit() {
 fn f8_long_operator_chains_hit_the_depth_limit() {
     let predicate = format!("context.n{} > 0", " + 1".repeat(500));
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         &predicate,
         &["n"],
         ErrorKind::ExpressionTooDeep,
@@ -313,7 +313,7 @@ fn source_of_one_megabyte_is_refused() {
     let predicate = format!("true || {}", "1 == 1 || ".repeat(100_000)) + "false";
     assert!(predicate.len() > 1_000_000);
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         &predicate,
         &[],
         ErrorKind::SourceTooLarge,
@@ -357,7 +357,7 @@ fn f10_large_array_literal_is_refused_at_compile_time() {
 fn f10_array_growth_at_runtime_hits_the_size_limit() {
     let list: Vec<i64> = (0..600).collect();
     fails_closed(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "(context.list + context.list).len() > 0",
         &["list"],
         &json!({"list": list}),
@@ -371,7 +371,7 @@ fn f10_map_growth_at_runtime_hits_the_size_limit() {
     let a: serde_json::Map<String, Value> = (0..600).map(|i| (format!("a{i}"), json!(i))).collect();
     let b: serde_json::Map<String, Value> = (0..600).map(|i| (format!("b{i}"), json!(i))).collect();
     fails_closed(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "(context.m + context.m2).len() > 0",
         &["m", "m2"],
         &json!({"m": a, "m2": b}),
@@ -383,7 +383,7 @@ fn f10_map_growth_at_runtime_hits_the_size_limit() {
 #[test]
 fn string_growth_at_runtime_hits_the_size_limit() {
     fails_closed(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "(context.s + context.s).len() > 0",
         &["s"],
         &json!({"s": "x".repeat(10_000)}),
@@ -396,7 +396,7 @@ fn string_growth_at_runtime_hits_the_size_limit() {
 
 #[test]
 fn f11_helpers_return_errors_instead_of_panicking() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     fails_closed(
         &sandbox,
         r#"hour_in(9223372036854775807, "UTC") == 1"#,
@@ -427,7 +427,7 @@ fn f11_helpers_return_errors_instead_of_panicking() {
 
 #[test]
 fn loops_are_a_syntax_error() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     for predicate in [
         "loop {}",
         "while true {}",
@@ -446,7 +446,7 @@ fn loops_are_a_syntax_error() {
 #[test]
 fn let_is_a_syntax_error() {
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "let x = 1; x == 1",
         &[],
         ErrorKind::Syntax,
@@ -456,7 +456,7 @@ fn let_is_a_syntax_error() {
 #[test]
 fn fn_definitions_are_a_syntax_error() {
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "fn f() { f() } f()",
         &[],
         ErrorKind::Syntax,
@@ -465,7 +465,7 @@ fn fn_definitions_are_a_syntax_error() {
 
 #[test]
 fn eval_is_disabled() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     rejected_at_compile(&sandbox, r#"eval("true")"#, &[], ErrorKind::Syntax);
     rejected_at_compile(
         &sandbox,
@@ -478,7 +478,7 @@ fn eval_is_disabled() {
 #[test]
 fn undeclared_attribute_is_refused() {
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "context.n > 1 && context.s == \"x\"",
         &["n"],
         ErrorKind::UndeclaredInput,
@@ -488,7 +488,7 @@ fn undeclared_attribute_is_refused() {
 #[test]
 fn computed_attribute_names_are_refused() {
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         r#"context["s" + ""] == "x""#,
         &["s"],
         ErrorKind::UndeclaredInput,
@@ -498,7 +498,7 @@ fn computed_attribute_names_are_refused() {
 #[test]
 fn reading_the_whole_context_is_refused() {
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "context.len() > 0",
         &[],
         ErrorKind::UndeclaredInput,
@@ -508,7 +508,7 @@ fn reading_the_whole_context_is_refused() {
 #[test]
 fn unknown_config_is_refused() {
     rejected_at_compile(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "context.n > config.nope",
         &["n"],
         ErrorKind::UnknownConfig,
@@ -518,7 +518,7 @@ fn unknown_config_is_refused() {
 #[test]
 fn integer_overflow_fails_closed() {
     fails_closed(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "context.n + 9223372036854775807 > 0",
         &["n"],
         &context(),
@@ -530,7 +530,7 @@ fn integer_overflow_fails_closed() {
 #[test]
 fn division_by_zero_fails_closed() {
     fails_closed(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "context.n / (context.n - 5) > 0",
         &["n"],
         &context(),
@@ -542,7 +542,7 @@ fn division_by_zero_fails_closed() {
 #[test]
 fn non_bool_result_fails_closed() {
     fails_closed(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "context.n + 1",
         &["n"],
         &context(),
@@ -553,7 +553,12 @@ fn non_bool_result_fails_closed() {
 
 #[test]
 fn a_constant_non_bool_is_refused_at_compile_time() {
-    rejected_at_compile(&Sandbox::default(), r#""yes""#, &[], ErrorKind::NotBool);
+    rejected_at_compile(
+        &crate::support::sandbox(),
+        r#""yes""#,
+        &[],
+        ErrorKind::NotBool,
+    );
 }
 
 #[test]
@@ -582,7 +587,7 @@ fn call_depth_cannot_be_reached_by_nesting_calls() {
 #[test]
 fn reading_an_absent_optional_attribute_fails_closed() {
     fails_closed(
-        &Sandbox::default(),
+        &crate::support::sandbox(),
         "hour_in(context.t, \"UTC\") > 3",
         &["t"],
         &json!({}),
@@ -594,7 +599,7 @@ fn reading_an_absent_optional_attribute_fails_closed() {
 #[test]
 fn the_server_keeps_working_after_every_attack() {
     // One sandbox through a run of attacks, then an ordinary predicate still answers.
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     for predicate in [
         r#"(context.s + "").pad(2000000000, "y").len() > 0"#,
         "context.n + 9223372036854775807 > 0",

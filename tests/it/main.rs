@@ -7,10 +7,13 @@
 mod api;
 mod app;
 mod cli;
+mod cluster;
 mod db;
+mod edge;
 mod hostile;
 mod openapi;
 mod properties;
+mod serve;
 mod store;
 mod support;
 mod worlds;

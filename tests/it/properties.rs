@@ -14,7 +14,7 @@ use crate::support::{example_worlds, system, verdict};
 fn fixtures() -> &'static (Sandbox, Vec<CompiledWorld>) {
     static FIXTURES: OnceLock<(Sandbox, Vec<CompiledWorld>)> = OnceLock::new();
     FIXTURES.get_or_init(|| {
-        let sandbox = Sandbox::default();
+        let sandbox = crate::support::sandbox();
         let worlds = example_worlds()
             .iter()
             .map(|d| load::load(d, &sandbox).unwrap_or_else(|e| panic!("{e}")))

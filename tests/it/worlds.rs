@@ -2,7 +2,6 @@
 //! semantics (severity order, the T1 floor, fail-closed errors, missing evidence).
 
 use serde_json::json;
-use spectral::sandbox::Sandbox;
 use spectral::worlds::cases::run_cases;
 use spectral::worlds::load;
 use spectral::worlds::model::{Severity, Status, WorkFramePatch};
@@ -14,7 +13,7 @@ use crate::support::{
 
 #[test]
 fn every_example_world_loads_and_passes_its_cases() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     for dir in example_worlds() {
         let world = load::load(&dir, &sandbox).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let results = run_cases(&world, &sandbox);
@@ -29,7 +28,7 @@ fn every_example_world_loads_and_passes_its_cases() {
 
 #[test]
 fn every_example_world_covers_every_severity_and_outcome() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     for dir in example_worlds() {
         let world = load::load(&dir, &sandbox).unwrap_or_else(|e| panic!("{e}"));
         let rules: Vec<_> = world.model.actions.iter().flat_map(|a| &a.rules).collect();
@@ -67,7 +66,7 @@ fn every_example_world_covers_every_severity_and_outcome() {
 }
 
 fn payments_source() -> ModuleSource {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     let world = load::load(&predicates_dir().join("acme-payments"), &sandbox)
         .unwrap_or_else(|e| panic!("{e}"));
     ModuleSource::of(&world.model, 0).unwrap_or_else(|| panic!("no action"))
@@ -75,7 +74,7 @@ fn payments_source() -> ModuleSource {
 
 #[test]
 fn every_example_action_runs_as_one_batch() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     for dir in example_worlds() {
         let world = load::load(&dir, &sandbox).unwrap_or_else(|e| panic!("{e}"));
         for m in &world.modules {
@@ -88,7 +87,7 @@ fn every_example_action_runs_as_one_batch() {
 fn batch_and_rule_by_rule_agree_on_every_case_context() {
     // Each rule's case contexts, merged with the first case of every other rule, exercise
     // matches, misses and guards of the whole action.
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     for dir in example_worlds() {
         let world = load::load(&dir, &sandbox).unwrap_or_else(|e| panic!("{e}"));
         for action in &world.model.actions {
@@ -161,7 +160,7 @@ fn any_change_gives_a_different_hash() {
 
 #[test]
 fn a_stored_module_is_verified_before_it_is_compiled() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     let source = payments_source();
     let bytes = source.canonical_json();
     let module =
@@ -213,7 +212,7 @@ fn multi_rule_world() -> spectral::worlds::WorldModel {
 
 #[test]
 fn the_most_severe_matched_rule_wins_ties_by_outcome() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     let world = compile(&multi_rule_world(), &sandbox);
     let status = |n: i64| decide(&world, &sandbox, "probe.run", &json!({"n": n})).status;
     assert_eq!(status(0), Status::Green, "no match is GREEN");
@@ -227,7 +226,7 @@ fn the_most_severe_matched_rule_wins_ties_by_outcome() {
 
 #[test]
 fn matched_rules_come_in_evaluation_order() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     let world = compile(&multi_rule_world(), &sandbox);
     let d = decide(&world, &sandbox, "probe.run", &json!({"n": 40}));
     let ids: Vec<_> = d
@@ -244,7 +243,7 @@ fn matched_rules_come_in_evaluation_order() {
 
 #[test]
 fn an_erroring_rule_fails_closed_and_is_never_green() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     let world = compile(&multi_rule_world(), &sandbox);
     let d = decide(&world, &sandbox, "probe.run", &json!({"n": 7}));
     assert_eq!(d.status, Status::Yellow);
@@ -257,7 +256,7 @@ fn an_erroring_rule_fails_closed_and_is_never_green() {
 
 #[test]
 fn missing_or_invalid_evidence_asks_for_it() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     let world = compile(&multi_rule_world(), &sandbox);
     for context in [
         json!({}),
@@ -280,7 +279,7 @@ fn missing_or_invalid_evidence_asks_for_it() {
 
 #[test]
 fn identical_requests_get_identical_answers() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     let world = load::load(&predicates_dir().join("acme-payments"), &sandbox)
         .unwrap_or_else(|e| panic!("{e}"));
     let ctx = json!({"amount": 60000, "currency": "USD", "payment_method": "wire",
@@ -312,7 +311,7 @@ fn identical_requests_get_identical_answers() {
 
 #[test]
 fn system_attributes_come_from_the_service_not_the_caller() {
-    let sandbox = Sandbox::default();
+    let sandbox = crate::support::sandbox();
     let world = load::load(&predicates_dir().join("acme-payments"), &sandbox)
         .unwrap_or_else(|e| panic!("{e}"));
     // support::system() binds 2026-03-02T15:30:00Z, 10:30 in New York on a Monday: inside

@@ -1,0 +1,130 @@
+//! Several instances on one Postgres: a deployment made through one is served by the others
+//! within the bounded delay, through NOTIFY and, with notifications off, through polling.
+//! Also readiness: an instance is not ready while a deployed world fails to load.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::app::{green_wire, test_config, Backend, Db, TestApp, OPERATOR};
+use crate::support::predicates_dir;
+
+/// Publish a YELLOW variant of the payments world through `app` and deploy it; return when
+/// `other` answers with version 2, and how long that took after the deploy returned.
+async fn deploy_and_measure(app: &TestApp, other: &TestApp) -> Duration {
+    let model =
+        spectral::worlds::load::load_model(&predicates_dir().join("acme-payments")).expect("loads");
+    let mut draft = serde_json::to_value(&model).expect("json");
+    for rule in draft["actions"][0]["rules"].as_array_mut().expect("rules") {
+        if rule["id"] == "standard-release" {
+            rule["outcome"] = json!("YELLOW");
+        }
+    }
+    let (s, b) = app
+        .put(OPERATOR, "/api/worlds/acme-payments/draft", &draft)
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = app
+        .post(OPERATOR, "/api/worlds/acme-payments/versions", &json!({}))
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (_, before) = other.decide(OPERATOR, &green_wire()).await;
+    assert_eq!(before["decision_metadata"]["world_model_version"], 1);
+    let (s, b) = app
+        .post(
+            OPERATOR,
+            "/api/worlds/acme-payments/deployments",
+            &json!({"version": 2}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let deployed = Instant::now();
+    // The deploying instance serves the new version before it answers.
+    let (_, own) = app.decide(OPERATOR, &green_wire()).await;
+    assert_eq!(own["decision_metadata"]["world_model_version"], 2);
+    loop {
+        let (_, d) = other.decide(OPERATOR, &green_wire()).await;
+        if d["decision_metadata"]["world_model_version"] == 2 {
+            assert_eq!(d["status"], "YELLOW");
+            return deployed.elapsed();
+        }
+        assert!(
+            deployed.elapsed() < Duration::from_secs(10),
+            "the other instance never switched"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_reaches_another_instance_through_notify() {
+    let db = Db::fresh(Backend::Postgres).await;
+    let a = TestApp::on(&db).await;
+    let mut config = test_config(&db);
+    // Polling so slow that only a notification can explain a fast switch.
+    config.cache.poll_interval = Duration::from_secs(60);
+    let b = TestApp::start(config).await;
+    let (_, health) = b.get(None, "/health").await;
+    assert_eq!(health["features"]["deployments"], "listening");
+    let took = deploy_and_measure(&a, &b).await;
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_reaches_another_instance_by_polling_when_notifications_are_off() {
+    let db = Db::fresh(Backend::Postgres).await;
+    let a = TestApp::on(&db).await;
+    let mut config = test_config(&db);
+    config.cache.listen = false;
+    config.cache.poll_interval = Duration::from_millis(200);
+    let b = TestApp::start(config).await;
+    let (_, health) = b.get(None, "/health").await;
+    assert_eq!(health["features"]["deployments"], "polling");
+    let took = deploy_and_measure(&a, &b).await;
+    // Bounded by the poll interval plus a load; generous for a busy machine.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_is_not_ready_while_a_deployed_world_fails_to_load() {
+    use sqlx::Connection;
+    let db = Db::fresh(Backend::Postgres).await;
+    let a = TestApp::on(&db).await;
+    let (s, _) = a.get(None, "/health").await;
+    assert_eq!(s, 200);
+    a.stop().await;
+    // Corrupt one stored module behind the service's back.
+    let mut c = sqlx::PgConnection::connect(db.postgres_url().expect("postgres"))
+        .await
+        .expect("connect");
+    sqlx::query("ALTER TABLE core.modules DISABLE TRIGGER modules_immutable")
+        .execute(&mut c)
+        .await
+        .expect("disable trigger");
+    let n = sqlx::query(
+        "UPDATE core.modules \
+         SET content = convert_to(replace(convert_from(content, 'UTF8'), 'standard-release', 'standard-relaxed'), 'UTF8') \
+         WHERE hash IN (SELECT module_hash FROM core.version_modules WHERE world = 'acme-payments')",
+    )
+    .execute(&mut c)
+    .await
+    .expect("corrupt module");
+    assert!(n.rows_affected() >= 1);
+    let mut config = test_config(&db);
+    config.bootstrap.seed_dir = None;
+    let b = TestApp::start(config).await;
+    let (s, health) = b.get(None, "/health").await;
+    assert_eq!(s, 503, "{health}");
+    assert_eq!(health["status"], "unavailable");
+    let failed = health["features"]["worlds"]["failed"]["acme-payments"]
+        .as_str()
+        .unwrap_or("");
+    assert!(failed.contains("hashes to"), "{health}");
+    // The other worlds are still served.
+    assert_eq!(health["features"]["worlds"]["loaded"]["globex-support"], 1);
+    b.stop().await;
+}

@@ -1,0 +1,146 @@
+//! Hostile and broken clients at the connection level: slow headers, idle connections past
+//! the limit. Each is cut off or shed, and the server keeps answering everyone else.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::app::{green_wire, test_config, Backend, Db, TestApp, OPERATOR};
+
+/// Read until the server closes the connection; return what it sent.
+async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> Option<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&out).into_owned()),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.server.header_timeout = Duration::from_millis(300);
+    let app = TestApp::start(config).await;
+    let mut slow = TcpStream::connect(app.addr()).await.expect("connect");
+    slow.write_all(b"POST /api/decide HTTP/1.1\r\nHost: spectral\r\nContent-Type: appl")
+        .await
+        .expect("write");
+    // Everyone else is served meanwhile.
+    let (s, _) = app.decide(OPERATOR, &green_wire()).await;
+    assert_eq!(s, 200);
+    let started = Instant::now();
+    let sent = read_to_close(&mut slow, Duration::from_secs(10)).await;
+    let sent = sent.expect("the server closed the slow connection");
+    assert!(
+        sent.is_empty() || sent.starts_with("HTTP/1.1 408"),
+        "{sent}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (s, _) = app.get(None, "/health").await;
+    assert_eq!(s, 200);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_past_the_limit_are_shed_and_reclaimed() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.server.max_connections = 5;
+    config.server.header_timeout = Duration::from_millis(1500);
+    let app = TestApp::start(config).await;
+    // One client with a keep-alive connection, in use before the flood.
+    let (s, _) = app.decide(OPERATOR, &green_wire()).await;
+    assert_eq!(s, 200);
+    // Four idle connections take the rest of the limit.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(app.addr()).await.expect("connect"));
+    }
+    // Give the server a moment to accept them all: it accepts in order, so once a fifth
+    // connection is shed, the four are being held.
+    let mut shed = None;
+    for _ in 0..50 {
+        let mut extra = TcpStream::connect(app.addr()).await.expect("connect");
+        extra
+            .write_all(b"GET /health HTTP/1.1\r\nHost: spectral\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = read_to_close(&mut extra, Duration::from_secs(5))
+            .await
+            .unwrap_or_default();
+        if answer.starts_with("HTTP/1.1 503") {
+            shed = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shed = shed.expect("a connection past the limit is answered 503");
+    assert!(shed.contains("too_many_connections"), "{shed}");
+    assert!(shed.contains("application/problem+json"), "{shed}");
+    // The client that was already connected keeps being answered.
+    let (s, _) = app.decide(OPERATOR, &green_wire()).await;
+    assert_eq!(s, 200);
+    // Idle connections are closed after the header timeout, and new clients get in again.
+    let started = Instant::now();
+    for conn in idle.iter_mut() {
+        let closed = read_to_close(conn, Duration::from_secs(10)).await;
+        assert!(closed.is_some(), "an idle connection was never closed");
+    }
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let fresh = reqwest::Client::new();
+    let resp = fresh.get(app.url("/health")).send().await.expect("sent");
+    assert_eq!(resp.status().as_u16(), 200);
+    let (_, metrics) = app.get(None, "/metrics").await;
+    let text = metrics.as_str().unwrap_or("").to_string();
+    let shed_count = text
+        .lines()
+        .find(|l| l.starts_with("spectral_connections_shed_total "))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(shed_count >= 1, "{text}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_decisions_and_errors() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let app = TestApp::on(&db).await;
+    let mut red = green_wire();
+    red["context"]["sanctions_hit"] = serde_json::json!(true);
+    app.decide(OPERATOR, &green_wire()).await;
+    app.decide(OPERATOR, &red).await;
+    app.decide("spk_wrong", &red).await;
+    let resp = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(
+        resp.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = resp.text().await.expect("text");
+    for line in [
+        "spectral_decisions_total{world=\"acme-payments\",status=\"GREEN\"} 1",
+        "spectral_decisions_total{world=\"acme-payments\",status=\"RED\"} 1",
+        "spectral_http_responses_total{route=\"decide\",class=\"2xx\"} 2",
+        "spectral_http_responses_total{route=\"decide\",class=\"4xx\"} 1",
+        "spectral_http_request_duration_seconds_count{route=\"decide\"} 3",
+        "spectral_cache_loads_total{result=\"ok\"} 3",
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    assert!(text.contains("spectral_decision_log_queue_depth"));
+    assert!(text.contains("spectral_decision_log_dropped_total 0"));
+    app.stop().await;
+}

@@ -1,0 +1,220 @@
+//! The `spectral` binary as an operator runs it: `serve` with zero configuration, SIGTERM,
+//! `keys create`, `world push`, `migrate` and `audit verify`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::app::green_wire;
+use crate::support::predicates_dir;
+
+/// A `spectral serve` process on a free port with its own data directory.
+struct Server {
+    child: Child,
+    base: String,
+    operator_key: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Start `spectral serve` in an empty working directory, configured only with a data
+    /// directory, a port and the example worlds; read the address and the generated operator
+    /// key from its output.
+    fn start(data: &std::path::Path, dir: tempfile::TempDir) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spectral"))
+            .arg("serve")
+            .current_dir(dir.path())
+            .env("SPECTRAL_ADDR", "127.0.0.1:0")
+            .env("SPECTRAL_DATA_DIR", data)
+            .env("SPECTRAL_SEED_DIR", predicates_dir())
+            .env("SPECTRAL_LOG_FORMAT", "json")
+            .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spectral serve starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        let mut key = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while addr.is_none() || key.is_none() {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("serve printed its address and key in time");
+            if let Some(k) = line.strip_prefix("operator key (shown once, store it now): ") {
+                key = Some(k.trim().to_string());
+            } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == "spectral API listening" {
+                    addr = v["addr"].as_str().map(String::from);
+                }
+            }
+        }
+        Self {
+            child,
+            base: format!("http://{}", addr.expect("addr")),
+            operator_key: key.expect("key"),
+            _dir: dir,
+        }
+    }
+
+    fn terminate(&mut self) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let code = self.child.wait().expect("exits").code();
+        (code, started.elapsed())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spectral(args: &[&str], data: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_spectral"))
+        .args(args)
+        .env("SPECTRAL_DATA_DIR", data)
+        .env("SPECTRAL_LOG", "warn")
+        .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("spectral runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_zero_configuration_answers_and_stops_on_sigterm() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(data.path(), tempfile::tempdir().expect("tempdir"));
+    let client = reqwest::Client::new();
+    let health: serde_json::Value = client
+        .get(format!("{}/health", server.base))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["features"]["store"]["backend"], "sqlite");
+    let loaded = health["features"]["worlds"]["loaded"]
+        .as_object()
+        .map(|m| m.len());
+    assert_eq!(loaded, Some(3));
+    let resp = client
+        .post(format!("{}/api/decide", server.base))
+        .bearer_auth(&server.operator_key)
+        .json(&green_wire())
+        .send()
+        .await
+        .expect("decide");
+    assert_eq!(resp.status().as_u16(), 200);
+    let (code, took) = server.terminate();
+    assert_eq!(code, Some(0), "a graceful stop exits 0");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    // The decision was written before the process exited, and its chain verifies.
+    let (code, stdout, stderr) = spectral(
+        &["audit", "verify", "--world", "acme-payments"],
+        data.path(),
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("chain intact (1 records)"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_push_and_migrate_from_the_command_line() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (code, out, err) = spectral(&["migrate"], data.path());
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("migrations applied"));
+    let (code, key, err) = spectral(
+        &[
+            "keys",
+            "create",
+            "--world",
+            "acme-payments",
+            "--scopes",
+            "decide,read,author,deploy",
+        ],
+        data.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let key = key.trim().to_string();
+    assert!(key.starts_with("spk_"), "{key}");
+    assert!(err.contains("world 'acme-payments'") && err.contains("decide,read,author,deploy"));
+    let (code, _, err) = spectral(
+        &["keys", "create", "--world", "x", "--scopes", "fly"],
+        data.path(),
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown scope 'fly'"), "{err}");
+
+    // A server on the same data; the world key pushes a new version of its world.
+    let mut server = Server::start(data.path(), tempfile::tempdir().expect("tempdir"));
+    let (code, out, err) = spectral(
+        &[
+            "world",
+            "push",
+            &predicates_dir().join("acme-payments").to_string_lossy(),
+            "--url",
+            &server.base,
+            "--key",
+            &key,
+            "--deploy",
+        ],
+        data.path(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // The seeded version 1 exists already, so the push publishes version 2.
+    assert!(out.contains("acme-payments: published version 2"), "{out}");
+    assert!(out.contains("acme-payments: deployed version 2"), "{out}");
+    let client = reqwest::Client::new();
+    let mut body = green_wire();
+    body.as_object_mut().expect("object").remove("world");
+    let d: serde_json::Value = client
+        .post(format!("{}/api/decide", server.base))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .expect("decide")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(d["decision_metadata"]["world_model_version"], 2, "{d}");
+    // A push of a world the key does not own is refused with the server's reason.
+    let (code, _, err) = spectral(
+        &[
+            "world",
+            "push",
+            &predicates_dir().join("globex-support").to_string_lossy(),
+            "--url",
+            &server.base,
+            "--key",
+            &key,
+        ],
+        data.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("403"), "{err}");
+    server.terminate();
+}
