@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 use crate::sandbox::Sandbox;
 use crate::service::auth;
-use crate::store::{NewKey, Scope, Store};
+use crate::store::{NewKey, OutboxStatus, Scope, Store};
 use crate::worlds::{self, cases, context::SystemValues, load};
 
 #[derive(Debug, Parser)]
@@ -29,11 +29,48 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the API (port 8000 by default). With no configuration: SQLite under ./data, the
-    /// example worlds from ./predicates published and deployed, an operator key printed once.
+    /// Run the API (port 8000 by default) and the workers. With no configuration: SQLite
+    /// under ./data, the example worlds from ./predicates published and deployed, an operator
+    /// key printed once.
     Serve,
+    /// Run the API alone (its events are handled by `spectral workers` of the same
+    /// SPECTRAL_GENERATION).
+    Api,
+    /// Run the workers alone: the outbox consumer of SPECTRAL_GENERATION.
+    Workers,
+    /// Inspect and act on outbox rows.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Poll a service's /health until the expected build is live and healthy: the go/no-go
+    /// step of a deploy. Exits 0 when live, 1 when the timeout passes first.
+    Gate {
+        /// The service's base URL, e.g. https://spectral.example.com.
+        #[arg(long)]
+        url: String,
+        /// The version that must be live; any when omitted.
+        #[arg(long)]
+        expect_version: Option<String>,
+        /// The git sha that must be live.
+        #[arg(long)]
+        expect_sha: Option<String>,
+        /// The generation that must be live.
+        #[arg(long)]
+        expect_generation: Option<String>,
+        /// A feature /health must show, e.g. outbox=wired or store.backend=postgres
+        /// (repeatable).
+        #[arg(long, value_name = "FEATURE=VALUE")]
+        require: Vec<crate::gate::Requirement>,
+        /// How long to keep trying, e.g. 5m or 90s.
+        #[arg(long, default_value = "60s", value_parser = crate::gate::parse_duration)]
+        timeout: std::time::Duration,
+        /// The pause between attempts.
+        #[arg(long, default_value = "2s", value_parser = crate::gate::parse_duration)]
+        interval: std::time::Duration,
+    },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -115,6 +152,30 @@ enum KeysCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// List rows, newest first.
+    List {
+        /// pending, in_flight, delivered or failed.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        generation: Option<i64>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Put a failed row back to pending, keeping its failure history.
+    Replay { id: i64 },
+    /// Move the undelivered rows of an old generation to this one (SPECTRAL_GENERATION, or
+    /// --to-generation).
+    Adopt {
+        #[arg(long)]
+        from_generation: i64,
+        #[arg(long)]
+        to_generation: Option<i64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Walk a world's decision chain and report the first broken link.
     Verify {
@@ -147,11 +208,44 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::from_env().context("invalid configuration")?;
     match cli.command {
-        Command::Serve => {
+        Command::Gate {
+            url,
+            expect_version,
+            expect_sha,
+            expect_generation,
+            require,
+            timeout,
+            interval,
+        } => {
+            let gate = crate::gate::Gate {
+                url,
+                timeout,
+                interval,
+                expect: crate::gate::Expectations {
+                    version: expect_version,
+                    git_sha: expect_sha,
+                    generation: expect_generation,
+                    require,
+                },
+            };
+            return Ok(runtime()?.block_on(crate::gate::main(&gate)));
+        }
+        Command::Serve | Command::Api => {
+            let mode = if matches!(cli.command, Command::Serve) {
+                crate::supervisor::Mode::Both
+            } else {
+                crate::supervisor::Mode::Api
+            };
             crate::telemetry::init_tracing(config.log.json, &config.log.filter);
-            runtime()?.block_on(crate::supervisor::run_until_signal(config))?;
+            runtime()?.block_on(crate::supervisor::run_until_signal(config, mode))?;
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Workers => {
+            crate::telemetry::init_tracing(config.log.json, &config.log.filter);
+            runtime()?.block_on(crate::supervisor::run_workers_until_signal(config))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Outbox { command } => return runtime()?.block_on(outbox(&config, command)),
         Command::Migrate => {
             crate::telemetry::init_tracing(config.log.json, &config.log.filter);
             runtime()?.block_on(async {
@@ -261,6 +355,60 @@ async fn create_key(
             .join(",")
     );
     Ok(ExitCode::SUCCESS)
+}
+
+async fn outbox(config: &Config, command: OutboxCommand) -> anyhow::Result<ExitCode> {
+    let mut store_config = config.store.clone();
+    store_config.migrate_on_start = false;
+    let store = Store::connect(&store_config).await?;
+    let result = match command {
+        OutboxCommand::List {
+            status,
+            generation,
+            limit,
+        } => {
+            let status = status
+                .map(|s| {
+                    OutboxStatus::parse(&s).ok_or_else(|| {
+                        anyhow!("unknown status '{s}'; expected pending, in_flight, delivered or failed")
+                    })
+                })
+                .transpose()?;
+            let rows = store.outbox_list(status, generation, limit).await?;
+            for r in &rows {
+                println!(
+                    "{}\t{}\tgen {}\t{}\tattempts {}\t{}\t{}",
+                    r.id,
+                    r.status.as_str(),
+                    r.generation,
+                    r.event_type,
+                    r.attempts,
+                    r.world.as_deref().unwrap_or("-"),
+                    r.last_error.as_deref().unwrap_or("")
+                );
+            }
+            eprintln!("{} row(s)", rows.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        OutboxCommand::Replay { id } => {
+            store.replay(id).await?;
+            println!("row {id} is pending again");
+            Ok(ExitCode::SUCCESS)
+        }
+        OutboxCommand::Adopt {
+            from_generation,
+            to_generation,
+        } => {
+            let to = to_generation.or(config.outbox.generation).ok_or_else(|| {
+                anyhow!("name the adopting generation with --to-generation or SPECTRAL_GENERATION")
+            })?;
+            let n = store.adopt(from_generation, to).await?;
+            println!("{n} row(s) of generation {from_generation} adopted by generation {to}");
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    store.close().await;
+    result
 }
 
 async fn audit(config: &Config, world: &str) -> anyhow::Result<ExitCode> {

@@ -119,6 +119,48 @@ impl Default for DecisionLogConfig {
     }
 }
 
+/// The outbox consumer of the workers runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxConfig {
+    /// This deploy's generation (`SPECTRAL_GENERATION`); allocated from the store at start
+    /// when unset. `spectral api` and `spectral workers` run apart must be given the same one.
+    pub generation: Option<i64>,
+    /// Time between polls when nothing wakes the consumer (`SPECTRAL_OUTBOX_POLL_MS`),
+    /// jittered by ±20%.
+    pub poll_interval: Duration,
+    /// Rows claimed at once (`SPECTRAL_OUTBOX_BATCH`).
+    pub batch_size: u32,
+    /// How long a claim lasts before the row is rescued from a dead worker
+    /// (`SPECTRAL_OUTBOX_LEASE_MS`). Must exceed the slowest handler.
+    pub lease: Duration,
+    /// Listen for Postgres notifications of new rows (`SPECTRAL_OUTBOX_LISTEN`).
+    pub listen: bool,
+    /// First retry delay (`SPECTRAL_OUTBOX_RETRY_BASE_MS`); doubles per attempt, with full
+    /// jitter, up to `SPECTRAL_OUTBOX_RETRY_CAP_MS`.
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    /// Attempts before a row fails for good (`SPECTRAL_OUTBOX_MAX_ATTEMPTS`).
+    pub max_attempts: u32,
+    /// Time a webhook delivery may take (`SPECTRAL_WEBHOOK_TIMEOUT_MS`).
+    pub webhook_timeout: Duration,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            generation: None,
+            poll_interval: Duration::from_millis(1000),
+            batch_size: 32,
+            lease: Duration::from_secs(60),
+            listen: true,
+            retry_base: Duration::from_secs(1),
+            retry_cap: Duration::from_secs(300),
+            max_attempts: 5,
+            webhook_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// What `spectral serve` sets up on a fresh store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootstrapConfig {
@@ -168,6 +210,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub cache: CacheConfig,
     pub decision_log: DecisionLogConfig,
+    pub outbox: OutboxConfig,
     pub bootstrap: BootstrapConfig,
     pub log: LogConfig,
 }
@@ -408,6 +451,48 @@ impl Config {
                 ))
             }
         };
+
+        let o = &mut c.outbox;
+        if let Some(g) = v
+            .get("SPECTRAL_GENERATION")
+            .filter(|g| !g.trim().is_empty())
+        {
+            let n: i64 = g.trim().parse().map_err(|e| {
+                Vars::err("SPECTRAL_GENERATION", g, format!("not a whole number: {e}"))
+            })?;
+            if n < 1 {
+                return Err(Vars::err("SPECTRAL_GENERATION", g, "must be 1 or more"));
+            }
+            o.generation = Some(n);
+        }
+        v.millis(
+            "SPECTRAL_OUTBOX_POLL_MS",
+            &mut o.poll_interval,
+            10..=3_600_000,
+        )?;
+        v.number("SPECTRAL_OUTBOX_BATCH", &mut o.batch_size, 1..=10_000)?;
+        v.millis("SPECTRAL_OUTBOX_LEASE_MS", &mut o.lease, 100..=86_400_000)?;
+        v.flag("SPECTRAL_OUTBOX_LISTEN", &mut o.listen)?;
+        v.millis(
+            "SPECTRAL_OUTBOX_RETRY_BASE_MS",
+            &mut o.retry_base,
+            1..=3_600_000,
+        )?;
+        v.millis(
+            "SPECTRAL_OUTBOX_RETRY_CAP_MS",
+            &mut o.retry_cap,
+            1..=86_400_000,
+        )?;
+        v.number(
+            "SPECTRAL_OUTBOX_MAX_ATTEMPTS",
+            &mut o.max_attempts,
+            1..=1000,
+        )?;
+        v.millis(
+            "SPECTRAL_WEBHOOK_TIMEOUT_MS",
+            &mut o.webhook_timeout,
+            10..=600_000,
+        )?;
 
         let b = &mut c.bootstrap;
         if let Some(key) = v.get("SPECTRAL_OPERATOR_KEY").filter(|k| !k.is_empty()) {

@@ -182,7 +182,7 @@ async fn dispatch(
             &serde_json::json!({
                 "version": app.build.version,
                 "git_sha": app.build.git_sha,
-                "generation": null,
+                "generation": app.generation,
             }),
         )),
         Endpoint::Metrics => {
@@ -276,6 +276,13 @@ async fn authed(
             &app.version(caller, &world, version).await?,
         )),
         Endpoint::Actions(world) => Ok(json(StatusCode::OK, &app.actions(caller, &world).await?)),
+        Endpoint::Stats(world) => Ok(json(StatusCode::OK, &app.stats(caller, &world).await?)),
+        Endpoint::Webhooks(world) => {
+            let body = json_body(req, config.max_body_bytes).await?;
+            let input: crate::service::WebhookInput = parse(&body)?;
+            let created = app.create_webhook(caller, &world, input).await?;
+            Ok(json(StatusCode::CREATED, &created))
+        }
         Endpoint::Health | Endpoint::Version | Endpoint::Metrics => Err(ServiceError::Internal(
             "unauthenticated endpoint routed as authenticated".into(),
         )

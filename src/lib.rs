@@ -5,7 +5,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod gate;
 pub mod http;
+pub mod outbox;
 pub mod sandbox;
 pub mod service;
 pub mod store;

@@ -108,6 +108,38 @@ impl BuildInfo {
     }
 }
 
+/// The body of `POST /api/worlds/{world}/webhooks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookInput {
+    /// Where deliveries are POSTed; http or https.
+    pub url: String,
+    /// Event types to deliver; both world events by default.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+    /// The HMAC key; generated (and returned once) when absent.
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+/// A created webhook, with its secret shown this once.
+#[derive(Debug, Serialize)]
+pub struct CreatedWebhook {
+    #[serde(flatten)]
+    pub webhook: crate::store::Webhook,
+    pub secret: String,
+}
+
+/// Decision statistics of a world.
+#[derive(Debug, Serialize)]
+pub struct WorldStats {
+    pub world: String,
+    /// Decisions by status.
+    pub decisions: std::collections::BTreeMap<String, i64>,
+    /// Per rule: matches by the decision's status.
+    pub rules: std::collections::BTreeMap<String, std::collections::BTreeMap<String, i64>>,
+}
+
 /// The published version and its modules.
 #[derive(Debug, Clone, Serialize)]
 pub struct Published {
@@ -130,6 +162,10 @@ pub struct App {
     /// Set by the supervisor once bootstrap and the first cache load are done; cleared when
     /// shutdown begins so that load balancers stop sending traffic.
     pub ready: AtomicBool,
+    /// This deploy's generation, stamped on every event this process produces.
+    pub generation: i64,
+    /// The outbox consumer's wiring, `off` when no consumer runs in this process.
+    pub outbox: Arc<crate::outbox::OutboxState>,
 }
 
 fn digest(bytes: &[u8]) -> String {
@@ -414,6 +450,89 @@ impl App {
         Ok(openapi::document(&loaded.model, loaded.version))
     }
 
+    /// Decision statistics, as the `decision.recorded` handler has counted them so far.
+    pub async fn stats(&self, caller: &Caller, world: &str) -> Result<WorldStats, ServiceError> {
+        caller.check(world, Scope::Read)?;
+        let rows = self
+            .store
+            .stats(world)
+            .await
+            .map_err(ServiceError::from_store)?;
+        let mut stats = WorldStats {
+            world: world.to_string(),
+            decisions: Default::default(),
+            rules: Default::default(),
+        };
+        for r in rows {
+            if r.rule == "*" {
+                stats.decisions.insert(r.status, r.count);
+            } else {
+                stats
+                    .rules
+                    .entry(r.rule)
+                    .or_default()
+                    .insert(r.status, r.count);
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Subscribe a URL to a world's events.
+    pub async fn create_webhook(
+        &self,
+        caller: &Caller,
+        world: &str,
+        input: WebhookInput,
+    ) -> Result<CreatedWebhook, ServiceError> {
+        caller.check(world, Scope::Author)?;
+        let url = reqwest::Url::parse(&input.url)
+            .map_err(|e| ServiceError::BadRequest(format!("url '{}': {e}", input.url)))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ServiceError::BadRequest(format!(
+                "url '{}' must be http or https",
+                input.url
+            )));
+        }
+        let known = [
+            crate::store::events::VERSION_PUBLISHED,
+            crate::store::events::MODULE_DEPLOYED,
+        ];
+        let events = input
+            .events
+            .unwrap_or_else(|| known.iter().map(|e| e.to_string()).collect());
+        if let Some(bad) = events.iter().find(|e| !known.contains(&e.as_str())) {
+            return Err(ServiceError::BadRequest(format!(
+                "unknown event '{bad}'; webhooks receive {}",
+                known.join(", ")
+            )));
+        }
+        if self
+            .store
+            .world(world)
+            .await
+            .map_err(ServiceError::from_store)?
+            .is_none()
+        {
+            return Err(ServiceError::NotFound(format!(
+                "world '{world}' does not exist"
+            )));
+        }
+        let secret = input.secret.unwrap_or_else(|| auth::generate().1);
+        let webhook = crate::store::Webhook {
+            id: format!("wh_{}", uuid::Uuid::now_v7().simple()),
+            world: world.to_string(),
+            url: url.to_string(),
+            secret: secret.clone(),
+            events,
+            created_at: chrono::Utc::now(),
+        };
+        self.store
+            .create_webhook(&webhook)
+            .await
+            .map_err(ServiceError::from_store)?;
+        Ok(CreatedWebhook { webhook, secret })
+    }
+
     /// Publish and deploy every world folder under `dir` that the store does not have yet.
     /// Used by `spectral serve` so that a fresh install answers decisions at once.
     pub async fn seed(&self, dir: &Path) -> Result<Vec<Published>, ServiceError> {
@@ -469,18 +588,20 @@ impl App {
         let loaded = self.cache.loaded();
         let failed = self.cache.failures();
         let ready = self.ready.load(Ordering::Acquire) && store_ok && failed.is_empty();
+        let rows = self.store.outbox_counts(self.generation).await.ok();
         let body = serde_json::json!({
             "status": if ready { "ok" } else { "unavailable" },
             "version": self.build.version,
             "git_sha": self.build.git_sha,
-            "generation": null,
+            "generation": self.generation,
             "uptime_s": self.started.elapsed().as_secs(),
             "features": {
                 "store": {"backend": self.store.backend(), "reachable": store_ok},
                 "deployments": self.cache.watch_mode(),
                 "worlds": {"loaded": loaded, "failed": failed},
                 "decision_log": self.log.status(),
-                "outbox": "off",
+                "outbox": self.outbox.wiring(),
+                "outbox_rows": rows,
                 "agent": "unconfigured",
             }
         });

@@ -255,16 +255,26 @@ pub fn chain_hash(prev_hash: &str, seq: u64, decision: &NewDecision) -> String {
     format!("sha256:{}", hex::encode(h.finalize()))
 }
 
-/// Notifications that some world's deployment changed, pushed by Postgres `LISTEN`.
+/// Notifications pushed by Postgres `LISTEN`: of deployments (payload: the world's slug) or
+/// of outbox inserts (payload: the row id).
 pub struct DeploymentListener {
     inner: postgres::Listener,
 }
 
+/// The listener of either channel.
+pub type Listener = DeploymentListener;
+
 impl DeploymentListener {
-    /// Wait for the next notification; the payload is the world's slug. An error means the
-    /// connection was lost: callers fall back to polling and listen again later.
+    /// Wait for the next notification's payload. An error means the connection was lost:
+    /// callers fall back to polling and listen again later.
     pub async fn next(&mut self) -> Result<String, StoreError> {
         self.inner.next().await
+    }
+
+    /// Check the listening connection is alive; a silently dead connection would otherwise
+    /// leave the caller waiting for notifications that never come.
+    pub async fn ping(&mut self) -> Result<(), StoreError> {
+        self.inner.ping().await
     }
 }
 
@@ -419,6 +429,380 @@ impl Store {
     ) -> Result<Vec<DecisionRecord>, StoreError> {
         dispatch!(self, s => s.decisions(world, after, limit).await)
     }
+
+    /// The generation stamped on events this store produces.
+    pub fn generation(&self) -> i64 {
+        dispatch!(self, s => s.stamp.generation.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Set the generation stamped on events this store (and its clones) produce.
+    pub fn set_generation(&self, generation: i64) {
+        dispatch!(self, s => s.stamp.generation.store(generation, std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Woken after this process commits events; a consumer in the same process waits on it.
+    pub fn local_wake(&self) -> &tokio::sync::Notify {
+        dispatch!(self, s => &s.stamp.wake)
+    }
+
+    /// Allocate a new deploy generation.
+    pub async fn allocate_generation(&self, git_sha: &str, note: &str) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.allocate_generation(git_sha, note).await)
+    }
+
+    /// Append events outside any other change (tests, and producers with no change of
+    /// their own).
+    pub async fn enqueue(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        let r = dispatch!(self, s => s.enqueue(events).await);
+        self.local_wake().notify_waiters();
+        r
+    }
+
+    /// Claim up to `limit` pending rows of `generation` that are due, oldest first, for
+    /// `worker`. Concurrent claimers never get the same row.
+    pub async fn claim(
+        &self,
+        generation: i64,
+        worker: &str,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        dispatch!(self, s => s.claim(generation, worker, limit).await)
+    }
+
+    /// Record that `handler` handled the row, apply its effect and mark the row delivered,
+    /// all in one transaction.
+    pub async fn complete(
+        &self,
+        row: &OutboxRow,
+        worker: &str,
+        handler: &str,
+        effect: &Effect,
+    ) -> Result<Completion, StoreError> {
+        let r = dispatch!(self, s => s.complete(row, worker, handler, effect).await);
+        if matches!(effect, Effect::Enqueue(_)) {
+            self.local_wake().notify_waiters();
+        }
+        r
+    }
+
+    /// Record a failed attempt: back to pending at `retry_at`, or failed when `terminal`.
+    /// Returns the row's new status (`None` when the row was no longer this worker's).
+    pub async fn fail(
+        &self,
+        row: &OutboxRow,
+        worker: &str,
+        error: &str,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<OutboxStatus>, StoreError> {
+        dispatch!(self, s => s.fail(row, worker, error, retry_at).await)
+    }
+
+    /// Return rows claimed by `worker` but not started to pending, undoing their attempt.
+    pub async fn release(&self, worker: &str, ids: &[i64]) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.release(worker, ids).await)
+    }
+
+    /// Return rows of `generation` whose claim is older than `lease` to pending: their
+    /// worker died.
+    pub async fn rescue(
+        &self,
+        generation: i64,
+        lease: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.rescue(generation, lease).await)
+    }
+
+    pub async fn outbox_row(&self, id: i64) -> Result<Option<OutboxRow>, StoreError> {
+        dispatch!(self, s => s.outbox_row(id).await)
+    }
+
+    /// Rows by status (and generation), newest first, at most `limit`.
+    pub async fn outbox_list(
+        &self,
+        status: Option<OutboxStatus>,
+        generation: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        dispatch!(self, s => s.outbox_list(status, generation, limit).await)
+    }
+
+    /// Put a failed row back to pending, keeping its failure history. `NotFound` unless the
+    /// row exists and has failed.
+    pub async fn replay(&self, id: i64) -> Result<(), StoreError> {
+        let r = dispatch!(self, s => s.replay(id).await);
+        self.local_wake().notify_waiters();
+        r
+    }
+
+    /// Move every undelivered row of generation `from` to generation `to`; in-flight rows
+    /// (their worker is gone with its generation) become pending. Returns the count.
+    pub async fn adopt(&self, from: i64, to: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.adopt(from, to).await)
+    }
+
+    pub async fn outbox_counts(&self, generation: i64) -> Result<OutboxCounts, StoreError> {
+        dispatch!(self, s => s.outbox_counts(generation).await)
+    }
+
+    /// Listen for outbox inserts; `None` on SQLite.
+    pub async fn listen_outbox(&self) -> Result<Option<DeploymentListener>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => Ok(Some(DeploymentListener {
+                inner: s.listen_channel(OUTBOX_CHANNEL).await?,
+            })),
+        }
+    }
+
+    /// A world's decision statistics: `(rule, status, count)`, rule `*` for decisions.
+    pub async fn stats(&self, world: &str) -> Result<Vec<StatDelta>, StoreError> {
+        dispatch!(self, s => s.stats(world).await)
+    }
+
+    pub async fn create_webhook(&self, hook: &Webhook) -> Result<(), StoreError> {
+        dispatch!(self, s => s.create_webhook(hook).await)
+    }
+
+    pub async fn webhooks(&self, world: &str) -> Result<Vec<Webhook>, StoreError> {
+        dispatch!(self, s => s.webhooks(world).await)
+    }
+
+    pub async fn webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
+        dispatch!(self, s => s.webhook(id).await)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The outbox (SPEC §6).
+
+/// The NOTIFY channel outbox rows signal on insert.
+pub const OUTBOX_CHANNEL: &str = "spectral_outbox";
+
+/// Event types produced by the service.
+pub mod events {
+    /// A world version was published; payload `{world, version, modules, published_by}`.
+    pub const VERSION_PUBLISHED: &str = "worldmodel.version.published";
+    /// A version was deployed (or rolled back to); payload `{world, version, seq, deployed_by}`.
+    pub const MODULE_DEPLOYED: &str = "module.deployed";
+    /// A batch of decisions of one world was recorded; one event per world per group commit,
+    /// payload `{world, first_seq, last_seq, decisions: [{decision_id, action, status, rules}]}`.
+    pub const DECISION_RECORDED: &str = "decision.recorded";
+    /// The World Agent was asked to author a rule.
+    pub const AGENT_TASK_CREATED: &str = "agent.task.created";
+    /// One webhook delivery to one subscriber; payload `{webhook_id, event_type, body}`.
+    pub const WEBHOOK_DELIVERY: &str = "webhook.delivery";
+}
+
+/// An event to append to the outbox, in the transaction of the change it describes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewEvent {
+    pub event_type: String,
+    pub world: Option<String>,
+    pub payload: serde_json::Value,
+    /// Unique per event type; a second insert with the same key is ignored.
+    pub idempotency_key: String,
+    /// The handler the event is for; `None` for the event type's handler.
+    pub target: Option<String>,
+}
+
+/// The status of an outbox row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxStatus {
+    Pending,
+    InFlight,
+    Delivered,
+    Failed,
+}
+
+impl OutboxStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::InFlight => "in_flight",
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Pending, Self::InFlight, Self::Delivered, Self::Failed]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+}
+
+/// A row of the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_type: String,
+    pub event_version: i32,
+    pub occurred_at: DateTime<Utc>,
+    pub source: String,
+    pub target: Option<String>,
+    pub channel: String,
+    pub generation: i64,
+    pub world: Option<String>,
+    pub payload: serde_json::Value,
+    pub idempotency_key: String,
+    pub trace_context: Option<String>,
+    pub status: OutboxStatus,
+    pub attempts: i32,
+    pub available_at: DateTime<Utc>,
+    pub claimed_at: Option<DateTime<Utc>>,
+    pub claimed_by: Option<String>,
+    pub last_error: Option<String>,
+    pub failure_history: serde_json::Value,
+    pub first_failed_at: Option<DateTime<Utc>>,
+}
+
+/// Counts for `/health`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OutboxCounts {
+    pub pending: i64,
+    pub in_flight: i64,
+    pub failed: i64,
+    /// Pending, in-flight or failed rows that other generations left behind.
+    pub other_generations: i64,
+}
+
+/// One increment of the decision statistics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatDelta {
+    pub world: String,
+    /// A rule id, or `*` for whole decisions.
+    pub rule: String,
+    pub status: String,
+    pub count: i64,
+}
+
+/// What a handler changes in the store, applied in the transaction that records the event
+/// as handled. Handlers describe effects as data because only the store holds SQL.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Nothing in the store (the handler's work was outside, e.g. an HTTP delivery).
+    None,
+    /// Add to the decision statistics.
+    Stats(Vec<StatDelta>),
+    /// Append further events (a fan-out).
+    Enqueue(Vec<NewEvent>),
+}
+
+/// What became of a handled row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// The effect was applied and the row delivered.
+    Applied,
+    /// The handler had already handled this idempotency key; the row is delivered with no
+    /// second effect.
+    Duplicate,
+    /// The row was no longer claimed by this worker (its lease expired and another took it);
+    /// nothing was changed.
+    Lost,
+}
+
+/// A webhook subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Webhook {
+    pub id: String,
+    pub world: String,
+    pub url: String,
+    #[serde(skip_serializing)]
+    pub secret: String,
+    pub events: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The outbox events a publish produces.
+fn published_event(version: &NewVersion, number: u64) -> NewEvent {
+    NewEvent {
+        event_type: events::VERSION_PUBLISHED.into(),
+        world: Some(version.world.clone()),
+        payload: serde_json::json!({
+            "world": version.world,
+            "version": number,
+            "modules": version.modules.iter().map(|m| serde_json::json!({"action": m.action, "hash": m.hash})).collect::<Vec<_>>(),
+            "published_by": version.published_by,
+        }),
+        idempotency_key: format!("{}:{number}", version.world),
+        target: None,
+    }
+}
+
+fn deployed_event(world: &str, d: &Deployment) -> NewEvent {
+    NewEvent {
+        event_type: events::MODULE_DEPLOYED.into(),
+        world: Some(world.to_string()),
+        payload: serde_json::json!({
+            "world": world,
+            "version": d.version,
+            "seq": d.seq,
+            "deployed_by": d.deployed_by,
+        }),
+        idempotency_key: format!("{world}:{}", d.seq),
+        target: None,
+    }
+}
+
+/// One `decision.recorded` event per world per group commit: a handler then updates the
+/// statistics once per batch rather than once per decision, which keeps the outbox from
+/// growing as fast as the decision log.
+fn recorded_event(world: &str, chained: &[ChainedDecision]) -> Option<NewEvent> {
+    let first = chained.first()?.seq;
+    let last = chained.last()?.seq;
+    let decisions: Vec<serde_json::Value> = chained
+        .iter()
+        .map(|c| {
+            let d = &c.record.decision;
+            let rules: Vec<&serde_json::Value> = d
+                .matched_rules
+                .as_array()
+                .map(|a| a.iter().filter_map(|r| r.get("id")).collect())
+                .unwrap_or_default();
+            serde_json::json!({
+                "decision_id": d.decision_id,
+                "action": d.action,
+                "status": d.status,
+                "rules": rules,
+            })
+        })
+        .collect();
+    Some(NewEvent {
+        event_type: events::DECISION_RECORDED.into(),
+        world: Some(world.to_string()),
+        payload: serde_json::json!({
+            "world": world,
+            "first_seq": first,
+            "last_seq": last,
+            "decisions": decisions,
+        }),
+        idempotency_key: format!("{world}:{first}-{last}"),
+        target: None,
+    })
+}
+
+/// Who produces events: stamped on every row.
+#[derive(Debug)]
+struct Stamp {
+    /// The deploy generation of this process; consumers claim only their own.
+    generation: std::sync::atomic::AtomicI64,
+    /// Signalled after a commit that appended events, so a consumer in the same process
+    /// wakes at once (SQLite has no NOTIFY).
+    wake: tokio::sync::Notify,
+}
+
+impl Default for Stamp {
+    fn default() -> Self {
+        Self {
+            generation: std::sync::atomic::AtomicI64::new(0),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+fn source() -> String {
+    format!("spectral/{}", env!("CARGO_PKG_VERSION"))
 }
 
 // ---------------------------------------------------------------------------------------------

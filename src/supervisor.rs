@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::outbox::{handlers, Consumer, OutboxState};
 use crate::sandbox::Sandbox;
 use crate::service::auth::{self, Keys};
 use crate::service::cache::Cache;
@@ -34,6 +35,97 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("workers runtime: {0}")]
+    Workers(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Which entrypoints run in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The API and, on a second runtime, the workers (`spectral serve`).
+    Both,
+    /// The API alone (`spectral api`).
+    Api,
+}
+
+/// This deploy's generation: configured, or allocated from the store.
+async fn generation(store: &Store, config: &Config) -> Result<i64, StartError> {
+    match config.outbox.generation {
+        Some(g) => Ok(g),
+        None => {
+            let build = BuildInfo::current();
+            let g = store
+                .allocate_generation(build.git_sha, "allocated at start")
+                .await?;
+            tracing::info!(generation = g, "allocated a generation");
+            Ok(g)
+        }
+    }
+}
+
+/// The workers runtime: its own tokio runtime on its own OS thread, with its own pool, so
+/// that a burst of background work never takes the API's threads or connections.
+pub struct Workers {
+    /// Signalled once to stop; the consumer finishes the row in hand and returns.
+    stop: watch::Sender<bool>,
+    /// Completed by the thread when the runtime has shut down.
+    done: tokio::sync::oneshot::Receiver<()>,
+    pub state: Arc<OutboxState>,
+}
+
+impl Workers {
+    /// Start the consumer of `generation` on a new thread.
+    pub fn spawn(config: &Config, generation: i64) -> Result<Self, StartError> {
+        let state = Arc::new(OutboxState::default());
+        let (stop, stopped) = watch::channel(false);
+        let (finished, done) = tokio::sync::oneshot::channel();
+        let mut store_config = config.store.clone();
+        store_config.migrate_on_start = false;
+        let outbox = config.outbox.clone();
+        let thread_state = state.clone();
+        std::thread::Builder::new()
+            .name("spectral-workers".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("spectral-worker")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the workers runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let store = match Store::connect(&store_config).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::error!(error = %e, "workers cannot reach the store");
+                            return;
+                        }
+                    };
+                    store.set_generation(generation);
+                    let registry = handlers::registry(store.clone(), outbox.webhook_timeout);
+                    Consumer::new(store.clone(), registry, outbox, generation, thread_state)
+                        .run(stopped)
+                        .await;
+                    store.close().await;
+                });
+                let _ = finished.send(());
+            })
+            .map_err(|e| StartError::Workers(e.to_string()))?;
+        Ok(Self { stop, done, state })
+    }
+
+    /// Stop and wait for the runtime to finish.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.done.await;
+    }
 }
 
 /// A running service.
@@ -67,13 +159,24 @@ impl Running {
     }
 }
 
-/// Start the service on a bound listener.
+/// Start the API and the workers on a bound listener.
 pub async fn start(config: Config, listener: TcpListener) -> Result<Running, StartError> {
+    start_mode(config, listener, Mode::Both).await
+}
+
+/// Start the API, with or without the workers runtime.
+pub async fn start_mode(
+    config: Config,
+    listener: TcpListener,
+    mode: Mode,
+) -> Result<Running, StartError> {
     let addr = listener.local_addr().map_err(|source| StartError::Listen {
         addr: config.server.addr,
         source,
     })?;
     let store = Store::connect(&config.store).await?;
+    let generation = generation(&store, &config).await?;
+    store.set_generation(generation);
     let metrics = Arc::new(Metrics::default());
     let sandbox = Arc::new(Sandbox::new(config.sandbox.clone()));
     let cache = Arc::new(Cache::new(
@@ -83,6 +186,10 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
         config.cache.clone(),
     ));
     let (log, writer) = DecisionLog::start(store.clone(), &config.decision_log, metrics.clone());
+    let workers = match mode {
+        Mode::Both => Some(Workers::spawn(&config, generation)?),
+        Mode::Api => None,
+    };
     let app = Arc::new(App {
         sandbox,
         store: store.clone(),
@@ -94,6 +201,11 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
         started: Instant::now(),
         batch_max_items: config.server.batch_max_items,
         ready: Default::default(),
+        generation,
+        // The health of this process shows the consumer of its own workers runtime.
+        outbox: workers
+            .as_ref()
+            .map_or_else(|| Arc::new(OutboxState::default()), |w| w.state.clone()),
     });
 
     let generated_operator_key = ensure_operator_key(&store, &config).await?;
@@ -109,7 +221,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     let (stop, stopped) = watch::channel(false);
     let watcher = tokio::spawn(cache.clone().watch(notifications, stopped.clone()));
     app.ready.store(true, Ordering::Release);
-    tracing::info!(%addr, backend = ?store.backend(), "spectral API listening");
+    tracing::info!(%addr, backend = ?store.backend(), generation, "spectral API listening");
 
     let server_app = app.clone();
     let server_config = config.server.clone();
@@ -124,7 +236,13 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
         let _ = stop_seen.changed().await;
         // Not ready first, so that health checks steer traffic away while we drain.
         server_app.ready.store(false, Ordering::Release);
-        let _ = server.await;
+        // The API drains while the workers finish the row in hand; both within the grace.
+        let stop_workers = async {
+            if let Some(w) = workers {
+                w.stop().await;
+            }
+        };
+        let _ = tokio::join!(server, stop_workers);
         // Requests are done: write what the decision log still holds, then close the pool.
         server_app.log.stop();
         let _ = writer.await;
@@ -176,15 +294,44 @@ async fn ensure_operator_key(store: &Store, config: &Config) -> Result<Option<St
     Ok(Some(secret))
 }
 
+/// Run the workers alone until SIGTERM or SIGINT (`spectral workers`).
+pub async fn run_workers_until_signal(config: Config) -> Result<(), StartError> {
+    let generation = config.outbox.generation.ok_or_else(|| {
+        StartError::Config(
+            "spectral workers needs SPECTRAL_GENERATION: the generation of the API whose events it handles"
+                .into(),
+        )
+    })?;
+    // Migrate (when configured) before the workers thread connects without migrating.
+    let store = Store::connect(&config.store).await?;
+    store.close().await;
+    let grace = config.server.shutdown_grace;
+    let workers = Workers::spawn(&config, generation)?;
+    tracing::info!(generation, "spectral workers running");
+    signal().await;
+    tracing::info!("shutdown signal received; finishing the row in hand");
+    tokio::select! {
+        _ = workers.stop() => Ok(()),
+        _ = signal() => {
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        }
+        _ = tokio::time::sleep(grace) => {
+            tracing::error!("shutdown exceeded the grace period: exiting now");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// Run until SIGTERM or SIGINT, then shut down gracefully. A second signal, or the grace
 /// period running out, ends the process at once.
-pub async fn run_until_signal(config: Config) -> Result<(), StartError> {
+pub async fn run_until_signal(config: Config, mode: Mode) -> Result<(), StartError> {
     let grace = config.server.shutdown_grace;
     let addr = config.server.addr;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Listen { addr, source })?;
-    let running = start(config, listener).await?;
+    let running = start_mode(config, listener, mode).await?;
     if let Some(key) = &running.generated_operator_key {
         // Printed once, to stdout, and never logged: the only copy the operator gets.
         println!("operator key (shown once, store it now): {key}");
@@ -200,7 +347,7 @@ pub async fn run_until_signal(config: Config) -> Result<(), StartError> {
             tracing::warn!("second signal: exiting now");
             std::process::exit(130);
         }
-        _ = tokio::time::sleep(grace + std::time::Duration::from_secs(5)) => {
+        _ = tokio::time::sleep(grace) => {
             tracing::error!("shutdown exceeded the grace period: exiting now");
             std::process::exit(1);
         }

@@ -36,6 +36,8 @@ pub enum Route {
     World,
     WorldVersion,
     Actions,
+    Stats,
+    Webhooks,
     Health,
     ServiceVersion,
     Metrics,
@@ -43,7 +45,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 13] = [
+    pub const ALL: [Route; 15] = [
         Self::Decide,
         Self::DecideBatch,
         Self::Draft,
@@ -53,6 +55,8 @@ impl Route {
         Self::World,
         Self::WorldVersion,
         Self::Actions,
+        Self::Stats,
+        Self::Webhooks,
         Self::Health,
         Self::ServiceVersion,
         Self::Metrics,
@@ -70,6 +74,8 @@ impl Route {
             Self::World => "world",
             Self::WorldVersion => "world_version",
             Self::Actions => "actions",
+            Self::Stats => "stats",
+            Self::Webhooks => "webhooks",
             Self::Health => "health",
             Self::ServiceVersion => "version",
             Self::Metrics => "metrics",
@@ -148,7 +154,7 @@ pub const STATUSES: [&str; 4] = ["GREEN", "GREEN-SKIP", "YELLOW", "RED"];
 /// The process's metrics.
 #[derive(Default)]
 pub struct Metrics {
-    latency: [Histogram; 13],
+    latency: [Histogram; 15],
     responses: Family<5>,
     decisions: Family<4>,
     sandbox_errors: Family<1>,

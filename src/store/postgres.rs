@@ -12,11 +12,16 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, QueryBuilder};
 
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
 use super::{
-    db_error, db_error_or_conflict, extend_chain, group_by_world, migrate_error, now, parse_json,
-    parse_scopes, to_i64, to_u64, unique_modules, DecisionRecord, Deployment, KeyRecord,
-    NewDecision, NewKey, NewVersion, StoreError, VersionRecord, VersionSummary, WorldDetail,
-    WorldSummary, DECISION_ROWS_PER_INSERT, GENESIS,
+    db_error, db_error_or_conflict, deployed_event, extend_chain, group_by_world, migrate_error,
+    now, parse_json, parse_scopes, published_event, recorded_event, source, to_i64, to_u64,
+    unique_modules, Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision,
+    NewEvent, NewKey, NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Stamp, StatDelta,
+    StoreError, VersionRecord, VersionSummary, Webhook, WorldDetail, WorldSummary,
+    DECISION_ROWS_PER_INSERT, GENESIS, OUTBOX_CHANNEL,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -51,6 +56,7 @@ type KeyRow = (String, Option<String>, Vec<String>, String, DateTime<Utc>);
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    pub(super) stamp: Arc<Stamp>,
 }
 
 impl PgStore {
@@ -61,7 +67,10 @@ impl PgStore {
             .connect(url)
             .await
             .map_err(db_error)?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            stamp: Arc::default(),
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -85,6 +94,11 @@ impl PgStore {
     /// Listen for deployment notifications on a connection of its own, outside the pool, so a
     /// listener never takes a connection that queries need.
     pub async fn listen(&self) -> Result<Listener, StoreError> {
+        self.listen_channel(DEPLOYMENTS_CHANNEL).await
+    }
+
+    /// Listen on a channel on a connection of its own.
+    pub async fn listen_channel(&self, channel: &str) -> Result<Listener, StoreError> {
         let options = (*self.pool.connect_options()).clone();
         let pool = PgPoolOptions::new()
             .max_connections(1)
@@ -94,7 +108,10 @@ impl PgStore {
             .await
             .map_err(db_error)?;
         let mut inner = PgListener::connect_with(&pool).await.map_err(db_error)?;
-        inner.listen(DEPLOYMENTS_CHANNEL).await.map_err(db_error)?;
+        inner.listen(channel).await.map_err(db_error)?;
+        // The listener must tell a lost connection from silence; reconnecting by itself
+        // would hide the notifications lost in between.
+        inner.ignore_pool_close_event(false);
         Ok(Listener { inner })
     }
 
@@ -198,8 +215,15 @@ impl PgStore {
                 })
             })?;
         }
+        let number = to_u64(next, "version")?;
+        insert_events(
+            &mut tx,
+            &[published_event(version, number)],
+            self.generation(),
+        )
+        .await?;
         tx.commit().await.map_err(db_error)?;
-        to_u64(next, "version")
+        Ok(number)
     }
 
     pub async fn deploy(
@@ -255,6 +279,18 @@ impl PgStore {
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
+        let deployment = Deployment {
+            seq: to_u64(seq, "deployment seq")?,
+            version,
+            deployed_at,
+            deployed_by: deployed_by.to_owned(),
+        };
+        insert_events(
+            &mut tx,
+            &[deployed_event(world, &deployment)],
+            self.generation(),
+        )
+        .await?;
         // Postgres delivers a notification when (and only if) the transaction commits.
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(DEPLOYMENTS_CHANNEL)
@@ -263,12 +299,7 @@ impl PgStore {
             .await
             .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
-        Ok(Deployment {
-            seq: to_u64(seq, "deployment seq")?,
-            version,
-            deployed_at,
-            deployed_by: deployed_by.to_owned(),
-        })
+        Ok(deployment)
     }
 
     pub async fn list_worlds(&self) -> Result<Vec<WorldSummary>, StoreError> {
@@ -525,6 +556,9 @@ impl PgStore {
                     })
                 })?;
             }
+            if let Some(event) = recorded_event(world, &chained) {
+                insert_events(&mut tx, &[event], self.generation()).await?;
+            }
             if let Some(last) = chained.last() {
                 sqlx::query(
                     "UPDATE core.decision_chain_heads SET seq = $2, hash = $3 WHERE world = $1",
@@ -620,5 +654,479 @@ impl Listener {
             )),
             Err(e) => Err(db_error(e)),
         }
+    }
+
+    pub async fn ping(&mut self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&mut self.inner)
+            .await
+            .map(drop)
+            .map_err(db_error)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The outbox.
+
+const OUTBOX_COLUMNS: &str =
+    "id, event_type, event_version, occurred_at, source, target, channel, \
+     generation, world, payload, idempotency_key, trace_context, status, attempts, available_at, \
+     claimed_at, claimed_by, last_error, failure_history, first_failed_at";
+
+#[derive(sqlx::FromRow)]
+struct OutboxDbRow {
+    id: i64,
+    event_type: String,
+    event_version: i32,
+    occurred_at: DateTime<Utc>,
+    source: String,
+    target: Option<String>,
+    channel: String,
+    generation: i64,
+    world: Option<String>,
+    payload: serde_json::Value,
+    idempotency_key: String,
+    trace_context: Option<String>,
+    status: String,
+    attempts: i32,
+    available_at: DateTime<Utc>,
+    claimed_at: Option<DateTime<Utc>>,
+    claimed_by: Option<String>,
+    last_error: Option<String>,
+    failure_history: serde_json::Value,
+    first_failed_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<OutboxDbRow> for OutboxRow {
+    type Error = StoreError;
+
+    fn try_from(r: OutboxDbRow) -> Result<Self, StoreError> {
+        Ok(OutboxRow {
+            status: OutboxStatus::parse(&r.status)
+                .ok_or_else(|| StoreError::Corrupt(format!("outbox status '{}'", r.status)))?,
+            id: r.id,
+            event_type: r.event_type,
+            event_version: r.event_version,
+            occurred_at: r.occurred_at,
+            source: r.source,
+            target: r.target,
+            channel: r.channel,
+            generation: r.generation,
+            world: r.world,
+            payload: r.payload,
+            idempotency_key: r.idempotency_key,
+            trace_context: r.trace_context,
+            attempts: r.attempts,
+            available_at: r.available_at,
+            claimed_at: r.claimed_at,
+            claimed_by: r.claimed_by,
+            last_error: r.last_error,
+            failure_history: r.failure_history,
+            first_failed_at: r.first_failed_at,
+        })
+    }
+}
+
+fn rows(rows: Vec<OutboxDbRow>) -> Result<Vec<OutboxRow>, StoreError> {
+    rows.into_iter().map(OutboxRow::try_from).collect()
+}
+
+/// Append events in the caller's transaction; the insert trigger NOTIFYs on commit.
+async fn insert_events(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    events: &[NewEvent],
+    generation: i64,
+) -> Result<(), StoreError> {
+    let at = now();
+    for e in events {
+        sqlx::query(
+            "INSERT INTO core.outbox (event_type, occurred_at, source, target, channel, generation,
+                                      world, payload, idempotency_key, available_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $2)
+             ON CONFLICT (event_type, idempotency_key) DO NOTHING",
+        )
+        .bind(&e.event_type)
+        .bind(at)
+        .bind(source())
+        .bind(&e.target)
+        .bind(OUTBOX_CHANNEL)
+        .bind(generation)
+        .bind(&e.world)
+        .bind(&e.payload)
+        .bind(&e.idempotency_key)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+impl PgStore {
+    fn generation(&self) -> i64 {
+        self.stamp.generation.load(Relaxed)
+    }
+
+    pub async fn allocate_generation(&self, git_sha: &str, note: &str) -> Result<i64, StoreError> {
+        let (g,): (i64,) = sqlx::query_as(
+            "INSERT INTO core.generations (started_at, git_sha, note) VALUES ($1, $2, $3)
+             RETURNING generation",
+        )
+        .bind(now())
+        .bind(git_sha)
+        .bind(note)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(g)
+    }
+
+    pub async fn enqueue(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        insert_events(&mut tx, events, self.generation()).await?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    pub async fn claim(
+        &self,
+        generation: i64,
+        worker: &str,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        // SKIP LOCKED is the correctness primitive: a row one claimer holds is invisible to
+        // the others, so no two workers ever get the same row.
+        let claimed: Vec<OutboxDbRow> = sqlx::query_as(&format!(
+            "WITH due AS (
+                 SELECT id FROM core.outbox
+                 WHERE generation = $1 AND status = 'pending' AND available_at <= $2
+                 ORDER BY id LIMIT $3
+                 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE core.outbox o
+             SET status = 'in_flight', claimed_at = $2, claimed_by = $4, attempts = o.attempts + 1
+             FROM due WHERE o.id = due.id
+             RETURNING {}",
+            OUTBOX_COLUMNS
+                .split(", ")
+                .map(|c| format!("o.{}", c.trim()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .bind(generation)
+        .bind(now())
+        .bind(i64::from(limit))
+        .bind(worker)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let mut claimed = rows(claimed)?;
+        claimed.sort_by_key(|r| r.id);
+        Ok(claimed)
+    }
+
+    pub async fn complete(
+        &self,
+        row: &OutboxRow,
+        worker: &str,
+        handler: &str,
+        effect: &Effect,
+    ) -> Result<Completion, StoreError> {
+        let at = now();
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        // Still ours? A lease that expired gave the row to someone else.
+        let owned: Option<(i64,)> = sqlx::query_as(
+            "SELECT id FROM core.outbox WHERE id = $1 AND status = 'in_flight' AND claimed_by = $2
+             FOR UPDATE",
+        )
+        .bind(row.id)
+        .bind(worker)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if owned.is_none() {
+            return Ok(Completion::Lost);
+        }
+        let first = sqlx::query(
+            "INSERT INTO core.event_handled (handler, idempotency_key, outbox_id, handled_at)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(handler)
+        .bind(format!("{}:{}", row.event_type, row.idempotency_key))
+        .bind(row.id)
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?
+        .rows_affected()
+            == 1;
+        if first {
+            match effect {
+                Effect::None => {}
+                Effect::Stats(deltas) => {
+                    let mut sorted: Vec<&StatDelta> = deltas.iter().collect();
+                    // One order for every writer, so concurrent upserts cannot deadlock.
+                    sorted.sort_by(|a, b| {
+                        (&a.world, &a.rule, &a.status).cmp(&(&b.world, &b.rule, &b.status))
+                    });
+                    for d in sorted {
+                        sqlx::query(
+                            "INSERT INTO core.decision_stats (world, rule, status, count)
+                             VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (world, rule, status)
+                             DO UPDATE SET count = core.decision_stats.count + excluded.count",
+                        )
+                        .bind(&d.world)
+                        .bind(&d.rule)
+                        .bind(&d.status)
+                        .bind(d.count)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                    }
+                }
+                Effect::Enqueue(events) => {
+                    insert_events(&mut tx, events, row.generation).await?;
+                }
+            }
+        }
+        sqlx::query("UPDATE core.outbox SET status = 'delivered', last_error = NULL WHERE id = $1")
+            .bind(row.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(if first {
+            Completion::Applied
+        } else {
+            Completion::Duplicate
+        })
+    }
+
+    pub async fn fail(
+        &self,
+        row: &OutboxRow,
+        worker: &str,
+        error: &str,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<OutboxStatus>, StoreError> {
+        let at = now();
+        let status: Option<(String,)> = sqlx::query_as(
+            "UPDATE core.outbox SET
+                 status = CASE WHEN $4::timestamptz IS NULL THEN 'failed' ELSE 'pending' END,
+                 available_at = COALESCE($4, available_at),
+                 last_error = $3,
+                 failure_history = failure_history || jsonb_build_array(jsonb_build_object(
+                     'attempt', attempts, 'at', $5::timestamptz, 'worker', $2::text, 'error', $3::text)),
+                 first_failed_at = COALESCE(first_failed_at, $5),
+                 claimed_at = NULL, claimed_by = NULL
+             WHERE id = $1 AND status = 'in_flight' AND claimed_by = $2
+             RETURNING status",
+        )
+        .bind(row.id)
+        .bind(worker)
+        .bind(error)
+        .bind(retry_at)
+        .bind(at)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(status.and_then(|(s,)| OutboxStatus::parse(&s)))
+    }
+
+    pub async fn release(&self, worker: &str, ids: &[i64]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let r = sqlx::query(
+            "UPDATE core.outbox SET status = 'pending', attempts = GREATEST(attempts - 1, 0),
+                 claimed_at = NULL, claimed_by = NULL
+             WHERE id = ANY($1) AND status = 'in_flight' AND claimed_by = $2",
+        )
+        .bind(ids)
+        .bind(worker)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn rescue(
+        &self,
+        generation: i64,
+        lease: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let cutoff = now() - chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+        let r = sqlx::query(
+            "UPDATE core.outbox SET status = 'pending',
+                 last_error = 'lease expired: ' || COALESCE(claimed_by, 'unknown worker'),
+                 claimed_at = NULL, claimed_by = NULL
+             WHERE generation = $1 AND status = 'in_flight' AND claimed_at < $2",
+        )
+        .bind(generation)
+        .bind(cutoff)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn outbox_row(&self, id: i64) -> Result<Option<OutboxRow>, StoreError> {
+        let row: Option<OutboxDbRow> = sqlx::query_as(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM core.outbox WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.map(OutboxRow::try_from).transpose()
+    }
+
+    pub async fn outbox_list(
+        &self,
+        status: Option<OutboxStatus>,
+        generation: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let found: Vec<OutboxDbRow> = sqlx::query_as(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM core.outbox
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR generation = $2)
+             ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(status.map(OutboxStatus::as_str))
+        .bind(generation)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows(found)
+    }
+
+    pub async fn replay(&self, id: i64) -> Result<(), StoreError> {
+        let r = sqlx::query(
+            "UPDATE core.outbox SET status = 'pending', attempts = 0, available_at = $2,
+                 last_error = NULL
+             WHERE id = $1 AND status = 'failed'",
+        )
+        .bind(id)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("failed outbox row {id}")));
+        }
+        Ok(())
+    }
+
+    pub async fn adopt(&self, from: i64, to: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE core.outbox SET generation = $2,
+                 status = CASE WHEN status = 'in_flight' THEN 'pending' ELSE status END,
+                 claimed_at = NULL, claimed_by = NULL
+             WHERE generation = $1 AND status <> 'delivered'",
+        )
+        .bind(from)
+        .bind(to)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn outbox_counts(&self, generation: i64) -> Result<OutboxCounts, StoreError> {
+        let (pending, in_flight, failed, other): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT
+                 COUNT(*) FILTER (WHERE generation = $1 AND status = 'pending'),
+                 COUNT(*) FILTER (WHERE generation = $1 AND status = 'in_flight'),
+                 COUNT(*) FILTER (WHERE generation = $1 AND status = 'failed'),
+                 COUNT(*) FILTER (WHERE generation <> $1 AND status <> 'delivered')
+             FROM core.outbox WHERE status <> 'delivered'",
+        )
+        .bind(generation)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(OutboxCounts {
+            pending,
+            in_flight,
+            failed,
+            other_generations: other,
+        })
+    }
+
+    pub async fn stats(&self, world: &str) -> Result<Vec<StatDelta>, StoreError> {
+        let found: Vec<(String, String, i64)> = sqlx::query_as(
+            r#"SELECT rule, status, count FROM core.decision_stats WHERE world = $1
+               ORDER BY rule COLLATE "C", status COLLATE "C""#,
+        )
+        .bind(world)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(found
+            .into_iter()
+            .map(|(rule, status, count)| StatDelta {
+                world: world.to_string(),
+                rule,
+                status,
+                count,
+            })
+            .collect())
+    }
+
+    pub async fn create_webhook(&self, hook: &Webhook) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO core.webhooks (id, world, url, secret, events, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&hook.id)
+        .bind(&hook.world)
+        .bind(&hook.url)
+        .bind(&hook.secret)
+        .bind(hook.events.join(","))
+        .bind(hook.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error_or_conflict(e, || format!("webhook id '{}' is taken", hook.id)))?;
+        Ok(())
+    }
+
+    pub async fn webhooks(&self, world: &str) -> Result<Vec<Webhook>, StoreError> {
+        let found: Vec<WebhookRow> = sqlx::query_as(
+            "SELECT id, world, url, secret, events, created_at FROM core.webhooks
+             WHERE world = $1 ORDER BY id",
+        )
+        .bind(world)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(found.into_iter().map(webhook).collect())
+    }
+
+    pub async fn webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
+        let found: Option<WebhookRow> = sqlx::query_as(
+            "SELECT id, world, url, secret, events, created_at FROM core.webhooks WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(found.map(webhook))
+    }
+}
+
+type WebhookRow = (String, String, String, String, String, DateTime<Utc>);
+
+fn webhook((id, world, url, secret, events, created_at): WebhookRow) -> Webhook {
+    Webhook {
+        id,
+        world,
+        url,
+        secret,
+        events: events
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(String::from)
+            .collect(),
+        created_at,
     }
 }

@@ -14,11 +14,18 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{QueryBuilder, Sqlite};
 
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
 use super::{
-    db_error, db_error_or_conflict, extend_chain, from_micros, group_by_world, migrate_error, now,
-    parse_json, parse_scopes, to_i64, to_json_text, to_u64, unique_modules, DecisionRecord,
-    Deployment, KeyRecord, NewDecision, NewKey, NewVersion, StoreError, VersionRecord,
-    VersionSummary, WorldDetail, WorldSummary, DECISION_ROWS_PER_INSERT, GENESIS,
+    db_error, db_error_or_conflict, deployed_event, extend_chain, from_micros, group_by_world,
+    migrate_error, now, parse_json, parse_scopes, published_event, recorded_event, source, to_i64,
+    to_json_text, to_u64, unique_modules, Completion, DecisionRecord, Deployment, Effect,
+    KeyRecord, NewDecision, NewEvent, NewKey, NewVersion, OutboxCounts, OutboxRow, OutboxStatus,
+    Stamp, StatDelta, StoreError, VersionRecord, VersionSummary, Webhook, WorldDetail,
+    WorldSummary, DECISION_ROWS_PER_INSERT, GENESIS, OUTBOX_CHANNEL,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -54,6 +61,7 @@ type DecisionRow = (
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    pub(super) stamp: Arc<Stamp>,
 }
 
 impl SqliteStore {
@@ -78,7 +86,10 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(db_error)?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            stamp: Arc::default(),
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -191,8 +202,16 @@ impl SqliteStore {
                 })
             })?;
         }
+        let number = to_u64(next, "version")?;
+        insert_events(
+            &mut tx,
+            &[published_event(version, number)],
+            self.generation(),
+        )
+        .await?;
         tx.commit().await.map_err(db_error)?;
-        to_u64(next, "version")
+        self.stamp.wake.notify_waiters();
+        Ok(number)
     }
 
     pub async fn deploy(
@@ -240,13 +259,21 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        Ok(Deployment {
+        let deployment = Deployment {
             seq: to_u64(seq, "deployment seq")?,
             version,
             deployed_at,
             deployed_by: deployed_by.to_owned(),
-        })
+        };
+        insert_events(
+            &mut tx,
+            &[deployed_event(world, &deployment)],
+            self.generation(),
+        )
+        .await?;
+        tx.commit().await.map_err(db_error)?;
+        self.stamp.wake.notify_waiters();
+        Ok(deployment)
     }
 
     pub async fn list_worlds(&self) -> Result<Vec<WorldSummary>, StoreError> {
@@ -487,6 +514,9 @@ impl SqliteStore {
                     })
                 })?;
             }
+            if let Some(event) = recorded_event(world, &chained) {
+                insert_events(&mut tx, &[event], self.generation()).await?;
+            }
             if let Some(last) = chained.last() {
                 sqlx::query(
                     "INSERT INTO decision_chain_heads (world, seq, hash) VALUES (?1, ?2, ?3)
@@ -500,7 +530,9 @@ impl SqliteStore {
                 .map_err(db_error)?;
             }
         }
-        tx.commit().await.map_err(db_error)
+        tx.commit().await.map_err(db_error)?;
+        self.stamp.wake.notify_waiters();
+        Ok(())
     }
 
     pub async fn decisions(
@@ -564,5 +596,460 @@ fn decision_record(row: DecisionRow) -> Result<DecisionRecord, StoreError> {
         },
         prev_hash,
         hash,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The outbox.
+
+const OUTBOX_COLUMNS: &str =
+    "id, event_type, event_version, occurred_at, source, target, channel, \
+     generation, world, payload, idempotency_key, trace_context, status, attempts, available_at, \
+     claimed_at, claimed_by, last_error, failure_history, first_failed_at";
+
+#[derive(sqlx::FromRow)]
+struct OutboxDbRow {
+    id: i64,
+    event_type: String,
+    event_version: i64,
+    occurred_at: i64,
+    source: String,
+    target: Option<String>,
+    channel: String,
+    generation: i64,
+    world: Option<String>,
+    payload: String,
+    idempotency_key: String,
+    trace_context: Option<String>,
+    status: String,
+    attempts: i64,
+    available_at: i64,
+    claimed_at: Option<i64>,
+    claimed_by: Option<String>,
+    last_error: Option<String>,
+    failure_history: String,
+    first_failed_at: Option<i64>,
+}
+
+impl TryFrom<OutboxDbRow> for OutboxRow {
+    type Error = StoreError;
+
+    fn try_from(r: OutboxDbRow) -> Result<Self, StoreError> {
+        Ok(OutboxRow {
+            status: OutboxStatus::parse(&r.status)
+                .ok_or_else(|| StoreError::Corrupt(format!("outbox status '{}'", r.status)))?,
+            id: r.id,
+            event_type: r.event_type,
+            event_version: i32::try_from(r.event_version).unwrap_or(i32::MAX),
+            occurred_at: from_micros(r.occurred_at)?,
+            source: r.source,
+            target: r.target,
+            channel: r.channel,
+            generation: r.generation,
+            world: r.world,
+            payload: parse_json(&r.payload, "outbox payload")?,
+            idempotency_key: r.idempotency_key,
+            trace_context: r.trace_context,
+            attempts: i32::try_from(r.attempts).unwrap_or(i32::MAX),
+            available_at: from_micros(r.available_at)?,
+            claimed_at: r.claimed_at.map(from_micros).transpose()?,
+            claimed_by: r.claimed_by,
+            last_error: r.last_error,
+            failure_history: parse_json(&r.failure_history, "outbox failure history")?,
+            first_failed_at: r.first_failed_at.map(from_micros).transpose()?,
+        })
+    }
+}
+
+fn rows(rows: Vec<OutboxDbRow>) -> Result<Vec<OutboxRow>, StoreError> {
+    rows.into_iter().map(OutboxRow::try_from).collect()
+}
+
+/// Append events in the caller's transaction.
+async fn insert_events(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    events: &[NewEvent],
+    generation: i64,
+) -> Result<(), StoreError> {
+    let at = now().timestamp_micros();
+    for e in events {
+        sqlx::query(
+            "INSERT INTO outbox (event_type, occurred_at, source, target, channel, generation,
+                                 world, payload, idempotency_key, available_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?2)
+             ON CONFLICT (event_type, idempotency_key) DO NOTHING",
+        )
+        .bind(&e.event_type)
+        .bind(at)
+        .bind(source())
+        .bind(&e.target)
+        .bind(OUTBOX_CHANNEL)
+        .bind(generation)
+        .bind(&e.world)
+        .bind(to_json_text(&e.payload)?)
+        .bind(&e.idempotency_key)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    fn generation(&self) -> i64 {
+        self.stamp.generation.load(Relaxed)
+    }
+
+    pub async fn allocate_generation(&self, git_sha: &str, note: &str) -> Result<i64, StoreError> {
+        let (g,): (i64,) = sqlx::query_as(
+            "INSERT INTO generations (started_at, git_sha, note) VALUES (?1, ?2, ?3)
+             RETURNING generation",
+        )
+        .bind(now().timestamp_micros())
+        .bind(git_sha)
+        .bind(note)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(g)
+    }
+
+    pub async fn enqueue(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_error)?;
+        insert_events(&mut tx, events, self.generation()).await?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    pub async fn claim(
+        &self,
+        generation: i64,
+        worker: &str,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        // SQLite has one writer at a time: the UPDATE … RETURNING inside BEGIN IMMEDIATE is
+        // the claim, and no other claimer can interleave with it.
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_error)?;
+        let claimed: Vec<OutboxDbRow> = sqlx::query_as(&format!(
+            "UPDATE outbox
+             SET status = 'in_flight', claimed_at = ?2, claimed_by = ?4, attempts = attempts + 1
+             WHERE id IN (
+                 SELECT id FROM outbox
+                 WHERE generation = ?1 AND status = 'pending' AND available_at <= ?2
+                 ORDER BY id LIMIT ?3
+             )
+             RETURNING {OUTBOX_COLUMNS}"
+        ))
+        .bind(generation)
+        .bind(now().timestamp_micros())
+        .bind(i64::from(limit))
+        .bind(worker)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        let mut claimed = rows(claimed)?;
+        claimed.sort_by_key(|r| r.id);
+        Ok(claimed)
+    }
+
+    pub async fn complete(
+        &self,
+        row: &OutboxRow,
+        worker: &str,
+        handler: &str,
+        effect: &Effect,
+    ) -> Result<Completion, StoreError> {
+        let at = now().timestamp_micros();
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_error)?;
+        let owned: Option<(i64,)> = sqlx::query_as(
+            "SELECT id FROM outbox WHERE id = ?1 AND status = 'in_flight' AND claimed_by = ?2",
+        )
+        .bind(row.id)
+        .bind(worker)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if owned.is_none() {
+            return Ok(Completion::Lost);
+        }
+        let first = sqlx::query(
+            "INSERT INTO event_handled (handler, idempotency_key, outbox_id, handled_at)
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+        )
+        .bind(handler)
+        .bind(format!("{}:{}", row.event_type, row.idempotency_key))
+        .bind(row.id)
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?
+        .rows_affected()
+            == 1;
+        if first {
+            match effect {
+                Effect::None => {}
+                Effect::Stats(deltas) => {
+                    for d in deltas {
+                        sqlx::query(
+                            "INSERT INTO decision_stats (world, rule, status, count)
+                             VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (world, rule, status)
+                             DO UPDATE SET count = count + excluded.count",
+                        )
+                        .bind(&d.world)
+                        .bind(&d.rule)
+                        .bind(&d.status)
+                        .bind(d.count)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                    }
+                }
+                Effect::Enqueue(events) => insert_events(&mut tx, events, row.generation).await?,
+            }
+        }
+        sqlx::query("UPDATE outbox SET status = 'delivered', last_error = NULL WHERE id = ?1")
+            .bind(row.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(if first {
+            Completion::Applied
+        } else {
+            Completion::Duplicate
+        })
+    }
+
+    pub async fn fail(
+        &self,
+        row: &OutboxRow,
+        worker: &str,
+        error: &str,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<OutboxStatus>, StoreError> {
+        let at = now().timestamp_micros();
+        let status: Option<(String,)> = sqlx::query_as(
+            "UPDATE outbox SET
+                 status = CASE WHEN ?4 IS NULL THEN 'failed' ELSE 'pending' END,
+                 available_at = COALESCE(?4, available_at),
+                 last_error = ?3,
+                 failure_history = json_insert(failure_history, '$[#]', json_object(
+                     'attempt', attempts, 'at', strftime('%Y-%m-%dT%H:%M:%fZ', ?5 / 1000000.0, 'unixepoch'),
+                     'worker', ?2, 'error', ?3)),
+                 first_failed_at = COALESCE(first_failed_at, ?5),
+                 claimed_at = NULL, claimed_by = NULL
+             WHERE id = ?1 AND status = 'in_flight' AND claimed_by = ?2
+             RETURNING status",
+        )
+        .bind(row.id)
+        .bind(worker)
+        .bind(error)
+        .bind(retry_at.map(|t| t.timestamp_micros()))
+        .bind(at)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(status.and_then(|(s,)| OutboxStatus::parse(&s)))
+    }
+
+    pub async fn release(&self, worker: &str, ids: &[i64]) -> Result<u64, StoreError> {
+        let mut released = 0;
+        for id in ids {
+            let r = sqlx::query(
+                "UPDATE outbox SET status = 'pending', attempts = MAX(attempts - 1, 0),
+                     claimed_at = NULL, claimed_by = NULL
+                 WHERE id = ?1 AND status = 'in_flight' AND claimed_by = ?2",
+            )
+            .bind(id)
+            .bind(worker)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+            released += r.rows_affected();
+        }
+        Ok(released)
+    }
+
+    pub async fn rescue(
+        &self,
+        generation: i64,
+        lease: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let cutoff =
+            now().timestamp_micros() - i64::try_from(lease.as_micros()).unwrap_or(i64::MAX);
+        let r = sqlx::query(
+            "UPDATE outbox SET status = 'pending',
+                 last_error = 'lease expired: ' || COALESCE(claimed_by, 'unknown worker'),
+                 claimed_at = NULL, claimed_by = NULL
+             WHERE generation = ?1 AND status = 'in_flight' AND claimed_at < ?2",
+        )
+        .bind(generation)
+        .bind(cutoff)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn outbox_row(&self, id: i64) -> Result<Option<OutboxRow>, StoreError> {
+        let row: Option<OutboxDbRow> = sqlx::query_as(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.map(OutboxRow::try_from).transpose()
+    }
+
+    pub async fn outbox_list(
+        &self,
+        status: Option<OutboxStatus>,
+        generation: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let found: Vec<OutboxDbRow> = sqlx::query_as(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM outbox
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR generation = ?2)
+             ORDER BY id DESC LIMIT ?3"
+        ))
+        .bind(status.map(OutboxStatus::as_str))
+        .bind(generation)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows(found)
+    }
+
+    pub async fn replay(&self, id: i64) -> Result<(), StoreError> {
+        let r = sqlx::query(
+            "UPDATE outbox SET status = 'pending', attempts = 0, available_at = ?2, last_error = NULL
+             WHERE id = ?1 AND status = 'failed'",
+        )
+        .bind(id)
+        .bind(now().timestamp_micros())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("failed outbox row {id}")));
+        }
+        Ok(())
+    }
+
+    pub async fn adopt(&self, from: i64, to: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE outbox SET generation = ?2,
+                 status = CASE WHEN status = 'in_flight' THEN 'pending' ELSE status END,
+                 claimed_at = NULL, claimed_by = NULL
+             WHERE generation = ?1 AND status <> 'delivered'",
+        )
+        .bind(from)
+        .bind(to)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn outbox_counts(&self, generation: i64) -> Result<OutboxCounts, StoreError> {
+        let (pending, in_flight, failed, other): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT
+                 COALESCE(SUM(generation = ?1 AND status = 'pending'), 0),
+                 COALESCE(SUM(generation = ?1 AND status = 'in_flight'), 0),
+                 COALESCE(SUM(generation = ?1 AND status = 'failed'), 0),
+                 COALESCE(SUM(generation <> ?1), 0)
+             FROM outbox WHERE status <> 'delivered'",
+        )
+        .bind(generation)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(OutboxCounts {
+            pending,
+            in_flight,
+            failed,
+            other_generations: other,
+        })
+    }
+
+    pub async fn stats(&self, world: &str) -> Result<Vec<StatDelta>, StoreError> {
+        let found: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT rule, status, count FROM decision_stats WHERE world = ?1 ORDER BY rule, status",
+        )
+        .bind(world)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(found
+            .into_iter()
+            .map(|(rule, status, count)| StatDelta {
+                world: world.to_string(),
+                rule,
+                status,
+                count,
+            })
+            .collect())
+    }
+
+    pub async fn create_webhook(&self, hook: &Webhook) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO webhooks (id, world, url, secret, events, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(&hook.id)
+        .bind(&hook.world)
+        .bind(&hook.url)
+        .bind(&hook.secret)
+        .bind(hook.events.join(","))
+        .bind(hook.created_at.timestamp_micros())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error_or_conflict(e, || format!("webhook id '{}' is taken", hook.id)))?;
+        Ok(())
+    }
+
+    pub async fn webhooks(&self, world: &str) -> Result<Vec<Webhook>, StoreError> {
+        let found: Vec<WebhookRow> = sqlx::query_as(
+            "SELECT id, world, url, secret, events, created_at FROM webhooks
+             WHERE world = ?1 ORDER BY id",
+        )
+        .bind(world)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        found.into_iter().map(webhook).collect()
+    }
+
+    pub async fn webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
+        let found: Option<WebhookRow> = sqlx::query_as(
+            "SELECT id, world, url, secret, events, created_at FROM webhooks WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        found.map(webhook).transpose()
+    }
+}
+
+type WebhookRow = (String, String, String, String, String, i64);
+
+fn webhook(
+    (id, world, url, secret, events, created_at): WebhookRow,
+) -> Result<Webhook, StoreError> {
+    Ok(Webhook {
+        id,
+        world,
+        url,
+        secret,
+        events: events
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(String::from)
+            .collect(),
+        created_at: from_micros(created_at)?,
     })
 }

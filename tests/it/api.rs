@@ -735,6 +735,8 @@ async fn snapshots_of_what_users_see() {
         ".version" => "[version]",
         ".features.decision_log.written" => "[count]",
         ".features.decision_log.queue_depth" => "[count]",
+        ".generation" => "[generation]",
+        ".features.outbox_rows" => "[rows]",
     });
     app.stop().await;
 }

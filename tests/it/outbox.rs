@@ -1,0 +1,494 @@
+//! The outbox on both backends: events commit with their change, claims never overlap,
+//! notifications are hints and polling is the guarantee, generations stay apart, retries back
+//! off, failures can be replayed, and a dead worker's rows are rescued.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use spectral::config::OutboxConfig;
+use spectral::outbox::{
+    Consumer, Handler, HandlerError, HandlerFuture, OutboxState, Registry, Wiring,
+};
+use spectral::store::{
+    events, Effect, NewDecision, NewEvent, OutboxRow, OutboxStatus, StatDelta, Store,
+};
+use tokio::sync::watch;
+
+use crate::app::{Backend, Db};
+
+crate::both_backends!(
+    events_commit_or_roll_back_with_their_change,
+    two_consumers_never_handle_one_row_twice,
+    a_generation_never_claims_another_generations_rows,
+    retries_back_off_then_succeed,
+    a_terminal_failure_is_kept_and_can_be_replayed,
+    a_dead_workers_rows_are_rescued_and_handled_once,
+);
+
+/// A fresh store on its own pool.
+async fn store(db: &Db) -> Store {
+    let mut config = crate::app::test_config(db).store;
+    config.migrate_on_start = true;
+    Store::connect(&config).await.expect("store")
+}
+
+const TEST_EVENT: &str = "test.event";
+
+fn event(key: &str) -> NewEvent {
+    NewEvent {
+        event_type: TEST_EVENT.into(),
+        world: Some("w".into()),
+        payload: json!({"key": key}),
+        idempotency_key: key.into(),
+        target: None,
+    }
+}
+
+/// A handler that counts its runs and adds one to the `w/*/GREEN` statistic per row, so
+/// that effects can be counted in the store. It fails as told.
+#[derive(Default)]
+struct Probe {
+    runs: Mutex<Vec<i64>>,
+    /// Retryable failures left, per row.
+    fail_first: AtomicU32,
+    terminal: AtomicBool,
+    /// Held while handling, to make a run slow.
+    delay: Mutex<Duration>,
+}
+
+impl Handler for Probe {
+    fn name(&self) -> &'static str {
+        "probe"
+    }
+
+    fn handle<'a>(&'a self, row: &'a OutboxRow) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            self.runs.lock().expect("lock").push(row.id);
+            let delay = *self.delay.lock().expect("lock");
+            tokio::time::sleep(delay).await;
+            if self.terminal.load(Ordering::SeqCst) {
+                return Err(HandlerError::Terminal("the payload is refused".into()));
+            }
+            let left = self.fail_first.load(Ordering::SeqCst);
+            if u32::try_from(row.attempts).unwrap_or(0) <= left {
+                return Err(HandlerError::Retryable(format!(
+                    "attempt {} fails",
+                    row.attempts
+                )));
+            }
+            Ok(Effect::Stats(vec![StatDelta {
+                world: "w".into(),
+                rule: "*".into(),
+                status: "GREEN".into(),
+                count: 1,
+            }]))
+        })
+    }
+}
+
+fn config() -> OutboxConfig {
+    OutboxConfig {
+        poll_interval: Duration::from_millis(50),
+        retry_base: Duration::from_millis(10),
+        retry_cap: Duration::from_millis(40),
+        lease: Duration::from_secs(30),
+        ..OutboxConfig::default()
+    }
+}
+
+/// A consumer of `generation` running on the test runtime until the returned sender stops it.
+fn consume(
+    store: Store,
+    probe: Arc<Probe>,
+    config: OutboxConfig,
+    generation: i64,
+) -> (
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+    Arc<OutboxState>,
+) {
+    let mut registry = Registry::new();
+    registry.register(TEST_EVENT, probe);
+    let state = Arc::new(OutboxState::default());
+    let consumer = Consumer::new(store, registry, config, generation, state.clone());
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(consumer.run(stopped));
+    (stop, task, state)
+}
+
+/// The `w/*/GREEN` statistic: how many effects were applied.
+async fn effects(store: &Store) -> i64 {
+    store
+        .stats("w")
+        .await
+        .expect("stats")
+        .iter()
+        .find(|s| s.rule == "*")
+        .map_or(0, |s| s.count)
+}
+
+/// Wait until `n` effects were applied, or fail after a generous bound.
+async fn until_effects(store: &Store, n: i64) {
+    let started = Instant::now();
+    while effects(store).await < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "only {} of {n} effects after {:?}",
+            effects(store).await,
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn rows_of(store: &Store, event_type: &str) -> Vec<OutboxRow> {
+    store
+        .outbox_list(None, None, 10_000)
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|r| r.event_type == event_type)
+        .collect()
+}
+
+async fn events_commit_or_roll_back_with_their_change(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let store = store(&db).await;
+    store.set_generation(7);
+    let model = serde_json::to_value(
+        spectral::worlds::load::load_model(&crate::support::predicates_dir().join("acme-payments"))
+            .expect("loads"),
+    )
+    .expect("json");
+    let v = store
+        .publish(&spectral::store::NewVersion {
+            world: "acme-payments".into(),
+            model,
+            modules: vec![],
+            published_by: "test".into(),
+        })
+        .await
+        .expect("publish");
+    let published = rows_of(&store, events::VERSION_PUBLISHED).await;
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].payload["version"], v);
+    assert_eq!(published[0].generation, 7);
+    assert_eq!(published[0].status, OutboxStatus::Pending);
+    // A deploy that fails leaves no event; one that succeeds leaves one.
+    assert!(store.deploy("acme-payments", 99, "test").await.is_err());
+    assert!(rows_of(&store, events::MODULE_DEPLOYED).await.is_empty());
+    store
+        .deploy("acme-payments", v, "test")
+        .await
+        .expect("deploy");
+    assert_eq!(rows_of(&store, events::MODULE_DEPLOYED).await.len(), 1);
+    // A decision batch leaves one event per world; a batch that fails (a duplicate id)
+    // leaves neither its records nor its event.
+    let decision = |id: &str| NewDecision {
+        decision_id: id.into(),
+        world: "acme-payments".into(),
+        version: v,
+        action: "wire_transfer.release".into(),
+        module_hash: "sha256:x".into(),
+        status: "RED".into(),
+        matched_rules: json!([{"id": "sanctions-hit", "severity": "T1", "outcome": "RED"}]),
+        caller: "key".into(),
+        correlation_id: None,
+        context_digest: "sha256:y".into(),
+        decided_at: chrono::Utc::now(),
+    };
+    store
+        .append_decisions(&[decision("d1"), decision("d2")])
+        .await
+        .expect("append");
+    let recorded = rows_of(&store, events::DECISION_RECORDED).await;
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(
+        recorded[0].payload["decisions"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(
+        recorded[0].payload["decisions"][0]["rules"][0],
+        "sanctions-hit"
+    );
+    assert!(store
+        .append_decisions(&[decision("d3"), decision("d1")])
+        .await
+        .is_err());
+    assert_eq!(rows_of(&store, events::DECISION_RECORDED).await.len(), 1);
+    assert_eq!(
+        store
+            .decisions("acme-payments", 0, 10)
+            .await
+            .expect("records")
+            .len(),
+        2
+    );
+    store.close().await;
+}
+
+async fn two_consumers_never_handle_one_row_twice(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let producer = store(&db).await;
+    producer.set_generation(1);
+    let batch: Vec<NewEvent> = (0..200).map(|i| event(&format!("k{i}"))).collect();
+    producer.enqueue(&batch).await.expect("enqueue");
+    let probe = Arc::new(Probe::default());
+    let a = consume(store(&db).await, probe.clone(), config(), 1);
+    let b = consume(store(&db).await, probe.clone(), config(), 1);
+    until_effects(&producer, 200).await;
+    for (stop, task, _) in [a, b] {
+        let _ = stop.send(true);
+        task.await.expect("consumer");
+    }
+    let runs = probe.runs.lock().expect("lock").clone();
+    let unique: BTreeSet<i64> = runs.iter().copied().collect();
+    assert_eq!(runs.len(), 200, "a row was handled twice");
+    assert_eq!(unique.len(), 200);
+    assert_eq!(effects(&producer).await, 200);
+    let delivered = producer
+        .outbox_list(Some(OutboxStatus::Delivered), Some(1), 1000)
+        .await
+        .expect("list");
+    assert_eq!(delivered.len(), 200);
+}
+
+async fn a_generation_never_claims_another_generations_rows(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let old = store(&db).await;
+    old.set_generation(3);
+    old.enqueue(&[event("a"), event("b")])
+        .await
+        .expect("enqueue");
+    // Generation 4 sees nothing to claim, however often it looks.
+    assert!(old.claim(4, "w4", 100).await.expect("claim").is_empty());
+    let probe = Arc::new(Probe::default());
+    let (stop, task, _) = consume(store(&db).await, probe.clone(), config(), 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(probe.runs.lock().expect("lock").is_empty());
+    let counts = old.outbox_counts(4).await.expect("counts");
+    assert_eq!((counts.pending, counts.other_generations), (0, 2));
+    // Adopted deliberately, they are handled by the new generation.
+    assert_eq!(old.adopt(3, 4).await.expect("adopt"), 2);
+    until_effects(&old, 2).await;
+    let _ = stop.send(true);
+    task.await.expect("consumer");
+    assert_eq!(
+        old.outbox_counts(4)
+            .await
+            .expect("counts")
+            .other_generations,
+        0
+    );
+}
+
+async fn retries_back_off_then_succeed(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let s = store(&db).await;
+    s.set_generation(1);
+    s.enqueue(&[event("flaky")]).await.expect("enqueue");
+    let probe = Arc::new(Probe::default());
+    probe.fail_first.store(2, Ordering::SeqCst);
+    let (stop, task, _) = consume(store(&db).await, probe.clone(), config(), 1);
+    until_effects(&s, 1).await;
+    let _ = stop.send(true);
+    task.await.expect("consumer");
+    let row = rows_of(&s, TEST_EVENT).await.remove(0);
+    assert_eq!(row.status, OutboxStatus::Delivered);
+    assert_eq!(row.attempts, 3);
+    let history = row.failure_history.as_array().cloned().unwrap_or_default();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history[0]["error"], "attempt 1 fails");
+    assert_eq!(history[1]["error"], "attempt 2 fails");
+    assert!(row.first_failed_at.is_some());
+    assert_eq!(probe.runs.lock().expect("lock").len(), 3);
+}
+
+async fn a_terminal_failure_is_kept_and_can_be_replayed(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let s = store(&db).await;
+    s.set_generation(1);
+    s.enqueue(&[event("poison")]).await.expect("enqueue");
+    let probe = Arc::new(Probe::default());
+    probe.terminal.store(true, Ordering::SeqCst);
+    let (stop, task, _) = consume(store(&db).await, probe.clone(), config(), 1);
+    let started = Instant::now();
+    let failed = loop {
+        let failed = s
+            .outbox_list(Some(OutboxStatus::Failed), Some(1), 10)
+            .await
+            .expect("list");
+        if !failed.is_empty() {
+            break failed;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(failed[0].attempts, 1, "a terminal error is not retried");
+    assert_eq!(
+        failed[0].last_error.as_deref(),
+        Some("the payload is refused")
+    );
+    assert_eq!(s.outbox_counts(1).await.expect("counts").failed, 1);
+    // Fixed, then replayed in place: handled, with the failure still on record.
+    probe.terminal.store(false, Ordering::SeqCst);
+    s.replay(failed[0].id).await.expect("replay");
+    until_effects(&s, 1).await;
+    let _ = stop.send(true);
+    task.await.expect("consumer");
+    let row = s
+        .outbox_row(failed[0].id)
+        .await
+        .expect("row")
+        .expect("exists");
+    assert_eq!(row.status, OutboxStatus::Delivered);
+    assert_eq!(row.failure_history.as_array().map(Vec::len), Some(1));
+    // Replaying a row that has not failed is refused.
+    assert!(s.replay(row.id).await.is_err());
+}
+
+async fn a_dead_workers_rows_are_rescued_and_handled_once(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let s = store(&db).await;
+    s.set_generation(1);
+    s.enqueue(&[event("x"), event("y"), event("z")])
+        .await
+        .expect("enqueue");
+    // A worker claims them and dies before handling any.
+    let claimed = s.claim(1, "worker-that-died", 10).await.expect("claim");
+    assert_eq!(claimed.len(), 3);
+    let probe = Arc::new(Probe::default());
+    let mut cfg = config();
+    cfg.lease = Duration::from_millis(300);
+    let (stop, task, _) = consume(store(&db).await, probe.clone(), cfg, 1);
+    until_effects(&s, 3).await;
+    // The dead worker comes back and tries to record a result: its claim is gone.
+    let late = s
+        .complete(
+            &claimed[0],
+            "worker-that-died",
+            "probe",
+            &Effect::Stats(vec![]),
+        )
+        .await
+        .expect("complete");
+    assert_eq!(late, spectral::store::Completion::Lost);
+    let _ = stop.send(true);
+    task.await.expect("consumer");
+    assert_eq!(effects(&s).await, 3, "each row has one effect");
+    for row in rows_of(&s, TEST_EVENT).await {
+        assert_eq!(row.status, OutboxStatus::Delivered);
+        assert_eq!(row.attempts, 2, "the dead worker's attempt counts");
+    }
+}
+
+/// A lease that expires while a slow handler runs: the row is handled by a second worker
+/// too, and the effect is still applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_run_twice_has_one_effect() {
+    let db = Db::fresh(Backend::Postgres).await;
+    let s = store(&db).await;
+    s.set_generation(1);
+    s.enqueue(&[event("slow")]).await.expect("enqueue");
+    let slow = Arc::new(Probe::default());
+    *slow.delay.lock().expect("lock") = Duration::from_millis(1500);
+    let fast = Arc::new(Probe::default());
+    let mut cfg = config();
+    cfg.lease = Duration::from_millis(300);
+    let a = consume(store(&db).await, slow.clone(), cfg.clone(), 1);
+    // Let the slow worker claim the row, then start the second one: it rescues the row when
+    // the lease runs out and handles it while the first is still busy.
+    let started = Instant::now();
+    while slow.runs.lock().expect("lock").is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let b = consume(store(&db).await, fast.clone(), cfg, 1);
+    until_effects(&s, 1).await;
+    // Wait for the slow one to finish and try to record its result.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    for (stop, task, _) in [a, b] {
+        let _ = stop.send(true);
+        task.await.expect("consumer");
+    }
+    assert_eq!(slow.runs.lock().expect("lock").len(), 1);
+    assert!(!fast.runs.lock().expect("lock").is_empty());
+    assert_eq!(effects(&s).await, 1, "two runs, one effect");
+}
+
+/// With notifications off, polling alone delivers every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_notification_is_handled_by_polling() {
+    let db = Db::fresh(Backend::Postgres).await;
+    let producer = store(&db).await;
+    producer.set_generation(1);
+    let probe = Arc::new(Probe::default());
+    let mut cfg = config();
+    cfg.listen = false;
+    cfg.poll_interval = Duration::from_millis(200);
+    // The consumer has a store of its own, so no in-process wake reaches it either.
+    let (stop, task, state) = consume(store(&db).await, probe.clone(), cfg, 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(state.wiring(), Wiring::Polling);
+    producer
+        .enqueue(&[event("p1"), event("p2")])
+        .await
+        .expect("enqueue");
+    until_effects(&producer, 2).await;
+    let _ = stop.send(true);
+    task.await.expect("consumer");
+}
+
+/// The listener's backend is terminated: the consumer notices, polls, reconnects, and is
+/// woken by notifications again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_reconnects_after_its_backend_is_terminated() {
+    use sqlx::Connection;
+    let db = Db::fresh(Backend::Postgres).await;
+    let producer = store(&db).await;
+    producer.set_generation(1);
+    let probe = Arc::new(Probe::default());
+    let mut cfg = config();
+    // So slow that only a notification explains a prompt delivery.
+    cfg.poll_interval = Duration::from_secs(120);
+    let (stop, task, state) = consume(store(&db).await, probe.clone(), cfg, 1);
+    let wait_wiring = |want: Wiring| {
+        let state = state.clone();
+        async move {
+            let started = Instant::now();
+            while state.wiring() != want {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "never {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_wiring(Wiring::Wired).await;
+    producer.enqueue(&[event("before")]).await.expect("enqueue");
+    until_effects(&producer, 1).await;
+
+    let mut admin = sqlx::PgConnection::connect(db.postgres_url().expect("url"))
+        .await
+        .expect("connect");
+    let killed: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate");
+    assert!(!killed.is_empty(), "a listening backend exists");
+    // Events written while the listener is down are not lost; the consumer reconnects and
+    // delivers them without waiting for its two-minute poll.
+    producer.enqueue(&[event("during")]).await.expect("enqueue");
+    wait_wiring(Wiring::Wired).await;
+    producer.enqueue(&[event("after")]).await.expect("enqueue");
+    until_effects(&producer, 3).await;
+    let _ = stop.send(true);
+    task.await.expect("consumer");
+}
