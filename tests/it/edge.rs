@@ -144,3 +144,25 @@ async fn metrics_count_requests_decisions_and_errors() {
     assert!(text.contains("spectral_decision_log_dropped_total 0"));
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_is_served() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let app = TestApp::on(&db).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let resp = h2
+        .post(app.url("/api/decide"))
+        .bearer_auth(OPERATOR)
+        .json(&green_wire())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status().as_u16(), 200);
+    let d: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(d["status"], "GREEN");
+    app.stop().await;
+}

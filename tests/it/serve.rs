@@ -218,3 +218,71 @@ async fn keys_push_and_migrate_from_the_command_line() {
     assert!(err.contains("403"), "{err}");
     server.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_can_be_listed_replayed_and_adopted_from_the_command_line() {
+    use spectral::store::{NewEvent, Store};
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut config = spectral::config::Config::default().store;
+    config.data_dir = data.path().to_path_buf();
+    let store = Store::connect(&config).await.expect("store");
+    store.set_generation(5);
+    let event = |k: &str| NewEvent {
+        event_type: "test.event".into(),
+        world: None,
+        payload: serde_json::json!({}),
+        idempotency_key: k.into(),
+        target: None,
+    };
+    store
+        .enqueue(&[event("a"), event("b")])
+        .await
+        .expect("enqueue");
+    let claimed = store.claim(5, "w", 1).await.expect("claim");
+    store
+        .fail(&claimed[0], "w", "subscriber refused it", None)
+        .await
+        .expect("fail");
+    store.close().await;
+
+    let (code, out, err) = spectral(&["outbox", "list", "--status", "failed"], data.path());
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().next().unwrap_or("");
+    assert!(
+        line.contains("failed") && line.contains("gen 5") && line.contains("subscriber refused it"),
+        "{out}"
+    );
+    let id = line.split('\t').next().expect("id").to_string();
+    let (code, out, _) = spectral(&["outbox", "replay", &id], data.path());
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("row {id} is pending again")));
+    let (code, _, err) = spectral(&["outbox", "replay", &id], data.path());
+    assert_ne!(code, 0, "only a failed row can be replayed");
+    assert!(err.contains("not found"), "{err}");
+    let (_, out, _) = spectral(
+        &["outbox", "list", "--status", "pending", "--generation", "5"],
+        data.path(),
+    );
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let (code, out, _) = spectral(
+        &[
+            "outbox",
+            "adopt",
+            "--from-generation",
+            "5",
+            "--to-generation",
+            "6",
+        ],
+        data.path(),
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("2 row(s) of generation 5 adopted by generation 6"),
+        "{out}"
+    );
+    let (_, out, _) = spectral(&["outbox", "list", "--generation", "6"], data.path());
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let (code, _, err) = spectral(&["outbox", "list", "--status", "lost"], data.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown status 'lost'"), "{err}");
+}

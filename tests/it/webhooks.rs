@@ -1,0 +1,186 @@
+//! Webhooks and statistics through the running service: the outbox handlers end to end.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use spectral::outbox::handlers::signature;
+
+use crate::app::{green_wire, test_config, Backend, Db, TestApp, OPERATOR};
+use crate::receiver::Receiver;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_are_delivered_signed_and_retried() {
+    let db = Db::fresh(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    config.outbox.retry_base = Duration::from_millis(20);
+    config.outbox.retry_cap = Duration::from_millis(100);
+    let app = TestApp::start(config).await;
+    let receiver = Receiver::start().await;
+    // The first delivery fails with a retryable 503; the retry is accepted.
+    receiver.answer(&[503]);
+    let (s, hook) = app
+        .post(
+            OPERATOR,
+            "/api/worlds/acme-payments/webhooks",
+            &json!({"url": receiver.url, "secret": "whsec_test_0123456789"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{hook}");
+    assert_eq!(hook["secret"], "whsec_test_0123456789");
+    assert_eq!(
+        hook["events"],
+        json!(["worldmodel.version.published", "module.deployed"])
+    );
+    // Deploying version 1 again is a deployment like any other.
+    let (s, dep) = app
+        .post(
+            OPERATOR,
+            "/api/worlds/acme-payments/deployments",
+            &json!({"version": 1}),
+        )
+        .await;
+    assert_eq!(s, 200, "{dep}");
+    let deliveries = receiver.until(2).await;
+    let (failed, ok) = (&deliveries[0], &deliveries[1]);
+    assert_eq!(
+        failed.header("idempotency-key"),
+        ok.header("idempotency-key")
+    );
+    for d in [failed, ok] {
+        assert_eq!(d.header("x-spectral-event"), Some("module.deployed"));
+        let ts: i64 = d
+            .header("x-spectral-timestamp")
+            .and_then(|t| t.parse().ok())
+            .expect("timestamp");
+        let expected = format!("v1={}", signature("whsec_test_0123456789", ts, &d.body));
+        assert_eq!(d.header("x-spectral-signature"), Some(expected.as_str()));
+        let body = d.json();
+        assert_eq!(body["world"], "acme-payments");
+        assert_eq!(body["data"]["version"], 1);
+    }
+    // A tampered body would not verify.
+    let ts: i64 = ok
+        .header("x-spectral-timestamp")
+        .and_then(|t| t.parse().ok())
+        .expect("timestamp");
+    assert_ne!(
+        format!("v1={}", signature("whsec_test_0123456789", ts, b"{}")),
+        ok.header("x-spectral-signature").unwrap_or("")
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_delivery_fails_at_once_and_is_listed_for_replay() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let app = TestApp::on(&db).await;
+    let receiver = Receiver::start().await;
+    receiver.answer(&[410]);
+    app.post(
+        OPERATOR,
+        "/api/worlds/acme-payments/webhooks",
+        &json!({"url": receiver.url, "events": ["module.deployed"]}),
+    )
+    .await;
+    app.post(
+        OPERATOR,
+        "/api/worlds/acme-payments/deployments",
+        &json!({"version": 1}),
+    )
+    .await;
+    receiver.until(1).await;
+    let store = app.running.as_ref().expect("running").app.store.clone();
+    let started = Instant::now();
+    let failed = loop {
+        let failed = store
+            .outbox_list(Some(spectral::store::OutboxStatus::Failed), None, 10)
+            .await
+            .expect("list");
+        if let Some(row) = failed.into_iter().next() {
+            break row;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(failed.event_type, "webhook.delivery");
+    assert_eq!(failed.attempts, 1, "a 410 is not retried");
+    assert!(failed.last_error.as_deref().unwrap_or("").contains("410"));
+    // Replayed, it is delivered (the receiver now answers 200).
+    store.replay(failed.id).await.expect("replay");
+    receiver.until(2).await;
+    let (_, health) = app.get(None, "/health").await;
+    assert_eq!(health["features"]["outbox"], "wired");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_every_decision_by_status_and_rule() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let app = TestApp::on(&db).await;
+    let mut red = green_wire();
+    red["context"]["sanctions_hit"] = json!(true);
+    for _ in 0..3 {
+        app.decide(OPERATOR, &green_wire()).await;
+    }
+    for _ in 0..2 {
+        app.decide(OPERATOR, &red).await;
+    }
+    let started = Instant::now();
+    let stats = loop {
+        let (s, stats) = app
+            .get(Some(OPERATOR), "/api/worlds/acme-payments/stats")
+            .await;
+        assert_eq!(s, 200, "{stats}");
+        let total: i64 = stats["decisions"]
+            .as_object()
+            .map(|m| m.values().filter_map(|v| v.as_i64()).sum())
+            .unwrap_or(0);
+        if total == 5 {
+            break stats;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{stats}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(stats["decisions"]["GREEN"], 3);
+    assert_eq!(stats["decisions"]["RED"], 2);
+    assert_eq!(stats["rules"]["sanctions-hit"]["RED"], 2);
+    assert_eq!(stats["rules"]["standard-release"]["GREEN"], 3);
+    // Another world's key cannot read them.
+    let other = app
+        .key(Some("globex-support"), &[spectral::store::Scope::Read])
+        .await;
+    let (s, _) = app
+        .get(Some(&other), "/api/worlds/acme-payments/stats")
+        .await;
+    assert_eq!(s, 403);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_input_is_validated() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let app = TestApp::on(&db).await;
+    for (body, word) in [
+        (json!({"url": "ftp://x/y"}), "http or https"),
+        (json!({"url": "not a url"}), "url 'not a url'"),
+        (
+            json!({"url": "http://x/y", "events": ["decision.recorded"]}),
+            "unknown event",
+        ),
+    ] {
+        let (s, b) = app
+            .post(OPERATOR, "/api/worlds/acme-payments/webhooks", &body)
+            .await;
+        assert_eq!(s, 400, "{b}");
+        assert!(b["detail"].as_str().unwrap_or("").contains(word), "{b}");
+    }
+    let (s, _) = app
+        .post(
+            OPERATOR,
+            "/api/worlds/nowhere/webhooks",
+            &json!({"url": "http://x/y"}),
+        )
+        .await;
+    assert_eq!(s, 404);
+    app.stop().await;
+}
