@@ -182,9 +182,21 @@ impl App {
         let world = caller.resolve_world(input.world.as_deref())?;
         caller.check(world, Scope::Decide)?;
         let loaded = match input.world_model_version {
-            None => self.cache.deployed(world).ok_or_else(|| {
-                ServiceError::NotFound(format!("world '{world}' has no deployed version"))
-            })?,
+            None => match self.cache.deployed(world) {
+                Some(loaded) => loaded,
+                None => {
+                    // Deployed but not loadable is the service's fault, not the caller's.
+                    if self.cache.failures().contains_key(world) {
+                        return Err(ServiceError::Unavailable(format!(
+                            "world '{world}' is deployed but its version failed to load; \
+                             operators see why on /health"
+                        )));
+                    }
+                    return Err(ServiceError::NotFound(format!(
+                        "world '{world}' has no deployed version"
+                    )));
+                }
+            },
             Some(v) => self.cache.version(world, v).await.map_err(|e| match e {
                 LoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
                 LoadError::Failed { .. } => ServiceError::Unavailable(e.to_string()),

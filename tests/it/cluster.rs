@@ -124,7 +124,16 @@ async fn an_instance_is_not_ready_while_a_deployed_world_fails_to_load() {
         .as_str()
         .unwrap_or("");
     assert!(failed.contains("hashes to"), "{health}");
-    // The other worlds are still served.
+    // The other worlds are still served; the broken one answers 503, not a guess.
     assert_eq!(health["features"]["worlds"]["loaded"]["globex-support"], 1);
+    let (s, problem) = b.decide(OPERATOR, &green_wire()).await;
+    assert_eq!(s, 503, "{problem}");
+    assert_eq!(problem["code"], "unavailable");
+    // The detail names the world but not the internals of the failure.
+    let detail = problem["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("acme-payments") && !detail.contains("sha256"),
+        "{detail}"
+    );
     b.stop().await;
 }

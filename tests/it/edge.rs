@@ -166,3 +166,53 @@ async fn h2c_prior_knowledge_is_served() {
     assert_eq!(d["status"], "GREEN");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_log_that_cannot_keep_up_drops_and_counts_it() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.decision_log.capacity = 1;
+    config.decision_log.overflow = spectral::config::Overflow::Drop;
+    let app = TestApp::start(config).await;
+    let requests: Vec<serde_json::Value> = (0..100).map(|_| green_wire()).collect();
+    let (s, out) = app
+        .post(
+            OPERATOR,
+            "/api/decide/batch",
+            &serde_json::json!({"requests": requests}),
+        )
+        .await;
+    assert_eq!(s, 200, "{out}");
+    let (_, health) = app.get(None, "/health").await;
+    let log = &health["features"]["decision_log"];
+    assert_eq!(log["overflow"], "drop");
+    let dropped = log["dropped"].as_u64().unwrap_or(0);
+    assert!(
+        dropped > 0,
+        "a one-slot queue behind a database cannot take 100 at once: {log}"
+    );
+    let (_, metrics) = app.get(None, "/metrics").await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("spectral_decision_log_dropped_total {dropped}")),
+        "{metrics}"
+    );
+    // Every decision is either written or counted as dropped: nothing vanishes silently.
+    let store = app.running.as_ref().expect("running").app.store.clone();
+    app.stop().await;
+    let mut config = test_config(&db).store;
+    config.migrate_on_start = false;
+    let store2 = spectral::store::Store::connect(&config)
+        .await
+        .expect("store");
+    drop(store);
+    let written = store2
+        .decisions("acme-payments", 0, 1000)
+        .await
+        .expect("records")
+        .len() as u64;
+    assert_eq!(written + dropped, 100);
+    store2.close().await;
+}
