@@ -107,6 +107,9 @@ pub struct DecisionLogConfig {
     /// `SPECTRAL_DECISION_LOG_OVERFLOW` = `block` (with `SPECTRAL_DECISION_LOG_BLOCK_MS`) or
     /// `drop`. Every dropped record is counted in metrics and on `/health`.
     pub overflow: Overflow,
+    /// How long the writer waits for a batch to fill before committing what it has
+    /// (`SPECTRAL_DECISION_LOG_LINGER_MS`): fewer, larger transactions under load.
+    pub linger: Duration,
 }
 
 impl Default for DecisionLogConfig {
@@ -115,6 +118,7 @@ impl Default for DecisionLogConfig {
             capacity: 10_000,
             batch_size: 256,
             overflow: Overflow::Block(Duration::from_millis(5)),
+            linger: Duration::from_millis(2),
         }
     }
 }
@@ -131,7 +135,8 @@ pub struct OutboxConfig {
     /// Rows claimed at once (`SPECTRAL_OUTBOX_BATCH`).
     pub batch_size: u32,
     /// How long a claim lasts before the row is rescued from a dead worker
-    /// (`SPECTRAL_OUTBOX_LEASE_MS`). Must exceed the slowest handler.
+    /// (`SPECTRAL_OUTBOX_LEASE_MS`). Keep it above twice the slowest handler: a worker starts
+    /// no row of a claimed batch after half the lease, and releases the rest.
     pub lease: Duration,
     /// Listen for Postgres notifications of new rows (`SPECTRAL_OUTBOX_LISTEN`).
     pub listen: bool,

@@ -197,11 +197,19 @@ impl Consumer {
 
     async fn handle_batch(&self, rows: Vec<OutboxRow>, stop: &watch::Receiver<bool>) {
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        // Every row of the batch was claimed now, and its lease runs from now: a row is not
+        // started once half of it has passed, or a slow batch would let another worker rescue
+        // rows this one is still going to handle, and both would run them.
+        let claimed = tokio::time::Instant::now();
         for (i, row) in rows.iter().enumerate() {
-            if *stop.borrow() {
+            let stopping = *stop.borrow();
+            if stopping || claimed.elapsed() > self.config.lease / 2 {
                 let rest = &ids[i..];
                 match self.store.release(&self.worker, rest).await {
-                    Ok(n) => tracing::info!(rows = n, "released claimed rows on shutdown"),
+                    Ok(n) if stopping => {
+                        tracing::info!(rows = n, "released claimed rows on shutdown")
+                    }
+                    Ok(n) => tracing::debug!(rows = n, "released the rest of a slow batch"),
                     Err(e) => {
                         tracing::warn!(error = %e, "releasing claimed rows failed; their lease will expire")
                     }
@@ -269,15 +277,34 @@ impl Consumer {
     }
 }
 
+/// Notifications already received that one wake consumes at most (see [`wait_listener`]).
+const DRAIN_AT_MOST: usize = 4096;
+
 /// Wait for the listener to report a notification (`Ok`) or its loss (`Err`); never
 /// resolves without a listener. A quiet connection is pinged so that a dead one is noticed.
+///
+/// Every row inserted sends a notification, and one claim serves all of them: the ones that
+/// have already arrived are consumed with the first, so that a burst of N inserts costs one
+/// claim rather than N. The bound keeps a steady stream of notifications from starving the
+/// claim.
 async fn wait_listener(listener: &mut Option<Listener>) -> Result<(), crate::store::StoreError> {
     let Some(l) = listener.as_mut() else {
         return std::future::pending().await;
     };
     loop {
         match tokio::time::timeout(LISTENER_PING, l.next()).await {
-            Ok(result) => return result.map(drop),
+            Ok(result) => {
+                result?;
+                for _ in 0..DRAIN_AT_MOST {
+                    // A zero timeout polls once: it yields a notification only if one is
+                    // already there.
+                    match tokio::time::timeout(Duration::ZERO, l.next()).await {
+                        Ok(more) => drop(more?),
+                        Err(_) => break,
+                    }
+                }
+                return Ok(());
+            }
             Err(_) => l.ping().await?,
         }
     }

@@ -57,6 +57,7 @@ impl DecisionLog {
             rx,
             stopped,
             config.batch_size,
+            config.linger,
             metrics.clone(),
         ));
         (
@@ -118,6 +119,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<NewDecision>,
     mut stopped: watch::Receiver<bool>,
     batch_size: usize,
+    linger: Duration,
     metrics: Arc<Metrics>,
 ) {
     let mut batch = Vec::with_capacity(batch_size);
@@ -127,6 +129,16 @@ async fn write_loop(
             n = rx.recv_many(&mut batch, batch_size) => {
                 if n == 0 {
                     break;
+                }
+                // Let the batch fill for a moment: a commit (and its fsync) per record would
+                // cost more than the records themselves under load.
+                let until = tokio::time::Instant::now() + linger;
+                while batch.len() < batch_size {
+                    let room = batch_size - batch.len();
+                    match tokio::time::timeout_at(until, rx.recv_many(&mut batch, room)).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
                 }
                 write(&store, &mut batch, &metrics).await;
             }

@@ -492,3 +492,31 @@ async fn the_listener_reconnects_after_its_backend_is_terminated() {
     let _ = stop.send(true);
     task.await.expect("consumer");
 }
+
+/// A batch that takes longer than half its lease is not finished by its worker: the rest is
+/// released and claimed afresh, so no second worker rescues rows the first will still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_batch_releases_what_it_has_not_started() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let s = store(&db).await;
+    s.set_generation(1);
+    let batch: Vec<NewEvent> = (0..6).map(|i| event(&format!("s{i}"))).collect();
+    s.enqueue(&batch).await.expect("enqueue");
+    let probe = Arc::new(Probe::default());
+    *probe.delay.lock().expect("lock") = Duration::from_millis(200);
+    let mut cfg = config();
+    // Half the lease is 300 ms: two rows of 200 ms each fit, the third would not.
+    cfg.lease = Duration::from_millis(600);
+    let (stop, task, _) = consume(store(&db).await, probe.clone(), cfg, 1);
+    until_effects(&s, 6).await;
+    let _ = stop.send(true);
+    task.await.expect("consumer");
+    // Each row ran once; none was rescued from a live worker.
+    let runs = probe.runs.lock().expect("lock").clone();
+    assert_eq!(runs.len(), 6, "{runs:?}");
+    for row in rows_of(&s, TEST_EVENT).await {
+        assert_eq!(row.status, OutboxStatus::Delivered);
+        assert_eq!(row.attempts, 1, "a released row's attempt is undone");
+        assert!(row.last_error.is_none());
+    }
+}

@@ -1,0 +1,813 @@
+//! The outbox survives its workers dying: `spectral api` and `spectral workers` run as
+//! processes on one Postgres database, the workers are `kill -9`ed while webhook deliveries
+//! are in flight and restarted, and every event is still handled once in effect; SIGTERM
+//! finishes the delivery in hand, releases the rest and exits 0, for `workers` and `serve`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rand::Rng;
+use serde_json::{json, Value};
+use sha2::Sha256;
+use spectral::store::{events, OutboxStatus, Store, StoreConfig};
+
+use crate::app::{green_wire, OPERATOR};
+use crate::db;
+use crate::support::predicates_dir;
+
+const WORLD: &str = "acme-payments";
+/// Long enough for a delivery in hand to finish; the tests wait for much less.
+const GRACE: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// The subscriber: a real HTTP server that answers slowly, so that a worker is in the middle
+// of a delivery much of the time.
+
+/// One request the subscriber received.
+struct Hit {
+    key: String,
+    arrived: Instant,
+    /// Set once the answer is ready; a request whose sender died may never get one.
+    answered: bool,
+    /// The signature verified against the hook's secret.
+    signed: bool,
+}
+
+/// Webhook `i` is `POST /hook/{i}`, signed with `secrets[i]`.
+#[derive(Clone)]
+struct Subscriber {
+    addr: SocketAddr,
+    secrets: Arc<Vec<String>>,
+    hits: Arc<Mutex<Vec<Hit>>>,
+}
+
+impl Subscriber {
+    async fn start(secrets: Vec<String>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the subscriber");
+        let this = Self {
+            addr: listener.local_addr().expect("addr"),
+            secrets: Arc::new(secrets),
+            hits: Arc::default(),
+        };
+        let server = this.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(server.receive(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        this
+    }
+
+    fn url(&self, hook: usize) -> String {
+        format!("http://{}/hook/{hook}", self.addr)
+    }
+
+    async fn receive(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<Full<Bytes>> {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (key, timestamp, signature) = (
+            header("idempotency-key"),
+            header("x-spectral-timestamp"),
+            header("x-spectral-signature"),
+        );
+        let secret = req
+            .uri()
+            .path()
+            .strip_prefix("/hook/")
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| self.secrets.get(i).cloned());
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let signed = secret.is_some_and(|s| verify(&s, &timestamp, &body, &signature));
+        let index = {
+            let mut hits = self.hits.lock().expect("lock");
+            hits.push(Hit {
+                key,
+                arrived: Instant::now(),
+                answered: false,
+                signed,
+            });
+            hits.len() - 1
+        };
+        let delay = Duration::from_millis(rand::thread_rng().gen_range(300..=500));
+        tokio::time::sleep(delay).await;
+        self.hits.lock().expect("lock")[index].answered = true;
+        hyper::Response::new(Full::new(Bytes::from_static(b"ok")))
+    }
+
+    /// A request that arrived after `since`, so recently that its answer is still at least
+    /// 200 ms away: a worker that is killed now has not recorded it.
+    fn in_hand(&self, since: Instant) -> Option<String> {
+        self.hits
+            .lock()
+            .expect("lock")
+            .iter()
+            .rev()
+            .find(|h| {
+                h.arrived >= since
+                    && !h.answered
+                    && h.arrived.elapsed() < Duration::from_millis(100)
+            })
+            .map(|h| h.key.clone())
+    }
+
+    /// Wait (bounded) for a request [`Subscriber::in_hand`].
+    async fn wait_in_hand(&self, since: Instant) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(key) = self.in_hand(since) {
+                return key;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no delivery was in flight within a minute"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// How often each idempotency key was received.
+    fn counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for h in self.hits.lock().expect("lock").iter() {
+            *counts.entry(h.key.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    fn unsigned(&self) -> usize {
+        self.hits
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|h| !h.signed)
+            .count()
+    }
+}
+
+/// Checked independently of the service's own signing code: `v1=` hex HMAC-SHA256 of
+/// `"{timestamp}.{body}"`.
+fn verify(secret: &str, timestamp: &str, body: &[u8], header: &str) -> bool {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
+        return false;
+    };
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    header
+        .strip_prefix("v1=")
+        .and_then(|h| hex::decode(h).ok())
+        .is_some_and(|sig| mac.verify_slice(&sig).is_ok())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes.
+
+/// A `spectral` process, its output kept for the failure message; killed when dropped, so a
+/// failing test leaves nothing running.
+struct Proc {
+    name: String,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    started: Instant,
+}
+
+impl Proc {
+    fn spawn(command: &str, env: &[(&str, String)], dir: &Path) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_spectral"));
+        cmd.arg(command)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Only what the test sets: nothing of the caller's configuration leaks in.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("SPECTRAL_") || k == "DATABASE_URL" {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spectral starts");
+        let started = Instant::now();
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("stdout"));
+        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("stderr"));
+        for stream in [out, err] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    log.lock().expect("lock").push(line);
+                }
+            });
+        }
+        Self {
+            name: format!("spectral {command} ({})", child.id()),
+            child,
+            log,
+            started,
+        }
+    }
+
+    /// Wait (bounded) for a JSON log line with this message; return it.
+    async fn logged(&self, message: &str) -> Value {
+        let started = Instant::now();
+        loop {
+            let found = self
+                .log
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["message"] == message);
+            if let Some(v) = found {
+                return v;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} did not log '{message}' within a minute",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL sent");
+        self.child.wait().expect("reaped");
+    }
+
+    /// Send SIGTERM and wait (bounded) for the exit; its code and how long it took.
+    async fn terminate(&mut self) -> (Option<i32>, Duration) {
+        let sent = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "SIGTERM sent to {}", self.name);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (status.code(), sent.elapsed());
+            }
+            assert!(
+                sent.elapsed() < GRACE + Duration::from_secs(20),
+                "{} still runs {:?} after SIGTERM",
+                self.name,
+                sent.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
+            eprintln!("--- last output of {} ---", self.name);
+            for line in log.iter().skip(log.len().saturating_sub(40)) {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// The environment every process of a test shares.
+fn common_env(db: &db::TestDb) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", db.url().to_string()),
+        ("SPECTRAL_LOG_FORMAT", "json".into()),
+        ("SPECTRAL_LOG", "info".into()),
+        ("SPECTRAL_SHUTDOWN_GRACE_MS", GRACE.as_millis().to_string()),
+        // Unoptimized test builds on a busy machine are slow; see `app::test_config`.
+        ("SPECTRAL_SANDBOX_DEADLINE_US", "500000".into()),
+        ("SPECTRAL_DB_MAX_CONNECTIONS", "4".into()),
+    ]
+}
+
+fn api_env(db: &db::TestDb) -> Vec<(&'static str, String)> {
+    let mut env = common_env(db);
+    env.extend([
+        ("SPECTRAL_GENERATION", "1".to_string()),
+        ("SPECTRAL_ADDR", "127.0.0.1:0".into()),
+        ("SPECTRAL_SEED_DIR", predicates_dir().display().to_string()),
+        ("SPECTRAL_OPERATOR_KEY", OPERATOR.into()),
+        ("SPECTRAL_DEPLOY_POLL_MS", "200".into()),
+    ]);
+    env
+}
+
+/// The consumer's settings: a short lease, so that a dead worker's rows come back within
+/// seconds, and quick polls and retries.
+fn outbox_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("SPECTRAL_OUTBOX_LEASE_MS", "1500".into()),
+        ("SPECTRAL_OUTBOX_POLL_MS", "200".into()),
+        ("SPECTRAL_OUTBOX_RETRY_BASE_MS", "100".into()),
+        ("SPECTRAL_OUTBOX_RETRY_CAP_MS", "1000".into()),
+        ("SPECTRAL_WEBHOOK_TIMEOUT_MS", "5000".into()),
+    ]
+}
+
+fn workers_env(db: &db::TestDb) -> Vec<(&'static str, String)> {
+    let mut env = common_env(db);
+    env.push(("SPECTRAL_GENERATION", "1".to_string()));
+    env.extend(outbox_env());
+    env
+}
+
+/// Start `spectral api` or `serve` and return it with its base URL.
+async fn start_api(command: &str, env: &[(&str, String)], dir: &Path) -> (Proc, String) {
+    let api = Proc::spawn(command, env, dir);
+    let listening = api.logged("spectral API listening").await;
+    let addr = listening["addr"].as_str().expect("addr").to_string();
+    (api, format!("http://{addr}"))
+}
+
+async fn test_store(db: &db::TestDb) -> Store {
+    Store::connect(&StoreConfig {
+        database_url: Some(db.url().to_string()),
+        max_connections: 2,
+        migrate_on_start: false,
+        ..StoreConfig::default()
+    })
+    .await
+    .expect("store")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Producing events through the API.
+
+/// An HTTP client of the API with the operator key.
+#[derive(Clone)]
+struct Api {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(OPERATOR);
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Subscribe `url` with `secret`; the webhook's id.
+    async fn webhook(&self, url: &str, secret: &str) -> String {
+        let (s, hook) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/worlds/{WORLD}/webhooks"),
+                Some(&json!({"url": url, "secret": secret})),
+            )
+            .await;
+        assert_eq!(s, 201, "{hook}");
+        hook["id"].as_str().expect("id").to_string()
+    }
+
+    /// Publish a new revision of the payments world and deploy it: two events, each one
+    /// delivery per webhook. Returns the `(event type, event key)` of both.
+    async fn publish_and_deploy(&self, revision: usize) -> Vec<(String, String)> {
+        let model = spectral::worlds::load::load_model(&predicates_dir().join(WORLD))
+            .expect("the example world loads");
+        let mut model = serde_json::to_value(model).expect("json");
+        model["description"] = json!(format!("revision {revision}"));
+        let (s, body) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("/api/worlds/{WORLD}/draft"),
+                Some(&model),
+            )
+            .await;
+        assert_eq!(s, 200, "{body}");
+        let (s, published) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/worlds/{WORLD}/versions"),
+                Some(&json!({})),
+            )
+            .await;
+        assert_eq!(s, 201, "{published}");
+        let version = published["version"].as_u64().expect("version");
+        let (s, deployed) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/worlds/{WORLD}/deployments"),
+                Some(&json!({"version": version})),
+            )
+            .await;
+        assert_eq!(s, 200, "{deployed}");
+        let seq = deployed["seq"].as_u64().expect("seq");
+        vec![
+            (
+                events::VERSION_PUBLISHED.to_string(),
+                format!("{WORLD}:{version}"),
+            ),
+            (
+                events::MODULE_DEPLOYED.to_string(),
+                format!("{WORLD}:{seq}"),
+            ),
+        ]
+    }
+
+    /// `n` single decisions and one batch of ten, four requests at a time; how many
+    /// decisions were made.
+    async fn decide(&self, n: usize) -> i64 {
+        let mut made = 0;
+        let mut tasks = tokio::task::JoinSet::new();
+        for lane in 0..4 {
+            let api = self.clone();
+            tasks.spawn(async move {
+                let mut made = 0;
+                for _ in (lane..n).step_by(4) {
+                    let (s, d) = api
+                        .call(reqwest::Method::POST, "/api/decide", Some(&green_wire()))
+                        .await;
+                    assert_eq!(s, 200, "{d}");
+                    made += 1;
+                }
+                made
+            });
+        }
+        while let Some(lane) = tasks.join_next().await {
+            made += lane.expect("decide lane");
+        }
+        let batch = json!({"requests": vec![green_wire(); 10]});
+        let (s, out) = self
+            .call(reqwest::Method::POST, "/api/decide/batch", Some(&batch))
+            .await;
+        assert_eq!(s, 200, "{out}");
+        made + out["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .filter(|r| r["status"] == 200)
+            .count() as i64
+    }
+
+    /// Decisions counted by the statistics handler.
+    async fn stats_total(&self) -> i64 {
+        let (s, stats) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/worlds/{WORLD}/stats"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{stats}");
+        stats["decisions"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_i64).sum())
+    }
+}
+
+/// The delivery keys the fan-out of `events` to `hooks` must produce.
+fn delivery_keys(hooks: &[String], events: &[(String, String)]) -> BTreeSet<String> {
+    hooks
+        .iter()
+        .flat_map(|h| events.iter().map(move |(t, k)| format!("{h}:{t}:{k}")))
+        .collect()
+}
+
+/// Wait (bounded) until generation 1 has nothing pending or in flight, the subscriber has
+/// seen every expected key and the statistics count every decision.
+async fn drain(
+    store: &Store,
+    api: &Api,
+    subscriber: &Subscriber,
+    expected: &BTreeSet<String>,
+    decisions: i64,
+) {
+    let started = Instant::now();
+    loop {
+        let counts = store.outbox_counts(1).await.expect("counts");
+        let seen: BTreeSet<String> = subscriber.counts().into_keys().collect();
+        let missing = expected.difference(&seen).count();
+        let stats = api.stats_total().await;
+        if counts.pending == 0 && counts.in_flight == 0 && missing == 0 && stats >= decisions {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "not drained after {:?}: {counts:?}, {missing} deliveries missing, {stats} of \
+             {decisions} decisions counted",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Everything was handled once in effect: every expected delivery arrived, signed, and no
+/// other; the statistics count each decision once; nothing of generation 1 is left.
+async fn assert_exactly_once(
+    store: &Store,
+    api: &Api,
+    subscriber: &Subscriber,
+    expected: &BTreeSet<String>,
+    decisions: i64,
+) -> usize {
+    let counts = subscriber.counts();
+    let seen: BTreeSet<String> = counts.keys().cloned().collect();
+    assert_eq!(
+        &seen, expected,
+        "the distinct delivery keys are the expected ones"
+    );
+    assert_eq!(subscriber.unsigned(), 0, "every delivery verifies");
+    assert_eq!(
+        api.stats_total().await,
+        decisions,
+        "no statistics effect lost or doubled"
+    );
+    let left = store.outbox_counts(1).await.expect("counts");
+    assert_eq!(
+        (left.pending, left.in_flight, left.failed),
+        (0, 0, 0),
+        "{left:?}"
+    );
+    counts.values().sum::<usize>() - counts.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_workers_lose_and_double_nothing() {
+    let db = db::fresh_postgres().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = test_store_after_migration(&db, dir.path()).await;
+    let secrets: Vec<String> = (0..2)
+        .map(|i| format!("whsec_crash_test_{i}_0123456789"))
+        .collect();
+    let subscriber = Subscriber::start(secrets.clone()).await;
+
+    let (mut api_proc, base) = start_api("api", &api_env(&db), dir.path()).await;
+    let api = Api {
+        base,
+        client: reqwest::Client::new(),
+    };
+    let mut workers = Proc::spawn("workers", &workers_env(&db), dir.path());
+    // The seeded worlds' events are handled before any webhook exists, so they deliver
+    // nothing and every delivery below is one this test expects.
+    let started = Instant::now();
+    loop {
+        let rows = store.outbox_list(None, Some(1), 1000).await.expect("list");
+        if !rows.is_empty() && rows.iter().all(|r| r.status == OutboxStatus::Delivered) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "seed events not handled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut hooks = Vec::new();
+    for (i, secret) in secrets.iter().enumerate() {
+        hooks.push(api.webhook(&subscriber.url(i), secret).await);
+    }
+
+    // Phase 1: a stream of publishes, deploys and decisions while the workers are killed
+    // three times in the middle of a delivery.
+    let producer = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            let mut produced = Vec::new();
+            let mut decisions = 0;
+            for revision in 0..4 {
+                produced.extend(api.publish_and_deploy(revision).await);
+                decisions += api.decide(30).await;
+            }
+            (produced, decisions)
+        })
+    };
+    let mut killed_in_hand = Vec::new();
+    for _ in 0..3 {
+        let key = subscriber.wait_in_hand(workers.started).await;
+        workers.kill9();
+        killed_in_hand.push(key);
+        workers = Proc::spawn("workers", &workers_env(&db), dir.path());
+    }
+    let (mut produced, mut decisions) = producer.await.expect("producer");
+    let mut expected = delivery_keys(&hooks, &produced);
+    assert_eq!(expected.len(), 2 * 2 * 4);
+    drain(&store, &api, &subscriber, &expected, decisions).await;
+    let redelivered = assert_exactly_once(&store, &api, &subscriber, &expected, decisions).await;
+    let counts = subscriber.counts();
+    for key in &killed_in_hand {
+        assert!(
+            counts.get(key).copied().unwrap_or(0) >= 2,
+            "the delivery in hand when its worker died was delivered again, with its key: {key}"
+        );
+    }
+    // Rows a killed worker had claimed were claimed again: by event type, how many.
+    let mut reclaimed: BTreeMap<String, usize> = BTreeMap::new();
+    for row in store
+        .outbox_list(None, Some(1), 10_000)
+        .await
+        .expect("list")
+    {
+        if row.attempts > 1 {
+            *reclaimed.entry(row.event_type).or_default() += 1;
+        }
+    }
+    assert!(
+        reclaimed.contains_key(events::WEBHOOK_DELIVERY),
+        "{reclaimed:?}"
+    );
+    println!(
+        "kill -9 ×3: {} deliveries expected, {} received ({redelivered} redeliveries), \
+         {decisions} decisions counted once; rows claimed again after a kill: {reclaimed:?}",
+        expected.len(),
+        counts.values().sum::<usize>()
+    );
+
+    // Phase 2: SIGTERM in the middle of a delivery finishes it, releases the rest, exits 0.
+    decisions += api.decide(20).await;
+    let phase = Instant::now();
+    let more = api.publish_and_deploy(4).await;
+    let key = subscriber.wait_in_hand(phase).await;
+    let (code, took) = workers.terminate().await;
+    assert_eq!(code, Some(0), "a graceful stop exits 0 (took {took:?})");
+    assert!(took < GRACE, "{took:?}");
+    let in_flight = store
+        .outbox_list(Some(OutboxStatus::InFlight), Some(1), 100)
+        .await
+        .expect("list");
+    assert!(
+        in_flight.is_empty(),
+        "rows left in flight after SIGTERM: {in_flight:?}"
+    );
+    let in_hand = store
+        .outbox_list(None, Some(1), 10_000)
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|r| r.event_type == events::WEBHOOK_DELIVERY && r.idempotency_key == key)
+        .expect("the delivery in hand is an outbox row");
+    assert_eq!(
+        in_hand.status,
+        OutboxStatus::Delivered,
+        "the delivery in hand was finished"
+    );
+    assert!(
+        store.outbox_counts(1).await.expect("counts").pending > 0,
+        "the deliveries not yet started wait for the next worker"
+    );
+    // The next worker delivers the rest.
+    let mut workers = Proc::spawn("workers", &workers_env(&db), dir.path());
+    produced.extend(more);
+    expected = delivery_keys(&hooks, &produced);
+    drain(&store, &api, &subscriber, &expected, decisions).await;
+    let redelivered = assert_exactly_once(&store, &api, &subscriber, &expected, decisions).await;
+    assert_eq!(
+        subscriber.counts()[&key],
+        1,
+        "a delivery finished on SIGTERM is not repeated"
+    );
+    println!(
+        "after SIGTERM: {} deliveries expected, {redelivered} redeliveries in all, SIGTERM \
+         exit took {took:?}",
+        expected.len()
+    );
+    // The operator's view agrees: nothing pending, in flight or failed.
+    for status in ["pending", "in_flight", "failed"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_spectral"))
+            .args(["outbox", "list", "--status", status, "--generation", "1"])
+            .env("DATABASE_URL", db.url())
+            .env("SPECTRAL_LOG", "warn")
+            .output()
+            .expect("spectral outbox list runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("0 row(s)"), "{status}: {stderr}");
+    }
+
+    let (code, _) = workers.terminate().await;
+    assert_eq!(code, Some(0));
+    // The API drains its decision log on SIGTERM: every decision made is recorded.
+    decisions += api.decide(40).await;
+    let (code, took) = api_proc.terminate().await;
+    assert_eq!(code, Some(0), "the API exits 0 on SIGTERM (took {took:?})");
+    let recorded = store.decisions(WORLD, 0, 1_000_000).await.expect("records");
+    assert_eq!(
+        recorded.len() as i64,
+        decisions,
+        "the decision log was drained"
+    );
+    store.close().await;
+}
+
+/// `spectral serve`: SIGTERM while its workers are in the middle of a delivery and its API has
+/// just answered a burst of decisions. It exits 0, the delivery is finished, no row is left
+/// in flight, and every decision is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stops_gracefully_in_the_middle_of_a_delivery() {
+    let db = db::fresh_postgres().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = test_store_after_migration(&db, dir.path()).await;
+    let subscriber = Subscriber::start(vec!["whsec_serve_test_0123456789".into()]).await;
+    let mut env = api_env(&db);
+    env.extend(outbox_env());
+    let (mut serve, base) = start_api("serve", &env, dir.path()).await;
+    let api = Api {
+        base,
+        client: reqwest::Client::new(),
+    };
+    api.webhook(&subscriber.url(0), "whsec_serve_test_0123456789")
+        .await;
+    let decisions = api.decide(40).await;
+    let since = Instant::now();
+    for revision in 0..2 {
+        api.publish_and_deploy(revision).await;
+    }
+    let key = subscriber.wait_in_hand(since).await;
+    let (code, took) = serve.terminate().await;
+    assert_eq!(code, Some(0), "a graceful stop exits 0 (took {took:?})");
+    assert!(took < GRACE, "{took:?}");
+    let rows = store.outbox_list(None, None, 10_000).await.expect("list");
+    let in_flight: Vec<_> = rows
+        .iter()
+        .filter(|r| r.status == OutboxStatus::InFlight)
+        .collect();
+    assert!(in_flight.is_empty(), "{in_flight:?}");
+    let in_hand = rows
+        .iter()
+        .find(|r| r.event_type == events::WEBHOOK_DELIVERY && r.idempotency_key == key)
+        .expect("the delivery in hand is an outbox row");
+    assert_eq!(in_hand.status, OutboxStatus::Delivered);
+    let recorded = store.decisions(WORLD, 0, 1_000_000).await.expect("records");
+    assert_eq!(
+        recorded.len() as i64,
+        decisions,
+        "the decision log was drained"
+    );
+    store.close().await;
+}
+
+/// Apply the migrations once, the way an operator does before starting the tiers, so the
+/// test's own store can read the outbox from the start.
+async fn test_store_after_migration(db: &db::TestDb, dir: &Path) -> Store {
+    let out = Command::new(env!("CARGO_BIN_EXE_spectral"))
+        .arg("migrate")
+        .current_dir(dir)
+        .env("DATABASE_URL", db.url())
+        .env("SPECTRAL_LOG", "warn")
+        .output()
+        .expect("spectral migrate runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    test_store(db).await
+}
