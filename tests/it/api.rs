@@ -115,31 +115,10 @@ async fn every_example_world_answers_every_status_as_the_library_does(backend: B
     app.stop().await;
 }
 
-/// Publish the payments world again with `standard-release` turned into a YELLOW rule, so
-/// that the green context answers differently in version 2.
-async fn publish_yellow_variant(app: &TestApp) -> u64 {
-    let model = load::load_model(&predicates_dir().join("acme-payments")).expect("loads");
-    let mut json = serde_json::to_value(&model).expect("json");
-    for rule in json["actions"][0]["rules"].as_array_mut().expect("rules") {
-        if rule["id"] == "standard-release" {
-            rule["outcome"] = json!("YELLOW");
-        }
-    }
-    let (status, body) = app
-        .put(OPERATOR, "/api/worlds/acme-payments/draft", &json)
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = app
-        .post(OPERATOR, "/api/worlds/acme-payments/versions", &json!({}))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    body["version"].as_u64().expect("version")
-}
-
 async fn pinning_a_version(backend: Backend) {
     let db = Db::fresh(backend).await;
     let app = TestApp::on(&db).await;
-    let v2 = publish_yellow_variant(&app).await;
+    let v2 = app.publish_yellow_variant().await;
     assert_eq!(v2, 2);
     // Not deployed: the deployed version 1 still answers; a pin reaches version 2.
     let (_, d) = app.decide(OPERATOR, &green_wire()).await;
@@ -417,7 +396,7 @@ async fn publish_deploy_rollback(backend: Backend) {
             &[Scope::Deploy, Scope::Decide, Scope::Read],
         )
         .await;
-    let v2 = publish_yellow_variant(&app).await;
+    let v2 = app.publish_yellow_variant().await;
     let (s, dep) = app
         .post(
             &deployer,
@@ -472,7 +451,7 @@ async fn published_versions_are_immutable(backend: Backend) {
     let (_, v1_before) = app
         .get(Some(OPERATOR), "/api/worlds/acme-payments/versions/1")
         .await;
-    publish_yellow_variant(&app).await;
+    app.publish_yellow_variant().await;
     let (_, v1_after) = app
         .get(Some(OPERATOR), "/api/worlds/acme-payments/versions/1")
         .await;
@@ -509,7 +488,7 @@ async fn restart_keeps_everything(backend: Backend) {
     let db = Db::fresh(backend).await;
     let app = TestApp::on(&db).await;
     let key = app.key(Some("acme-payments"), &Scope::ALL).await;
-    let v2 = publish_yellow_variant(&app).await;
+    let v2 = app.publish_yellow_variant().await;
     app.post(
         &key,
         "/api/worlds/acme-payments/deployments",

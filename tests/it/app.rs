@@ -178,6 +178,61 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Publish the payments world again with `standard-release` turned into a YELLOW rule, so
+    /// that the green context answers differently in the new version; return its number.
+    pub async fn publish_yellow_variant(&self) -> u64 {
+        let model = spectral::worlds::load::load_model(&predicates_dir().join("acme-payments"))
+            .expect("loads");
+        let mut draft = serde_json::to_value(&model).expect("json");
+        for rule in draft["actions"][0]["rules"].as_array_mut().expect("rules") {
+            if rule["id"] == "standard-release" {
+                rule["outcome"] = json!("YELLOW");
+            }
+        }
+        let (status, body) = self
+            .put(OPERATOR, "/api/worlds/acme-payments/draft", &draft)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = self
+            .post(OPERATOR, "/api/worlds/acme-payments/versions", &json!({}))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["version"].as_u64().expect("version")
+    }
+}
+
+/// Read a `spectral serve` process's output until it has printed the address it listens on
+/// (from its JSON log) and the operator key it generated; return the base URL and the key.
+/// The output keeps being drained afterwards, so the process never writes into a closed pipe.
+pub fn service_address_and_key(
+    stdout: std::process::ChildStdout,
+    limit: Duration,
+) -> (String, String) {
+    use std::io::{BufRead, BufReader};
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut addr, mut key) = (None, None);
+    let deadline = std::time::Instant::now() + limit;
+    while addr.is_none() || key.is_none() {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the service printed its address and operator key in time");
+        if let Some(k) = line.strip_prefix("operator key (shown once, store it now): ") {
+            key = Some(k.trim().to_string());
+        } else if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            if v["message"] == "spectral API listening" {
+                addr = v["addr"].as_str().map(String::from);
+            }
+        }
+    }
+    (format!("http://{}", addr.expect("addr")), key.expect("key"))
+}
+
 /// A valid wire-release context of the payments world that decides GREEN.
 pub fn green_wire() -> Value {
     json!({

@@ -7,27 +7,11 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::app::{green_wire, test_config, Backend, Db, TestApp, OPERATOR};
-use crate::support::predicates_dir;
 
 /// Publish a YELLOW variant of the payments world through `app` and deploy it; return when
 /// `other` answers with version 2, and how long that took after the deploy returned.
 async fn deploy_and_measure(app: &TestApp, other: &TestApp) -> Duration {
-    let model =
-        spectral::worlds::load::load_model(&predicates_dir().join("acme-payments")).expect("loads");
-    let mut draft = serde_json::to_value(&model).expect("json");
-    for rule in draft["actions"][0]["rules"].as_array_mut().expect("rules") {
-        if rule["id"] == "standard-release" {
-            rule["outcome"] = json!("YELLOW");
-        }
-    }
-    let (s, b) = app
-        .put(OPERATOR, "/api/worlds/acme-payments/draft", &draft)
-        .await;
-    assert_eq!(s, 200, "{b}");
-    let (s, b) = app
-        .post(OPERATOR, "/api/worlds/acme-payments/versions", &json!({}))
-        .await;
-    assert_eq!(s, 201, "{b}");
+    assert_eq!(app.publish_yellow_variant().await, 2);
     let (_, before) = other.decide(OPERATOR, &green_wire()).await;
     assert_eq!(before["decision_metadata"]["world_model_version"], 1);
     let (s, b) = app

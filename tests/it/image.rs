@@ -5,7 +5,6 @@
 //! Dockerfile changes in a way it cannot follow.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -336,32 +335,11 @@ fn serve(image: &Image, env: &BTreeMap<String, String>) -> Served {
         .spawn()
         .expect("the entrypoint starts");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // Keep reading after the address and key are found, so that the service's later
-        // log lines have somewhere to go.
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (mut addr, mut key) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while addr.is_none() || key.is_none() {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the service printed its address and operator key in time");
-        if let Some(k) = line.strip_prefix("operator key (shown once, store it now): ") {
-            key = Some(k.trim().to_string());
-        } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            if v["message"] == "spectral API listening" {
-                addr = v["addr"].as_str().map(String::from);
-            }
-        }
-    }
+    let (base, operator_key) = crate::app::service_address_and_key(stdout, Duration::from_secs(90));
     Served {
         child,
-        base: format!("http://{}", addr.expect("addr")),
-        operator_key: key.expect("key"),
+        base,
+        operator_key,
     }
 }
 

@@ -1,7 +1,6 @@
 //! The `spectral` binary as an operator runs it: `serve` with zero configuration, SIGTERM,
 //! `keys create`, `world push`, `migrate` and `audit verify`.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -35,33 +34,12 @@ impl Server {
             .spawn()
             .expect("spectral serve starts");
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep reading after the test stops listening: a closed pipe would make the
-            // server's next log line fail.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut addr = None;
-        let mut key = None;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while addr.is_none() || key.is_none() {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("serve printed its address and key in time");
-            if let Some(k) = line.strip_prefix("operator key (shown once, store it now): ") {
-                key = Some(k.trim().to_string());
-            } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["message"] == "spectral API listening" {
-                    addr = v["addr"].as_str().map(String::from);
-                }
-            }
-        }
+        let (base, operator_key) =
+            crate::app::service_address_and_key(stdout, Duration::from_secs(60));
         Self {
             child,
-            base: format!("http://{}", addr.expect("addr")),
-            operator_key: key.expect("key"),
+            base,
+            operator_key,
             _dir: dir,
         }
     }
