@@ -186,7 +186,7 @@ async fn dispatch(
             }),
         )),
         Endpoint::Metrics => {
-            let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));
+            let mut r = Response::new(Full::new(Bytes::from(app.metrics.render(app.log.depth()))));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

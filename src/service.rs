@@ -158,7 +158,6 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub build: BuildInfo,
     pub started: Instant,
-    pub batch_max_items: usize,
     /// Set by the supervisor once bootstrap and the first cache load are done; cleared when
     /// shutdown begins so that load balancers stop sending traffic.
     pub ready: AtomicBool,
@@ -209,10 +208,12 @@ impl App {
             ))
         })?;
         let request_id = uuid::Uuid::now_v7().to_string();
+        // One clock reading: the time the rules see is the time the record carries.
+        let now = chrono::Utc::now();
         let request = Request {
             context: ContextJson::Text(input.context.get()),
             system: SystemValues {
-                request_time: chrono::Utc::now().timestamp(),
+                request_time: now.timestamp(),
                 request_id,
                 caller: caller.key_id.clone(),
             },
@@ -235,7 +236,7 @@ impl App {
                 caller: caller.key_id.clone(),
                 correlation_id: meta.correlation_id.clone(),
                 context_digest: digest(input.context.get().as_bytes()),
-                decided_at: chrono::Utc::now(),
+                decided_at: now,
             })
             .await;
         Ok(decision)

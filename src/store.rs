@@ -257,14 +257,11 @@ pub fn chain_hash(prev_hash: &str, seq: u64, decision: &NewDecision) -> String {
 
 /// Notifications pushed by Postgres `LISTEN`: of deployments (payload: the world's slug) or
 /// of outbox inserts (payload: the row id).
-pub struct DeploymentListener {
+pub struct Listener {
     inner: postgres::Listener,
 }
 
-/// The listener of either channel.
-pub type Listener = DeploymentListener;
-
-impl DeploymentListener {
+impl Listener {
     /// Wait for the next notification's payload. An error means the connection was lost:
     /// callers fall back to polling and listen again later.
     pub async fn next(&mut self) -> Result<String, StoreError> {
@@ -350,7 +347,10 @@ impl Store {
     /// a module already stored under its hash is kept as it is), in one transaction. Returns
     /// the new version number.
     pub async fn publish(&self, version: &NewVersion) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.publish(version).await)
+        let r = dispatch!(self, s => s.publish(version).await);
+        // Events were appended: wake a consumer in this process (SQLite has no NOTIFY).
+        self.local_wake().notify_waiters();
+        r
     }
 
     /// Make `version` the deployed version of `world` and append it to the history, in one
@@ -362,7 +362,10 @@ impl Store {
         version: u64,
         deployed_by: &str,
     ) -> Result<Deployment, StoreError> {
-        dispatch!(self, s => s.deploy(world, version, deployed_by).await)
+        let r = dispatch!(self, s => s.deploy(world, version, deployed_by).await);
+        // Events were appended: wake a consumer in this process (SQLite has no NOTIFY).
+        self.local_wake().notify_waiters();
+        r
     }
 
     pub async fn list_worlds(&self) -> Result<Vec<WorldSummary>, StoreError> {
@@ -392,10 +395,10 @@ impl Store {
     }
 
     /// Listen for deployment notifications; `None` on SQLite, which has no such channel.
-    pub async fn listen_deployments(&self) -> Result<Option<DeploymentListener>, StoreError> {
+    pub async fn listen_deployments(&self) -> Result<Option<Listener>, StoreError> {
         match self {
             Store::Sqlite(_) => Ok(None),
-            Store::Postgres(s) => Ok(Some(DeploymentListener {
+            Store::Postgres(s) => Ok(Some(Listener {
                 inner: s.listen().await?,
             })),
         }
@@ -417,7 +420,10 @@ impl Store {
     /// Append decisions to their worlds' chains in one transaction (group commit). Each
     /// world's chain head is locked for the transaction, so concurrent writers serialize.
     pub async fn append_decisions(&self, decisions: &[NewDecision]) -> Result<(), StoreError> {
-        dispatch!(self, s => s.append_decisions(decisions).await)
+        let r = dispatch!(self, s => s.append_decisions(decisions).await);
+        // Events were appended: wake a consumer in this process (SQLite has no NOTIFY).
+        self.local_wake().notify_waiters();
+        r
     }
 
     /// A world's decision records with `seq > after`, in order, at most `limit`.
@@ -545,10 +551,10 @@ impl Store {
     }
 
     /// Listen for outbox inserts; `None` on SQLite.
-    pub async fn listen_outbox(&self) -> Result<Option<DeploymentListener>, StoreError> {
+    pub async fn listen_outbox(&self) -> Result<Option<Listener>, StoreError> {
         match self {
             Store::Sqlite(_) => Ok(None),
-            Store::Postgres(s) => Ok(Some(DeploymentListener {
+            Store::Postgres(s) => Ok(Some(Listener {
                 inner: s.listen_channel(OUTBOX_CHANNEL).await?,
             })),
         }

@@ -199,7 +199,6 @@ pub async fn start_mode(
         metrics,
         build: BuildInfo::current(),
         started: Instant::now(),
-        batch_max_items: config.server.batch_max_items,
         ready: Default::default(),
         generation,
         // The health of this process shows the consumer of its own workers runtime.

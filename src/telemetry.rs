@@ -162,7 +162,6 @@ pub struct Metrics {
     pub decision_log_dropped: AtomicU64,
     pub decision_log_written: AtomicU64,
     pub decision_log_write_errors: AtomicU64,
-    pub decision_log_queued: AtomicU64,
     pub connections_shed: AtomicU64,
 }
 
@@ -189,8 +188,9 @@ impl Metrics {
         self.cache_loads.add(if ok { "ok" } else { "error" }, 0);
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition of every metric; `queue_depth` is the decision log's,
+    /// which its channel knows and these counters do not.
+    pub fn render(&self, queue_depth: u64) -> String {
         let mut out = String::with_capacity(8192);
         let _ = writeln!(
             out,
@@ -259,7 +259,7 @@ impl Metrics {
                 "spectral_decision_log_queue_depth",
                 "Decision records waiting to be written.",
                 "gauge",
-                self.decision_log_queued.load(Relaxed),
+                queue_depth,
             ),
             (
                 "spectral_decision_log_dropped_total",
@@ -308,7 +308,7 @@ mod tests {
         m.decision("acme", 3);
         m.sandbox_error("deadline_exceeded");
         m.cache_load(true);
-        let text = m.render();
+        let text = m.render(7);
         assert!(text.contains(
             "spectral_http_request_duration_seconds_bucket{route=\"decide\",le=\"0.0001\"} 1"
         ));
@@ -320,5 +320,6 @@ mod tests {
         assert!(text.contains("spectral_decisions_total{world=\"acme\",status=\"RED\"} 2"));
         assert!(text.contains("spectral_sandbox_errors_total{kind=\"deadline_exceeded\"} 1"));
         assert!(text.contains("spectral_cache_loads_total{result=\"ok\"} 1"));
+        assert!(text.contains("spectral_decision_log_queue_depth 7"));
     }
 }

@@ -43,11 +43,6 @@ impl Input {
         );
     }
 
-    /// Whether an attribute is bound.
-    pub fn contains(&self, name: &str) -> bool {
-        self.map.contains_key(name)
-    }
-
     /// Freeze the context for evaluation. Predicates cannot assign, so one scope serves
     /// every rule of a decision without a copy of the context per rule.
     pub fn seal(self) -> Bindings {

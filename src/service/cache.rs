@@ -16,7 +16,7 @@ use tokio::sync::{watch, OnceCell};
 
 use crate::config::CacheConfig;
 use crate::sandbox::Sandbox;
-use crate::store::{DeploymentListener, Store};
+use crate::store::{Listener, Store};
 use crate::telemetry::Metrics;
 use crate::worlds::model::WorldModel;
 use crate::worlds::Module;
@@ -275,7 +275,7 @@ impl Cache {
     /// Start listening for deployment notifications, if the store has them and listening is
     /// enabled. Done before the instance reports ready, so that no deployment made after
     /// that moment waits for a poll.
-    pub async fn listen(&self) -> Option<DeploymentListener> {
+    pub async fn listen(&self) -> Option<Listener> {
         if !self.config.listen {
             return None;
         }
@@ -297,7 +297,7 @@ impl Cache {
     /// `poll_interval` regardless, because a notification can be lost.
     pub async fn watch(
         self: Arc<Self>,
-        mut listener: Option<DeploymentListener>,
+        mut listener: Option<Listener>,
         mut stop: watch::Receiver<bool>,
     ) {
         let poll = self.config.poll_interval;

@@ -87,9 +87,7 @@ impl DecisionLog {
                 }
             },
         };
-        if queued {
-            self.metrics.decision_log_queued.fetch_add(1, Relaxed);
-        } else {
+        if !queued {
             self.metrics.decision_log_dropped.fetch_add(1, Relaxed);
         }
     }
@@ -99,9 +97,14 @@ impl DecisionLog {
         let _ = self.stop.send(true);
     }
 
+    /// Records waiting in the queue, read off the channel itself.
+    pub fn depth(&self) -> u64 {
+        (self.tx.max_capacity() - self.tx.capacity()) as u64
+    }
+
     pub fn status(&self) -> LogStatus {
         LogStatus {
-            queue_depth: self.metrics.decision_log_queued.load(Relaxed),
+            queue_depth: self.depth(),
             capacity: self.capacity,
             overflow: match self.overflow {
                 Overflow::Block(_) => "block",
@@ -175,8 +178,5 @@ async fn write(store: &Store, batch: &mut Vec<NewDecision>, metrics: &Metrics) {
             }
         }
     }
-    metrics
-        .decision_log_queued
-        .fetch_sub(n.min(metrics.decision_log_queued.load(Relaxed)), Relaxed);
     batch.clear();
 }

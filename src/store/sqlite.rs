@@ -217,7 +217,6 @@ impl SqliteStore {
         )
         .await?;
         tx.commit().await.map_err(db_error)?;
-        self.stamp.wake.notify_waiters();
         Ok(number)
     }
 
@@ -279,7 +278,6 @@ impl SqliteStore {
         )
         .await?;
         tx.commit().await.map_err(db_error)?;
-        self.stamp.wake.notify_waiters();
         Ok(deployment)
     }
 
@@ -538,7 +536,6 @@ impl SqliteStore {
             }
         }
         tx.commit().await.map_err(db_error)?;
-        self.stamp.wake.notify_waiters();
         Ok(())
     }
 

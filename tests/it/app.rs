@@ -45,6 +45,16 @@ impl Db {
         }
     }
 
+    /// A store of its own on this database (migrated), for tests that read or write behind
+    /// the service's back.
+    pub async fn store(&self) -> spectral::store::Store {
+        let mut config = test_config(self).store;
+        config.migrate_on_start = true;
+        spectral::store::Store::connect(&config)
+            .await
+            .expect("store")
+    }
+
     /// The SQLite file, for tests that reach into the store directly.
     pub fn sqlite_file(&self) -> Option<PathBuf> {
         match self {

@@ -200,14 +200,8 @@ async fn a_decision_log_that_cannot_keep_up_drops_and_counts_it() {
         "{metrics}"
     );
     // Every decision is either written or counted as dropped: nothing vanishes silently.
-    let store = app.running.as_ref().expect("running").app.store.clone();
     app.stop().await;
-    let mut config = test_config(&db).store;
-    config.migrate_on_start = false;
-    let store2 = spectral::store::Store::connect(&config)
-        .await
-        .expect("store");
-    drop(store);
+    let store2 = db.store().await;
     let written = store2
         .decisions("acme-payments", 0, 1000)
         .await

@@ -74,11 +74,7 @@ async fn a_flood_of_outbox_work_does_not_slow_decisions() {
     // does not disturb the quiet measurements; adopting it hands it to the consumer at once,
     // and adopting it back takes it away again.
     let parked = generation + 1_000;
-    let producer = {
-        let mut config = test_config(&db).store;
-        config.migrate_on_start = false;
-        Store::connect(&config).await.expect("store")
-    };
+    let producer = db.store().await;
     producer.set_generation(parked);
     let events: Vec<NewEvent> = (0..FLOOD).map(recorded).collect();
     for chunk in events.chunks(1_000) {

@@ -30,9 +30,7 @@ crate::both_backends!(
 
 /// A fresh store on its own pool.
 async fn store(db: &Db) -> Store {
-    let mut config = crate::app::test_config(db).store;
-    config.migrate_on_start = true;
-    Store::connect(&config).await.expect("store")
+    db.store().await
 }
 
 const TEST_EVENT: &str = "test.event";
