@@ -118,7 +118,7 @@ impl Default for DecisionLogConfig {
             capacity: 10_000,
             batch_size: 256,
             overflow: Overflow::Block(Duration::from_millis(5)),
-            linger: Duration::from_millis(2),
+            linger: Duration::from_millis(10),
         }
     }
 }
@@ -216,8 +216,25 @@ pub struct Config {
     pub cache: CacheConfig,
     pub decision_log: DecisionLogConfig,
     pub outbox: OutboxConfig,
+    pub background: BackgroundConfig,
     pub bootstrap: BootstrapConfig,
     pub log: LogConfig,
+}
+
+/// The threads that work off the request path: the decision-log writer and the workers
+/// runtime (with the database threads they start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackgroundConfig {
+    /// Their nice value (`SPECTRAL_BACKGROUND_NICE`, 0–19), added to the process's own: on a
+    /// busy CPU the API threads come first, so a batch commit or an outbox burst does not sit
+    /// in front of a waiting request. 0 runs them alike.
+    pub nice: u8,
+}
+
+impl Default for BackgroundConfig {
+    fn default() -> Self {
+        Self { nice: 5 }
+    }
 }
 
 /// A configuration value could not be used.
@@ -229,11 +246,16 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-/// The environment, read once.
-struct Vars(HashMap<String, String>);
+/// The environment, read once, with the names asked for (so a test can hold the
+/// documentation to what is read).
+struct Vars(
+    HashMap<String, String>,
+    std::cell::RefCell<std::collections::BTreeSet<String>>,
+);
 
 impl Vars {
     fn get(&self, name: &str) -> Option<&str> {
+        self.1.borrow_mut().insert(name.to_string());
         self.0.get(name).map(String::as_str)
     }
 
@@ -310,7 +332,10 @@ impl Config {
     pub fn from_vars(
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let v = Vars(vars.into_iter().collect());
+        Self::read(&Vars(vars.into_iter().collect(), Default::default()))
+    }
+
+    fn read(v: &Vars) -> Result<Self, ConfigError> {
         let mut c = Self::default();
 
         let s = &mut c.sandbox;
@@ -445,6 +470,11 @@ impl Config {
             Overflow::Drop => Duration::from_millis(5),
         };
         v.millis("SPECTRAL_DECISION_LOG_BLOCK_MS", &mut block, 0..=60_000)?;
+        v.millis(
+            "SPECTRAL_DECISION_LOG_LINGER_MS",
+            &mut dl.linger,
+            0..=10_000,
+        )?;
         dl.overflow = match v.get("SPECTRAL_DECISION_LOG_OVERFLOW").map(str::trim) {
             None | Some("block") => Overflow::Block(block),
             Some("drop") => Overflow::Drop,
@@ -456,6 +486,8 @@ impl Config {
                 ))
             }
         };
+
+        v.number("SPECTRAL_BACKGROUND_NICE", &mut c.background.nice, 0..=19)?;
 
         let o = &mut c.outbox;
         if let Some(g) = v
@@ -592,6 +624,42 @@ mod tests {
         assert!(e.is_err_and(|e| e.reason.contains("4..=128")));
         let e = Config::from_vars(vars(&[("SPECTRAL_DEPLOY_LISTEN", "maybe")]));
         assert!(e.is_err());
+    }
+
+    /// Every variable the configuration reads is documented in docs/config.md, and every one
+    /// documented there is read (except the few read elsewhere, named below).
+    #[test]
+    fn docs_name_exactly_the_variables_that_are_read() {
+        let v = Vars(HashMap::new(), Default::default());
+        Config::read(&v).unwrap_or_else(|e| unreachable!("{e}"));
+        let read = v.1.into_inner();
+        let documented: std::collections::BTreeSet<String> = include_str!("../docs/config.md")
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|rest| rest.split('`').next())
+            .filter(|name| name.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .map(str::to_string)
+            .collect();
+        // Read by the build, the gate, the Worker or the tests, not by the service's config.
+        let elsewhere = [
+            "GIT_SHA",
+            "PUBLIC_URL",
+            "SPECTRAL_GIT_SHA",
+            "SPECTRAL_TEST_DATABASE_URL",
+        ];
+        let undocumented: Vec<&String> = read.difference(&documented).collect();
+        assert!(
+            undocumented.is_empty(),
+            "read but not in docs/config.md: {undocumented:?}"
+        );
+        let unread: Vec<&String> = documented
+            .difference(&read)
+            .filter(|n| !elsewhere.contains(&n.as_str()))
+            .collect();
+        assert!(
+            unread.is_empty(),
+            "in docs/config.md but never read: {unread:?}"
+        );
     }
 
     #[test]

@@ -315,6 +315,16 @@ impl Store {
         }
     }
 
+    /// A second pool of `max_connections` to the same database, sharing this store's
+    /// generation and in-process wake-up: for a task on a runtime (and thread) of its own,
+    /// such as the decision-log writer.
+    pub async fn sibling(&self, max_connections: u32) -> Result<Self, StoreError> {
+        Ok(match self {
+            Store::Sqlite(s) => Store::Sqlite(s.sibling(max_connections).await?),
+            Store::Postgres(s) => Store::Postgres(s.sibling(max_connections).await?),
+        })
+    }
+
     /// Apply pending forward-only migrations.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.migrate().await)
@@ -971,15 +981,40 @@ fn bigint(n: u64, what: &str) -> Result<i64, StoreError> {
     to_i64(n).ok_or_else(|| StoreError::Conflict(format!("{what} {n} is too large to store")))
 }
 
-/// How many decision rows one `INSERT` carries: well under both databases' bind-parameter
-/// limits (14 parameters a row), and large enough that a group commit is a few statements.
-const DECISION_ROWS_PER_INSERT: usize = 500;
+/// Split rows into `INSERT`s of a few fixed sizes, largest first: every statement then has one
+/// of a handful of texts, which each connection prepares once and keeps, instead of a new
+/// text (and a new prepare) for every batch size. 128 rows of 14 parameters stay well under
+/// both databases' bind-parameter limits.
+fn insert_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    const SIZES: [usize; 4] = [128, 32, 8, 1];
+    std::iter::from_fn(move || {
+        let size = SIZES.into_iter().find(|&s| s <= rows.len())?;
+        let (chunk, rest) = rows.split_at(size);
+        rows = rest;
+        Some(chunk)
+    })
+}
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn inserts_come_in_a_few_fixed_sizes_and_cover_every_row() {
+        for n in [0usize, 1, 7, 8, 9, 31, 32, 127, 128, 129, 300, 1000] {
+            let rows: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = insert_chunks(&rows).collect();
+            assert!(
+                chunks.iter().all(|c| [128, 32, 8, 1].contains(&c.len())),
+                "{n}"
+            );
+            assert_eq!(chunks.concat(), rows, "{n}: every row once, in order");
+            // Largest first: a smaller chunk is never followed by a larger one.
+            assert!(chunks.windows(2).all(|w| w[0].len() >= w[1].len()), "{n}");
+        }
+    }
 
     #[test]
     fn unknown_scopes_are_corrupt_data() {

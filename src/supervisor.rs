@@ -37,6 +37,8 @@ pub enum StartError {
     },
     #[error("workers runtime: {0}")]
     Workers(String),
+    #[error("decision-log writer: {0}")]
+    DecisionLog(String),
     #[error("{0}")]
     Config(String),
 }
@@ -85,39 +87,38 @@ impl Workers {
         store_config.migrate_on_start = false;
         let outbox = config.outbox.clone();
         let thread_state = state.clone();
-        std::thread::Builder::new()
-            .name("spectral-workers".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .thread_name("spectral-worker")
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
+        let nice = config.background.nice;
+        crate::background::spawn("spectral-workers", nice, move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("spectral-worker")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the workers runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let store = match Store::connect(&store_config).await {
+                    Ok(s) => s,
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot start the workers runtime");
+                        tracing::error!(error = %e, "workers cannot reach the store");
                         return;
                     }
                 };
-                runtime.block_on(async move {
-                    let store = match Store::connect(&store_config).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::error!(error = %e, "workers cannot reach the store");
-                            return;
-                        }
-                    };
-                    store.set_generation(generation);
-                    let registry = handlers::registry(store.clone(), outbox.webhook_timeout);
-                    Consumer::new(store.clone(), registry, outbox, generation, thread_state)
-                        .run(stopped)
-                        .await;
-                    store.close().await;
-                });
-                let _ = finished.send(());
-            })
-            .map_err(|e| StartError::Workers(e.to_string()))?;
+                store.set_generation(generation);
+                let registry = handlers::registry(store.clone(), outbox.webhook_timeout);
+                Consumer::new(store.clone(), registry, outbox, generation, thread_state)
+                    .run(stopped)
+                    .await;
+                store.close().await;
+            });
+            let _ = finished.send(());
+        })
+        .map_err(|e| StartError::Workers(e.to_string()))?;
         Ok(Self { stop, done, state })
     }
 
@@ -185,7 +186,13 @@ pub async fn start_mode(
         metrics.clone(),
         config.cache.clone(),
     ));
-    let (log, writer) = DecisionLog::start(store.clone(), &config.decision_log, metrics.clone());
+    let (log, writer) = DecisionLog::start(
+        store.clone(),
+        &config.decision_log,
+        config.background.nice,
+        metrics.clone(),
+    )
+    .map_err(|e| StartError::DecisionLog(format!("cannot start its thread: {e}")))?;
     let workers = match mode {
         Mode::Both => Some(Workers::spawn(&config, generation)?),
         Mode::Api => None,

@@ -1,5 +1,6 @@
 //! The decision log: every decision is queued here and written by one background task in
-//! batches (group commit), off the request's critical path.
+//! batches (group commit), off the request's critical path: on a thread of its own, at the
+//! background priority, with a connection of its own.
 //!
 //! What happens when the writer cannot keep up is configured: wait briefly for room, or drop
 //! at once. Every drop is counted in metrics and on `/health`; nothing is dropped silently.
@@ -10,8 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{DecisionLogConfig, Overflow};
 use crate::store::{NewDecision, Store};
@@ -43,24 +43,46 @@ pub struct LogStatus {
     pub write_errors: u64,
 }
 
+/// Resolves when the writer has written what was queued at the stop and exited.
+pub type Writer = oneshot::Receiver<()>;
+
 impl DecisionLog {
-    /// Start the writer task on the current runtime.
+    /// Start the writer on a thread of its own (`spectral-log`), `nice` steps below the
+    /// caller's priority, writing through a pool of its own to `store`'s database.
     pub fn start(
         store: Store,
         config: &DecisionLogConfig,
+        nice: u8,
         metrics: Arc<Metrics>,
-    ) -> (Self, JoinHandle<()>) {
+    ) -> std::io::Result<(Self, Writer)> {
         let (tx, rx) = mpsc::channel(config.capacity);
         let (stop, stopped) = watch::channel(false);
-        let writer = tokio::spawn(write_loop(
-            store,
-            rx,
-            stopped,
-            config.batch_size,
-            config.linger,
-            metrics.clone(),
-        ));
-        (
+        let (finished, writer) = oneshot::channel();
+        let (batch_size, linger, thread_metrics) =
+            (config.batch_size, config.linger, metrics.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        crate::background::spawn("spectral-log", nice, move || {
+            runtime.block_on(async move {
+                // The pool's connection threads start here and so share this thread's
+                // priority; the caller's pool serves if a second one cannot be opened.
+                let own = match store.sibling(1).await {
+                    Ok(own) => Some(own),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "decision log: no connection of its own; sharing the API's pool");
+                        None
+                    }
+                };
+                let target = own.as_ref().unwrap_or(&store);
+                write_loop(target, rx, stopped, batch_size, linger, thread_metrics).await;
+                if let Some(own) = own {
+                    own.close().await;
+                }
+            });
+            let _ = finished.send(());
+        })?;
+        Ok((
             Self {
                 tx,
                 stop,
@@ -69,7 +91,7 @@ impl DecisionLog {
                 metrics,
             },
             writer,
-        )
+        ))
     }
 
     /// Queue a decision record, waiting or dropping as configured when the queue is full.
@@ -118,7 +140,7 @@ impl DecisionLog {
 }
 
 async fn write_loop(
-    store: Store,
+    store: &Store,
     mut rx: mpsc::Receiver<NewDecision>,
     mut stopped: watch::Receiver<bool>,
     batch_size: usize,
@@ -129,31 +151,36 @@ async fn write_loop(
     loop {
         tokio::select! {
             biased;
+            _ = stopped.changed() => break,
             n = rx.recv_many(&mut batch, batch_size) => {
                 if n == 0 {
                     break;
                 }
                 // Let the batch fill for a moment: a commit (and its fsync) per record would
-                // cost more than the records themselves under load.
-                let until = tokio::time::Instant::now() + linger;
-                while batch.len() < batch_size {
-                    let room = batch_size - batch.len();
-                    match tokio::time::timeout_at(until, rx.recv_many(&mut batch, room)).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
+                // cost more than the records themselves. The writer sleeps rather than waits
+                // on the queue, so the requests queueing records meanwhile do not each wake
+                // it: one wake-up per batch, not per decision.
+                if batch.len() < batch_size {
+                    tokio::select! {
+                        _ = tokio::time::sleep(linger) => {}
+                        _ = stopped.changed() => {}
+                    }
+                    if !rx.is_empty() {
+                        let room = batch_size - batch.len();
+                        rx.recv_many(&mut batch, room).await;
                     }
                 }
-                write(&store, &mut batch, &metrics).await;
-            }
-            _ = stopped.changed() => {
-                // Everything queued before the stop is written, batch by batch.
-                rx.close();
-                while rx.recv_many(&mut batch, batch_size).await > 0 {
-                    write(&store, &mut batch, &metrics).await;
+                write(store, &mut batch, &metrics).await;
+                if *stopped.borrow() {
+                    break;
                 }
-                break;
             }
         }
+    }
+    // Everything queued before the stop is written, batch by batch.
+    rx.close();
+    while rx.recv_many(&mut batch, batch_size).await > 0 {
+        write(store, &mut batch, &metrics).await;
     }
     tracing::debug!("decision log writer stopped");
 }

@@ -16,12 +16,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::{
-    db_error, db_error_or_conflict, deployed_event, extend_chain, group_by_world, migrate_error,
-    now, parse_json, parse_scopes, published_event, recorded_event, source, to_i64, to_u64,
-    unique_modules, Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision,
+    db_error, db_error_or_conflict, deployed_event, extend_chain, group_by_world, insert_chunks,
+    migrate_error, now, parse_json, parse_scopes, published_event, recorded_event, source, to_i64,
+    to_u64, unique_modules, Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision,
     NewEvent, NewKey, NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Stamp, StatDelta,
-    StoreError, VersionRecord, VersionSummary, Webhook, WorldDetail, WorldSummary,
-    DECISION_ROWS_PER_INSERT, GENESIS, OUTBOX_CHANNEL,
+    StoreError, VersionRecord, VersionSummary, Webhook, WorldDetail, WorldSummary, GENESIS,
+    OUTBOX_CHANNEL,
 };
 
 // Migrations this build does not know are not an error: a rollback runs the previous build
@@ -77,6 +77,21 @@ impl PgStore {
         Ok(Self {
             pool,
             stamp: Arc::default(),
+        })
+    }
+
+    /// A second pool of `max_connections` to the same database, producing events under the
+    /// same generation, for a task that runs on a runtime of its own.
+    pub async fn sibling(&self, max_connections: u32) -> Result<Self, StoreError> {
+        let options = (*self.pool.connect_options()).clone();
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options)
+            .await
+            .map_err(db_error)?;
+        Ok(Self {
+            pool,
+            stamp: self.stamp.clone(),
         })
     }
 
@@ -535,7 +550,7 @@ impl PgStore {
             .await
             .map_err(db_error)?;
             let chained = extend_chain(head, batch)?;
-            for chunk in chained.chunks(DECISION_ROWS_PER_INSERT) {
+            for chunk in insert_chunks(&chained) {
                 let mut insert: QueryBuilder<Postgres> =
                     QueryBuilder::new(format!("INSERT INTO core.decisions ({DECISION_COLUMNS}) "));
                 insert.push_values(chunk, |mut row, c| {

@@ -21,11 +21,11 @@ use chrono::{DateTime, Utc};
 
 use super::{
     db_error, db_error_or_conflict, deployed_event, extend_chain, from_micros, group_by_world,
-    migrate_error, now, parse_json, parse_scopes, published_event, recorded_event, source, to_i64,
-    to_json_text, to_u64, unique_modules, Completion, DecisionRecord, Deployment, Effect,
-    KeyRecord, NewDecision, NewEvent, NewKey, NewVersion, OutboxCounts, OutboxRow, OutboxStatus,
-    Stamp, StatDelta, StoreError, VersionRecord, VersionSummary, Webhook, WorldDetail,
-    WorldSummary, DECISION_ROWS_PER_INSERT, GENESIS, OUTBOX_CHANNEL,
+    insert_chunks, migrate_error, now, parse_json, parse_scopes, published_event, recorded_event,
+    source, to_i64, to_json_text, to_u64, unique_modules, Completion, DecisionRecord, Deployment,
+    Effect, KeyRecord, NewDecision, NewEvent, NewKey, NewVersion, OutboxCounts, OutboxRow,
+    OutboxStatus, Stamp, StatDelta, StoreError, VersionRecord, VersionSummary, Webhook,
+    WorldDetail, WorldSummary, GENESIS, OUTBOX_CHANNEL,
 };
 
 // Migrations this build does not know are not an error: a rollback runs the previous build
@@ -84,7 +84,8 @@ impl SqliteStore {
             .filename(data_dir.join("spectral.db"))
             .create_if_missing(true)
             // WAL lets readers proceed while a writer commits; the default `synchronous=FULL`
-            // is kept so that a committed decision record survives a power cut.
+            // is kept so that a committed version, deployment or outbox row survives a power
+            // cut (the decision log's own connection relaxes it: see `sibling`).
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
@@ -96,6 +97,26 @@ impl SqliteStore {
         Ok(Self {
             pool,
             stamp: Arc::default(),
+        })
+    }
+
+    /// A second pool of `max_connections` on the same file, producing events under the same
+    /// generation, for a task that runs on a runtime of its own (its connection threads are
+    /// started from there). Its commits use `synchronous=NORMAL`: durable when the process
+    /// crashes, not always when the power fails. It serves the decision log, whose queued
+    /// records are lost on a crash anyway, and saves an fsync per batch.
+    pub async fn sibling(&self, max_connections: u32) -> Result<Self, StoreError> {
+        let options = (*self.pool.connect_options())
+            .clone()
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options)
+            .await
+            .map_err(db_error)?;
+        Ok(Self {
+            pool,
+            stamp: self.stamp.clone(),
         })
     }
 
@@ -491,7 +512,7 @@ impl SqliteStore {
                     .map_err(db_error)?;
             let head = head.unwrap_or_else(|| (0, GENESIS.to_owned()));
             let chained = extend_chain(head, batch)?;
-            for chunk in chained.chunks(DECISION_ROWS_PER_INSERT) {
+            for chunk in insert_chunks(&chained) {
                 let mut insert: QueryBuilder<Sqlite> =
                     QueryBuilder::new(format!("INSERT INTO decisions ({DECISION_COLUMNS}) "));
                 insert.push_values(chunk, |mut row, c| {

@@ -20,8 +20,14 @@ impl Server {
     /// directory, a port and the example worlds; read the address and the generated operator
     /// key from its output.
     fn start(data: &std::path::Path, dir: tempfile::TempDir) -> Self {
+        Self::start_with(data, dir, &[])
+    }
+
+    /// [`Server::start`] with more environment variables.
+    fn start_with(data: &std::path::Path, dir: tempfile::TempDir, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_spectral"))
             .arg("serve")
+            .envs(env.iter().copied())
             .current_dir(dir.path())
             .env("SPECTRAL_ADDR", "127.0.0.1:0")
             .env("SPECTRAL_DATA_DIR", data)
@@ -263,4 +269,66 @@ async fn outbox_rows_can_be_listed_replayed_and_adopted_from_the_command_line() 
     let (code, _, err) = spectral(&["outbox", "list", "--status", "lost"], data.path());
     assert_eq!(code, 2);
     assert!(err.contains("unknown status 'lost'"), "{err}");
+}
+
+/// `(thread name, nice value)` of every thread of a process, from /proc.
+#[cfg(target_os = "linux")]
+fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc lists the threads");
+    tasks
+        .filter_map(|t| {
+            let t = t.ok()?.path();
+            let name = std::fs::read_to_string(t.join("comm"))
+                .ok()?
+                .trim()
+                .to_string();
+            let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+            // Fields after the parenthesised name start with the 3rd; nice is the 19th.
+            let nice = stat.rsplit_once(") ")?.1.split(' ').nth(16)?.parse().ok()?;
+            Some((name, nice))
+        })
+        .collect()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_threads_run_below_the_api_and_their_database_threads_too() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(
+        data.path(),
+        tempfile::tempdir().expect("tempdir"),
+        &[("SPECTRAL_BACKGROUND_NICE", "7")],
+    );
+    let threads = thread_priorities(server.child.id());
+    let nice_of = |name: &str| -> Vec<i64> {
+        threads
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, nice)| *nice)
+            .collect()
+    };
+    let base = nice_of("spectral")[0];
+    let background = (base + 7).min(19);
+    assert!(!nice_of("spectral-api").is_empty(), "{threads:?}");
+    assert!(
+        nice_of("spectral-api").iter().all(|n| *n == base),
+        "{threads:?}"
+    );
+    // Thread names are cut to 15 bytes: "spectral-workers" reads as "spectral-worker".
+    for name in ["spectral-log", "spectral-worker"] {
+        let found = nice_of(name);
+        assert!(!found.is_empty(), "no {name} thread: {threads:?}");
+        assert!(
+            found.iter().all(|n| *n == background),
+            "{name}: {threads:?}"
+        );
+    }
+    // SQLite runs each connection on a thread of its own, started by whoever opens it: the
+    // API's pool at the API's priority, the writer's and the workers' at theirs.
+    let sqlite = nice_of("sqlx-sqlite-wor");
+    assert!(sqlite.contains(&base), "{threads:?}");
+    assert!(
+        sqlite.iter().filter(|n| **n == background).count() >= 2,
+        "{threads:?}"
+    );
 }
