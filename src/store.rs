@@ -315,13 +315,14 @@ impl Store {
         }
     }
 
-    /// A second pool of `max_connections` to the same database, sharing this store's
-    /// generation and in-process wake-up: for a task on a runtime (and thread) of its own,
-    /// such as the decision-log writer.
-    pub async fn sibling(&self, max_connections: u32) -> Result<Self, StoreError> {
+    /// The decision-log writer's store: one connection of its own to the same database,
+    /// sharing this store's generation and in-process wake-up. Open it on the writer's own
+    /// runtime and thread. On SQLite its commits are durable against a crash of the process,
+    /// not always against a power cut (`synchronous=NORMAL`).
+    pub async fn log_writer(&self) -> Result<Self, StoreError> {
         Ok(match self {
-            Store::Sqlite(s) => Store::Sqlite(s.sibling(max_connections).await?),
-            Store::Postgres(s) => Store::Postgres(s.sibling(max_connections).await?),
+            Store::Sqlite(s) => Store::Sqlite(s.log_writer().await?),
+            Store::Postgres(s) => Store::Postgres(s.log_writer().await?),
         })
     }
 

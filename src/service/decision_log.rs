@@ -67,7 +67,7 @@ impl DecisionLog {
             runtime.block_on(async move {
                 // The pool's connection threads start here and so share this thread's
                 // priority; the caller's pool serves if a second one cannot be opened.
-                let own = match store.sibling(1).await {
+                let own = match store.log_writer().await {
                     Ok(own) => Some(own),
                     Err(e) => {
                         tracing::warn!(error = %e, "decision log: no connection of its own; sharing the API's pool");

@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, QueryBuilder};
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -69,30 +69,28 @@ pub struct PgStore {
 impl PgStore {
     /// Connect to `url`; fails when the database cannot be reached.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .connect(url)
-            .await
-            .map_err(db_error)?;
-        Ok(Self {
-            pool,
-            stamp: Arc::default(),
-        })
+        let options = url.parse().map_err(db_error)?;
+        Self::pool(options, max_connections, Arc::default()).await
     }
 
-    /// A second pool of `max_connections` to the same database, producing events under the
-    /// same generation, for a task that runs on a runtime of its own.
-    pub async fn sibling(&self, max_connections: u32) -> Result<Self, StoreError> {
+    /// The decision-log writer's store: one connection of its own, opened by the caller (on
+    /// the writer's thread), producing events under this store's generation.
+    pub async fn log_writer(&self) -> Result<Self, StoreError> {
         let options = (*self.pool.connect_options()).clone();
+        Self::pool(options, 1, self.stamp.clone()).await
+    }
+
+    async fn pool(
+        options: PgConnectOptions,
+        max_connections: u32,
+        stamp: Arc<Stamp>,
+    ) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(options)
             .await
             .map_err(db_error)?;
-        Ok(Self {
-            pool,
-            stamp: self.stamp.clone(),
-        })
+        Ok(Self { pool, stamp })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {

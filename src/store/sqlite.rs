@@ -85,39 +85,36 @@ impl SqliteStore {
             .create_if_missing(true)
             // WAL lets readers proceed while a writer commits; the default `synchronous=FULL`
             // is kept so that a committed version, deployment or outbox row survives a power
-            // cut (the decision log's own connection relaxes it: see `sibling`).
+            // cut (the decision log's own connection relaxes it: see `log_writer`).
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .connect_with(options)
-            .await
-            .map_err(db_error)?;
-        Ok(Self {
-            pool,
-            stamp: Arc::default(),
-        })
+        Self::pool(options, max_connections, Arc::default()).await
     }
 
-    /// A second pool of `max_connections` on the same file, producing events under the same
-    /// generation, for a task that runs on a runtime of its own (its connection threads are
-    /// started from there). Its commits use `synchronous=NORMAL`: durable when the process
-    /// crashes, not always when the power fails. It serves the decision log, whose queued
-    /// records are lost on a crash anyway, and saves an fsync per batch.
-    pub async fn sibling(&self, max_connections: u32) -> Result<Self, StoreError> {
+    /// The decision-log writer's store: one connection of its own on the same file, opened by
+    /// the caller (so its SQLite thread starts on the writer's thread), producing events under
+    /// this store's generation. Its commits use `synchronous=NORMAL`: durable when the process
+    /// crashes, not always when the power fails, like the records still queued in memory;
+    /// it saves an fsync per batch.
+    pub async fn log_writer(&self) -> Result<Self, StoreError> {
         let options = (*self.pool.connect_options())
             .clone()
             .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+        Self::pool(options, 1, self.stamp.clone()).await
+    }
+
+    async fn pool(
+        options: SqliteConnectOptions,
+        max_connections: u32,
+        stamp: Arc<Stamp>,
+    ) -> Result<Self, StoreError> {
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(options)
             .await
             .map_err(db_error)?;
-        Ok(Self {
-            pool,
-            stamp: self.stamp.clone(),
-        })
+        Ok(Self { pool, stamp })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {

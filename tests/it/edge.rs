@@ -174,14 +174,9 @@ async fn h2c_prior_knowledge_is_served() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_decision_log_that_cannot_keep_up_drops_and_counts_it() {
-    let db = Db::fresh(Backend::Sqlite).await;
-    let mut config = test_config(&db);
-    config.decision_log.capacity = 1;
-    config.decision_log.overflow = spectral::config::Overflow::Drop;
-    let app = TestApp::start(config).await;
-    let requests: Vec<serde_json::Value> = (0..100).map(|_| green_wire()).collect();
+/// `n` green decisions in one batch request.
+async fn decide_green_batch(app: &TestApp, n: usize) {
+    let requests: Vec<serde_json::Value> = (0..n).map(|_| green_wire()).collect();
     let (s, out) = app
         .post(
             OPERATOR,
@@ -190,6 +185,16 @@ async fn a_decision_log_that_cannot_keep_up_drops_and_counts_it() {
         )
         .await;
     assert_eq!(s, 200, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_log_that_cannot_keep_up_drops_and_counts_it() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.decision_log.capacity = 1;
+    config.decision_log.overflow = spectral::config::Overflow::Drop;
+    let app = TestApp::start(config).await;
+    decide_green_batch(&app, 100).await;
     let (_, health) = app.get(None, "/health").await;
     let log = &health["features"]["decision_log"];
     assert_eq!(log["overflow"], "drop");
@@ -225,15 +230,7 @@ async fn the_decision_log_commits_what_arrives_within_its_linger_as_one_batch() 
     // Long enough that 30 decisions of one request all arrive within it.
     config.decision_log.linger = Duration::from_secs(3);
     let app = TestApp::start(config).await;
-    let requests: Vec<serde_json::Value> = (0..30).map(|_| green_wire()).collect();
-    let (s, out) = app
-        .post(
-            OPERATOR,
-            "/api/decide/batch",
-            &serde_json::json!({"requests": requests}),
-        )
-        .await;
-    assert_eq!(s, 200, "{out}");
+    decide_green_batch(&app, 30).await;
     let written = |health: &serde_json::Value| {
         health["features"]["decision_log"]["written"]
             .as_u64()
