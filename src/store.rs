@@ -602,7 +602,9 @@ pub mod events {
     /// A version was deployed (or rolled back to); payload `{world, version, seq, deployed_by}`.
     pub const MODULE_DEPLOYED: &str = "module.deployed";
     /// A batch of decisions of one world was recorded; one event per world per group commit,
-    /// payload `{world, first_seq, last_seq, decisions: [{decision_id, action, status, rules}]}`.
+    /// payload `{world, first_seq, last_seq, counts: [{rule, status, count}]}` (rule `*`: all
+    /// decisions of the batch). Rows written by earlier builds carry
+    /// `decisions: [{decision_id, action, status, rules}]` instead; the handler reads both.
     pub const DECISION_RECORDED: &str = "decision.recorded";
     /// The World Agent was asked to author a rule.
     pub const AGENT_TASK_CREATED: &str = "agent.task.created";
@@ -764,25 +766,25 @@ fn deployed_event(world: &str, d: &Deployment) -> NewEvent {
 
 /// One `decision.recorded` event per world per group commit: a handler then updates the
 /// statistics once per batch rather than once per decision, which keeps the outbox from
-/// growing as fast as the decision log.
+/// growing as fast as the decision log. The payload names the range of records and counts
+/// them by status, overall (rule `*`) and per matched rule, so its size follows the rules
+/// that matched, not the size of the batch; the records themselves are in the log.
 fn recorded_event(world: &str, chained: &[ChainedDecision]) -> Option<NewEvent> {
     let first = chained.first()?.seq;
     let last = chained.last()?.seq;
-    let decisions: Vec<serde_json::Value> = chained
-        .iter()
-        .map(|c| {
-            let d = &c.record.decision;
-            let rules: Vec<&serde_json::Value> = d
-                .matched_rules
-                .as_array()
-                .map(|a| a.iter().filter_map(|r| r.get("id")).collect())
-                .unwrap_or_default();
-            serde_json::json!({
-                "decision_id": d.decision_id,
-                "action": d.action,
-                "status": d.status,
-                "rules": rules,
-            })
+    let mut counts: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+    for c in chained {
+        let d = &c.record.decision;
+        *counts.entry(("*", d.status.as_str())).or_default() += 1;
+        let rules = d.matched_rules.as_array().into_iter().flatten();
+        for rule in rules.filter_map(|r| r.get("id")?.as_str()) {
+            *counts.entry((rule, d.status.as_str())).or_default() += 1;
+        }
+    }
+    let counts: Vec<serde_json::Value> = counts
+        .into_iter()
+        .map(|((rule, status), count)| {
+            serde_json::json!({"rule": rule, "status": status, "count": count})
         })
         .collect();
     Some(NewEvent {
@@ -792,7 +794,7 @@ fn recorded_event(world: &str, chained: &[ChainedDecision]) -> Option<NewEvent> 
             "world": world,
             "first_seq": first,
             "last_seq": last,
-            "decisions": decisions,
+            "counts": counts,
         }),
         idempotency_key: format!("{world}:{first}-{last}"),
         target: None,
@@ -909,10 +911,10 @@ fn group_by_world(
 ) -> Result<std::collections::BTreeMap<&str, Vec<StoredDecision>>, StoreError> {
     let mut worlds: std::collections::BTreeMap<&str, Vec<StoredDecision>> = Default::default();
     for d in batch {
+        // A JSON value reads back from its text as itself (serde_json writes floats in their
+        // shortest exact form), so the hash of `decision` is the hash a reader recomputes.
         let matched_rules = to_json_text(&d.matched_rules)?;
         let decision = NewDecision {
-            // Parsed back from the stored text, because that is what a reader will see.
-            matched_rules: parse_json(&matched_rules, "matched rules")?,
             decided_at: truncate_micros(d.decided_at),
             ..d.clone()
         };

@@ -40,21 +40,11 @@ impl Handler for DecisionStats {
             let world = row.payload["world"]
                 .as_str()
                 .ok_or_else(|| HandlerError::Terminal("payload has no world".into()))?;
-            let decisions = row.payload["decisions"]
-                .as_array()
-                .ok_or_else(|| HandlerError::Terminal("payload has no decisions".into()))?;
-            let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
-            for d in decisions {
-                let status = d["status"]
-                    .as_str()
-                    .ok_or_else(|| HandlerError::Terminal("a decision has no status".into()))?;
-                *counts.entry(("*".into(), status.into())).or_default() += 1;
-                for rule in d["rules"].as_array().into_iter().flatten() {
-                    if let Some(rule) = rule.as_str() {
-                        *counts.entry((rule.into(), status.into())).or_default() += 1;
-                    }
-                }
-            }
+            let counts = match row.payload.get("counts") {
+                Some(counts) => counted(counts)?,
+                // Events written by earlier builds list the decisions instead.
+                None => count_listed(&row.payload["decisions"])?,
+            };
             Ok(Effect::Stats(
                 counts
                     .into_iter()
@@ -68,6 +58,48 @@ impl Handler for DecisionStats {
             ))
         })
     }
+}
+
+type Counts = BTreeMap<(String, String), i64>;
+
+/// `counts: [{rule, status, count}]`, as the decision log writes them.
+fn counted(counts: &serde_json::Value) -> Result<Counts, HandlerError> {
+    let bad = |what: &str| HandlerError::Terminal(format!("payload counts: {what}"));
+    let mut out = Counts::new();
+    for c in counts.as_array().ok_or_else(|| bad("not a list"))? {
+        let rule = c["rule"]
+            .as_str()
+            .ok_or_else(|| bad("an entry has no rule"))?;
+        let status = c["status"]
+            .as_str()
+            .ok_or_else(|| bad("an entry has no status"))?;
+        let count = c["count"]
+            .as_i64()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| bad("an entry has no positive count"))?;
+        *out.entry((rule.into(), status.into())).or_default() += count;
+    }
+    Ok(out)
+}
+
+/// `decisions: [{status, rules}]`, as earlier builds wrote them.
+fn count_listed(decisions: &serde_json::Value) -> Result<Counts, HandlerError> {
+    let decisions = decisions
+        .as_array()
+        .ok_or_else(|| HandlerError::Terminal("payload has neither counts nor decisions".into()))?;
+    let mut out = Counts::new();
+    for d in decisions {
+        let status = d["status"]
+            .as_str()
+            .ok_or_else(|| HandlerError::Terminal("a decision has no status".into()))?;
+        *out.entry(("*".into(), status.into())).or_default() += 1;
+        for rule in d["rules"].as_array().into_iter().flatten() {
+            if let Some(rule) = rule.as_str() {
+                *out.entry((rule.into(), status.into())).or_default() += 1;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `worldmodel.version.published` and `module.deployed` → one `webhook.delivery` per
@@ -220,5 +252,46 @@ mod tests {
         assert_ne!(a, signature("k", 1, b"{ }"));
         assert_ne!(a, signature("other", 1, b"{}"));
         assert_eq!(a, signature("k", 1, b"{}"));
+    }
+
+    fn key(rule: &str, status: &str) -> (String, String) {
+        (rule.into(), status.into())
+    }
+
+    #[test]
+    fn counts_and_listed_decisions_give_the_same_statistics() {
+        let counts = counted(&json!([
+            {"rule": "*", "status": "RED", "count": 2},
+            {"rule": "*", "status": "GREEN", "count": 1},
+            {"rule": "sanctions-hit", "status": "RED", "count": 2},
+        ]));
+        let listed = count_listed(&json!([
+            {"decision_id": "a", "action": "x", "status": "RED", "rules": ["sanctions-hit"]},
+            {"decision_id": "b", "action": "x", "status": "GREEN", "rules": []},
+            {"decision_id": "c", "action": "x", "status": "RED", "rules": ["sanctions-hit"]},
+        ]));
+        let expected: Counts = [
+            (key("*", "GREEN"), 1),
+            (key("*", "RED"), 2),
+            (key("sanctions-hit", "RED"), 2),
+        ]
+        .into();
+        assert!(matches!(&counts, Ok(c) if *c == expected), "{counts:?}");
+        assert!(matches!(&listed, Ok(c) if *c == expected), "{listed:?}");
+    }
+
+    #[test]
+    fn malformed_counts_fail_for_good() {
+        for bad in [
+            json!({"rule": "*"}),
+            json!([{"status": "RED", "count": 1}]),
+            json!([{"rule": "*", "status": "RED", "count": 0}]),
+            json!([{"rule": "*", "status": "RED", "count": "2"}]),
+        ] {
+            let r = counted(&bad);
+            assert!(matches!(r, Err(HandlerError::Terminal(_))), "{bad}: {r:?}");
+        }
+        let r = count_listed(&serde_json::Value::Null);
+        assert!(matches!(r, Err(HandlerError::Terminal(_))), "{r:?}");
     }
 }

@@ -256,9 +256,11 @@ async fn the_decision_log_commits_what_arrives_within_its_linger_as_one_batch() 
         .filter(|r| r.event_type == spectral::store::events::DECISION_RECORDED)
         .collect();
     assert_eq!(recorded.len(), 1, "one commit: {recorded:?}");
+    assert_eq!(recorded[0].payload["first_seq"], 1);
+    assert_eq!(recorded[0].payload["last_seq"], 30);
     assert_eq!(
-        recorded[0].payload["decisions"].as_array().map(Vec::len),
-        Some(30)
+        recorded[0].payload["counts"][0],
+        serde_json::json!({"rule": "*", "status": "GREEN", "count": 30})
     );
     store.close().await;
     app.stop().await;

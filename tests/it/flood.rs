@@ -44,9 +44,12 @@ fn recorded(i: usize) -> NewEvent {
             "world": "flood",
             "first_seq": i,
             "last_seq": i,
-            "decisions": [
-                {"decision_id": format!("g{i}"), "action": "a", "status": "GREEN", "rules": ["r1", "r2"]},
-                {"decision_id": format!("r{i}"), "action": "a", "status": "RED", "rules": ["r3"]},
+            "counts": [
+                {"rule": "*", "status": "GREEN", "count": 1},
+                {"rule": "*", "status": "RED", "count": 1},
+                {"rule": "r1", "status": "GREEN", "count": 1},
+                {"rule": "r2", "status": "GREEN", "count": 1},
+                {"rule": "r3", "status": "RED", "count": 1},
             ],
         }),
         idempotency_key: format!("flood:{i}"),

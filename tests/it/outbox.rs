@@ -204,13 +204,14 @@ async fn events_commit_or_roll_back_with_their_change(backend: Backend) {
         .expect("append");
     let recorded = rows_of(&store, events::DECISION_RECORDED).await;
     assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].payload["first_seq"], 1);
+    assert_eq!(recorded[0].payload["last_seq"], 2);
     assert_eq!(
-        recorded[0].payload["decisions"].as_array().map(Vec::len),
-        Some(2)
-    );
-    assert_eq!(
-        recorded[0].payload["decisions"][0]["rules"][0],
-        "sanctions-hit"
+        recorded[0].payload["counts"],
+        json!([
+            {"rule": "*", "status": "RED", "count": 2},
+            {"rule": "sanctions-hit", "status": "RED", "count": 2},
+        ])
     );
     assert!(store
         .append_decisions(&[decision("d3"), decision("d1")])
