@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use chrono_tz::Tz;
-use rhai::{Array, Dynamic, Engine, EvalAltResult, ImmutableString, INT};
+use rhai::{Array, Dynamic, Engine, EvalAltResult, ImmutableString, NativeCallContext, INT};
 
 /// Prefix of every helper error, so the evaluator can tell them from other runtime errors.
 pub(super) const ERROR_PREFIX: &str = "helper: ";
@@ -172,7 +172,40 @@ fn percent_of(part: f64, whole: f64) -> HelperResult<f64> {
     Ok(part / whole * 100.0)
 }
 
+/// `value in array` for a string `value`, with the meaning of the engine's own `in` (which
+/// resolves and calls `==` once per element, a large part of evaluating the usual
+/// `context.x in config.list`): a string element is compared here directly; any other element
+/// goes through `==` as before, where a missing `==` between two types means unequal.
+fn string_in(
+    ctx: NativeCallContext,
+    array: &mut Array,
+    value: ImmutableString,
+) -> HelperResult<bool> {
+    for item in array.iter_mut() {
+        if let Some(s) = item.read_lock::<ImmutableString>() {
+            if *s == value {
+                return Ok(true);
+            }
+            continue;
+        }
+        let mut other = Dynamic::from(value.clone());
+        let equal = match ctx.call_native_fn_raw("==", true, &mut [item, &mut other]) {
+            Ok(r) => r.as_bool().unwrap_or(false),
+            // The element is not a string, so the two types differ.
+            Err(e) if matches!(&*e, EvalAltResult::ErrorFunctionNotFound(sig, ..) if sig.starts_with("==")) => {
+                false
+            }
+            Err(e) => return Err(e),
+        };
+        if equal {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 pub(super) fn register(engine: &mut Engine) {
+    engine.register_fn("contains", string_in);
     engine
         .register_fn("hour_in", hour_in)
         .register_fn("minute_in", minute_in)
@@ -199,6 +232,46 @@ pub(super) fn register(engine: &mut Engine) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// An element of a list a predicate might search: every kind of value a context, a config
+    /// or a literal can hold, strings from a small alphabet so that matches happen.
+    fn element() -> impl Strategy<Value = Dynamic> {
+        let leaf = prop_oneof![
+            "[ab]{0,2}".prop_map(Dynamic::from),
+            prop::char::range('a', 'b').prop_map(Dynamic::from),
+            (-2i64..3).prop_map(Dynamic::from),
+            (-2i64..3).prop_map(|n| Dynamic::from(n as f64)),
+            any::<bool>().prop_map(Dynamic::from),
+            Just(Dynamic::UNIT),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop::collection::vec(inner, 0..4).prop_map(Dynamic::from_array)
+        })
+    }
+
+    proptest! {
+        /// The engine's own `in` and `string_in` agree on every list and string: same
+        /// answer, or both an error.
+        #[test]
+        fn string_in_means_what_the_engines_in_means(
+            list in prop::collection::vec(element(), 0..8),
+            value in "[ab]{0,2}",
+        ) {
+            let stock = Engine::new();
+            let mut ours = Engine::new();
+            register(&mut ours);
+            let run = |engine: &Engine| {
+                let mut scope = rhai::Scope::new();
+                scope.push("list", list.clone());
+                scope.push("value", value.clone());
+                engine
+                    .eval_with_scope::<bool>(&mut scope, "value in list")
+                    .map_err(|e| e.to_string())
+            };
+            prop_assert_eq!(run(&stock), run(&ours));
+        }
+    }
 
     #[test]
     fn hour_in_converts_to_the_named_zone() {
