@@ -92,24 +92,18 @@ async fn store(url: &str) -> Store {
 /// A `decision.recorded` event like the decision log's: two decisions, five statistics rows,
 /// of one of `worlds` worlds.
 fn recorded(tag: &str, i: usize, worlds: usize) -> NewEvent {
+    let counts = [
+        ("*", "GREEN", 1),
+        ("*", "RED", 1),
+        ("r1", "GREEN", 1),
+        ("r2", "GREEN", 1),
+        ("r3", "RED", 1),
+    ];
     let world = format!("bench{}", i % worlds);
     NewEvent {
-        event_type: events::DECISION_RECORDED.into(),
-        world: Some(world.clone()),
-        payload: json!({
-            "world": world,
-            "first_seq": i,
-            "last_seq": i,
-            "counts": [
-                {"rule": "*", "status": "GREEN", "count": 1},
-                {"rule": "*", "status": "RED", "count": 1},
-                {"rule": "r1", "status": "GREEN", "count": 1},
-                {"rule": "r2", "status": "GREEN", "count": 1},
-                {"rule": "r3", "status": "RED", "count": 1},
-            ],
-        }),
+        // Unique across the samples of a run, which reuse `i`.
         idempotency_key: format!("{tag}:{i}"),
-        target: None,
+        ..spectral::store::decision_recorded(&world, i as i64, i as i64, counts)
     }
 }
 

@@ -781,24 +781,38 @@ fn recorded_event(world: &str, chained: &[ChainedDecision]) -> Option<NewEvent> 
             *counts.entry((rule, d.status.as_str())).or_default() += 1;
         }
     }
+    let counts = counts
+        .into_iter()
+        .map(|((rule, status), n)| (rule, status, n));
+    Some(decision_recorded(world, first, last, counts))
+}
+
+/// A `decision.recorded` event for records `first_seq..=last_seq` of `world`, with their
+/// counts as `(rule, status, count)`, rule `*` counting every decision.
+pub fn decision_recorded<'a>(
+    world: &str,
+    first_seq: i64,
+    last_seq: i64,
+    counts: impl IntoIterator<Item = (&'a str, &'a str, u64)>,
+) -> NewEvent {
     let counts: Vec<serde_json::Value> = counts
         .into_iter()
-        .map(|((rule, status), count)| {
+        .map(|(rule, status, count)| {
             serde_json::json!({"rule": rule, "status": status, "count": count})
         })
         .collect();
-    Some(NewEvent {
+    NewEvent {
         event_type: events::DECISION_RECORDED.into(),
         world: Some(world.to_string()),
         payload: serde_json::json!({
             "world": world,
-            "first_seq": first,
-            "last_seq": last,
+            "first_seq": first_seq,
+            "last_seq": last_seq,
             "counts": counts,
         }),
-        idempotency_key: format!("{world}:{first}-{last}"),
+        idempotency_key: format!("{world}:{first_seq}-{last_seq}"),
         target: None,
-    })
+    }
 }
 
 /// Who produces events: stamped on every row.

@@ -5,8 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use spectral::store::{events, NewEvent, Store};
+use spectral::store::{NewEvent, Store};
 
 use crate::app::{green_wire, test_config, Backend, Db, TestApp, OPERATOR};
 
@@ -37,25 +36,17 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
 
 /// A `decision.recorded` event like the decision log's: five statistics upserts to handle.
 fn recorded(i: usize) -> NewEvent {
-    NewEvent {
-        event_type: events::DECISION_RECORDED.into(),
-        world: Some("flood".into()),
-        payload: json!({
-            "world": "flood",
-            "first_seq": i,
-            "last_seq": i,
-            "counts": [
-                {"rule": "*", "status": "GREEN", "count": 1},
-                {"rule": "*", "status": "RED", "count": 1},
-                {"rule": "r1", "status": "GREEN", "count": 1},
-                {"rule": "r2", "status": "GREEN", "count": 1},
-                {"rule": "r3", "status": "RED", "count": 1},
-            ],
-        }),
-        idempotency_key: format!("flood:{i}"),
-        target: None,
-    }
+    spectral::store::decision_recorded("flood", i as i64, i as i64, TWO_DECISIONS)
 }
+
+/// The counts of two decisions: a GREEN one matching r1 and r2, a RED one matching r3.
+const TWO_DECISIONS: [(&str, &str, u64); 5] = [
+    ("*", "GREEN", 1),
+    ("*", "RED", 1),
+    ("r1", "GREEN", 1),
+    ("r2", "GREEN", 1),
+    ("r3", "RED", 1),
+];
 
 /// Flood events handled so far: each adds two decisions to the `flood` statistics.
 async fn handled(store: &Store) -> i64 {
