@@ -31,7 +31,8 @@ where
 }
 
 /// Lower the calling thread's priority by `steps` nice levels (capped at the lowest, 19).
-#[cfg(unix)]
+/// Linux only: elsewhere `setpriority` would lower the whole process, API included.
+#[cfg(target_os = "linux")]
 fn lower_priority(steps: u8) -> io::Result<()> {
     use rustix::process::{getpriority_process, setpriority_process};
     // `None` is the calling thread on Linux, whose nice values are per thread.
@@ -41,11 +42,11 @@ fn lower_priority(steps: u8) -> io::Result<()> {
     Ok(())
 }
 
-#[cfg(not(unix))]
+#[cfg(not(target_os = "linux"))]
 fn lower_priority(_steps: u8) -> io::Result<()> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,
-        "thread priorities are set on Unix only",
+        "per-thread priorities are set on Linux only",
     ))
 }
 

@@ -316,7 +316,7 @@ impl Store {
     }
 
     /// The decision-log writer's store: one connection of its own to the same database,
-    /// sharing this store's generation and in-process wake-up. Open it on the writer's own
+    /// producing events under this store's generation. Open it on the writer's own
     /// runtime and thread. On SQLite its commits are durable against a crash of the process,
     /// not always against a power cut (`synchronous=NORMAL`).
     pub async fn log_writer(&self) -> Result<Self, StoreError> {
@@ -925,10 +925,11 @@ fn group_by_world(
 ) -> Result<std::collections::BTreeMap<&str, Vec<StoredDecision>>, StoreError> {
     let mut worlds: std::collections::BTreeMap<&str, Vec<StoredDecision>> = Default::default();
     for d in batch {
-        // A JSON value reads back from its text as itself (serde_json writes floats in their
-        // shortest exact form), so the hash of `decision` is the hash a reader recomputes.
         let matched_rules = to_json_text(&d.matched_rules)?;
         let decision = NewDecision {
+            // Parsed back from the stored text, because that is what a reader will see (a
+            // float need not read back bit for bit).
+            matched_rules: parse_json(&matched_rules, "matched rules")?,
             decided_at: truncate_micros(d.decided_at),
             ..d.clone()
         };

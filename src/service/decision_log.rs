@@ -1,6 +1,6 @@
-//! The decision log: every decision is queued here and written by one background task in
-//! batches (group commit), off the request's critical path: on a thread of its own, at the
-//! background priority, with a connection of its own.
+//! The decision log: every decision is queued here and written in batches (group commit) by
+//! one writer, off the request's critical path: on a thread of its own, at the background
+//! priority, with a connection of its own.
 //!
 //! What happens when the writer cannot keep up is configured: wait briefly for room, or drop
 //! at once. Every drop is counted in metrics and on `/health`; nothing is dropped silently.
@@ -22,7 +22,7 @@ const WRITE_ATTEMPTS: u32 = 3;
 
 /// The sending side, shared by every request.
 pub struct DecisionLog {
-    /// Requests send; the writer task receives.
+    /// Requests send; the writer receives.
     tx: mpsc::Sender<NewDecision>,
     /// The supervisor signals once, after the HTTP server has drained; the writer then
     /// writes what is queued and exits.
@@ -56,28 +56,33 @@ impl DecisionLog {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(Self, Writer)> {
         let (tx, rx) = mpsc::channel(config.capacity);
-        let (stop, stopped) = watch::channel(false);
+        let (stop, mut stopped) = watch::channel(false);
         let (finished, writer) = oneshot::channel();
         let (batch_size, linger, thread_metrics) =
             (config.batch_size, config.linger, metrics.clone());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
         crate::background::spawn("spectral-log", nice, move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    // The queue closes with `rx`: every record is then counted as dropped.
+                    tracing::error!(error = %e, "decision log: cannot start its runtime");
+                    return;
+                }
+            };
             runtime.block_on(async move {
-                // The pool's connection threads start here and so share this thread's
-                // priority; the caller's pool serves if a second one cannot be opened.
-                let own = match store.log_writer().await {
-                    Ok(own) => Some(own),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "decision log: no connection of its own; sharing the API's pool");
-                        None
+                match own_store(&store, &mut stopped).await {
+                    Some(own) => {
+                        write_loop(&own, rx, stopped, batch_size, linger, thread_metrics).await;
+                        own.close().await;
                     }
-                };
-                let target = own.as_ref().unwrap_or(&store);
-                write_loop(target, rx, stopped, batch_size, linger, thread_metrics).await;
-                if let Some(own) = own {
-                    own.close().await;
+                    // Stopped before a connection of its own could be opened: what is queued
+                    // is written through the caller's pool, still open until the writer ends.
+                    None => {
+                        write_loop(&store, rx, stopped, batch_size, linger, thread_metrics).await
+                    }
                 }
             });
             let _ = finished.send(());
@@ -139,6 +144,26 @@ impl DecisionLog {
     }
 }
 
+/// The writer's own connection, opened here so that its database threads start at this
+/// thread's priority; retried with backoff while the database is unreachable (records queue
+/// meanwhile, under the overflow policy). `None` when the stop comes first.
+async fn own_store(store: &Store, stopped: &mut watch::Receiver<bool>) -> Option<Store> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match store.log_writer().await {
+            Ok(own) => return Some(own),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "decision log: cannot open its connection");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stopped.changed() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
 async fn write_loop(
     store: &Store,
     mut rx: mpsc::Receiver<NewDecision>,
@@ -148,7 +173,8 @@ async fn write_loop(
     metrics: Arc<Metrics>,
 ) {
     let mut batch = Vec::with_capacity(batch_size);
-    loop {
+    // A stop already seen (while the connection was being opened) goes straight to the drain.
+    while !*stopped.borrow() {
         tokio::select! {
             biased;
             _ = stopped.changed() => break,

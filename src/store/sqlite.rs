@@ -85,7 +85,8 @@ impl SqliteStore {
             .create_if_missing(true)
             // WAL lets readers proceed while a writer commits; the default `synchronous=FULL`
             // is kept so that a committed version, deployment or outbox row survives a power
-            // cut (the decision log's own connection relaxes it: see `log_writer`).
+            // cut (the decision log's own connection, with its records and their
+            // `decision.recorded` events, relaxes it: see `log_writer`).
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);

@@ -227,8 +227,9 @@ async fn a_decision_log_that_cannot_keep_up_drops_and_counts_it() {
 async fn the_decision_log_commits_what_arrives_within_its_linger_as_one_batch() {
     let db = Db::fresh(Backend::Sqlite).await;
     let mut config = test_config(&db);
-    // Long enough that 30 decisions of one request all arrive within it.
-    config.decision_log.linger = Duration::from_secs(3);
+    // Long enough that 30 decisions of one request, and the health check after them, all
+    // come within it even on a slow machine.
+    config.decision_log.linger = Duration::from_secs(5);
     let app = TestApp::start(config).await;
     decide_green_batch(&app, 30).await;
     let written = |health: &serde_json::Value| {
