@@ -90,12 +90,7 @@ struct Args {
 
 /// What every worker shares.
 struct Plan {
-    addr: SocketAddr,
-    method: Method,
-    path: Uri,
-    host: HeaderValue,
-    headers: HeaderMap,
-    body: Bytes,
+    request: Parts,
     connections: usize,
     /// Interval between two due times of one connection (open loop).
     interval: Option<Duration>,
@@ -189,7 +184,7 @@ fn main() {
     print_report(&args, &plan, &tally, cpu_pct);
 }
 
-/// Everything of the plan but the clock, checked before the runtime starts.
+/// The request every connection sends, and where: checked before the runtime starts.
 struct Parts {
     addr: SocketAddr,
     method: Method,
@@ -285,12 +280,7 @@ async fn run(args: &Args, parts: Parts) -> (Tally, Arc<Plan>) {
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let plan = Arc::new(Plan {
-        addr: parts.addr,
-        method: parts.method,
-        path: parts.path,
-        host: parts.host,
-        headers: parts.headers,
-        body: parts.body,
+        request: parts,
         connections: args.connections,
         interval: args
             .rate
@@ -392,19 +382,24 @@ async fn exchange(
     let sender = match conn {
         Some(sender) => sender,
         None => {
-            let sender = connect(plan.addr).await?;
+            let sender = connect(plan.request.addr).await?;
             tally.connects += 1;
             conn.insert(sender)
         }
     };
     let mut request = Request::builder()
-        .method(plan.method.clone())
-        .uri(plan.path.clone())
-        .body(Full::new(plan.body.clone()))
+        .method(plan.request.method.clone())
+        .uri(plan.request.path.clone())
+        .body(Full::new(plan.request.body.clone()))
         .map_err(|e| e.to_string())?;
     let headers = request.headers_mut();
-    headers.insert(HOST, plan.host.clone());
-    headers.extend(plan.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+    headers.insert(HOST, plan.request.host.clone());
+    headers.extend(
+        plan.request
+            .headers
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone())),
+    );
     let response = sender
         .send_request(request)
         .await
@@ -496,7 +491,7 @@ fn print_report(args: &Args, plan: &Plan, tally: &Tally, client_cpu_pct: Option<
     let line = serde_json::json!({
         "label": args.label,
         "url": args.url,
-        "method": plan.method.as_str(),
+        "method": plan.request.method.as_str(),
         "mode": if plan.interval.is_some() { "open" } else { "closed" },
         "connections": args.connections,
         "threads": args.threads,

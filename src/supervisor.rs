@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -316,8 +316,15 @@ pub async fn run_workers_until_signal(config: Config) -> Result<(), StartError> 
     tracing::info!(generation, "spectral workers running");
     signal().await;
     tracing::info!("shutdown signal received; finishing the row in hand");
+    finish_within(grace, workers.stop()).await;
+    Ok(())
+}
+
+/// Wait for a shutdown to finish; a second signal, or the grace period running out, ends the
+/// process at once.
+async fn finish_within(grace: Duration, shutdown: impl std::future::Future) {
     tokio::select! {
-        _ = workers.stop() => Ok(()),
+        _ = shutdown => {}
         _ = signal() => {
             tracing::warn!("second signal: exiting now");
             std::process::exit(130);
@@ -347,17 +354,8 @@ pub async fn run_until_signal(config: Config, mode: Mode) -> Result<(), StartErr
     signal().await;
     tracing::info!("shutdown signal received; draining");
     let _ = trigger.send(true);
-    tokio::select! {
-        _ = waiting => Ok(()),
-        _ = signal() => {
-            tracing::warn!("second signal: exiting now");
-            std::process::exit(130);
-        }
-        _ = tokio::time::sleep(grace) => {
-            tracing::error!("shutdown exceeded the grace period: exiting now");
-            std::process::exit(1);
-        }
-    }
+    finish_within(grace, waiting).await;
+    Ok(())
 }
 
 /// Wait for SIGTERM or SIGINT.
