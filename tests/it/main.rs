@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod crash;
 mod db;
+mod differential;
 mod edge;
 mod flood;
 mod gate;
