@@ -6,6 +6,7 @@
 
 mod problem;
 mod router;
+mod unique;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -136,7 +137,7 @@ async fn handle(
         Err(e) => (Route::NotFound, problem::from_route_error(e)),
         Ok(endpoint) => {
             let route = endpoint.route();
-            let work = dispatch(&app, &config, endpoint, req);
+            let work = dispatch(&app, &config, endpoint, req, started);
             let response = match tokio::time::timeout(config.request_timeout, work).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(e)) => problem::from_error(&e),
@@ -166,6 +167,7 @@ async fn dispatch(
     config: &ServerConfig,
     endpoint: Endpoint,
     req: Request<Incoming>,
+    started: Instant,
 ) -> Result<Response<Body>, HttpError> {
     match endpoint {
         Endpoint::Health => {
@@ -195,7 +197,7 @@ async fn dispatch(
         }
         endpoint => {
             let caller = app.keys.authenticate(authorization(&req)).await?;
-            authed(app, config, &caller, endpoint, req).await
+            authed(app, config, &caller, endpoint, req, started).await
         }
     }
 }
@@ -212,6 +214,7 @@ async fn authed(
     caller: &Caller,
     endpoint: Endpoint,
     req: Request<Incoming>,
+    started: Instant,
 ) -> Result<Response<Body>, HttpError> {
     match endpoint {
         Endpoint::Decide => {
@@ -231,11 +234,20 @@ async fn authed(
                 ))
                 .into());
             }
+            // Items start only while they can finish within the request timeout, with room
+            // to answer: every decision is bounded by its own deadline.
+            let reserve = (config.request_timeout / 10)
+                .max(app.sandbox.limits().decision_deadline() * 2)
+                .min(config.request_timeout / 2);
+            let mut budget = app.batch_budget(started + config.request_timeout - reserve);
             let mut results = Vec::with_capacity(batch.requests.len());
             for raw in batch.requests {
                 let result = match serde_json::from_str::<DecideInput>(raw.get()) {
                     Err(e) => Err(HttpError::Malformed(e.to_string())),
-                    Ok(input) => app.decide(caller, &input).await.map_err(HttpError::from),
+                    Ok(input) => app
+                        .decide_in_batch(caller, &input, &mut budget)
+                        .await
+                        .map_err(HttpError::from),
                 };
                 results.push(match result {
                     Ok(decision) => serde_json::json!({"status": 200, "decision": decision}),
@@ -309,6 +321,8 @@ pub enum HttpError {
     Service(ServiceError),
     Body(BodyError),
     Malformed(String),
+    /// An object in the body repeats a key; the path of the first repeat.
+    DuplicateKey(String),
 }
 
 impl From<ServiceError> for HttpError {
@@ -348,12 +362,17 @@ async fn json_body(req: Request<Incoming>, max: usize) -> Result<Bytes, HttpErro
     if declared.is_some_and(|n| n > max) {
         return Err(HttpError::Body(BodyError::TooLarge(max)));
     }
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(HttpError::Body(BodyError::TooLarge(max)))
+            return Err(HttpError::Body(BodyError::TooLarge(max)))
         }
-        Err(e) => Err(HttpError::Body(BodyError::Read(e.to_string()))),
+        Err(e) => return Err(HttpError::Body(BodyError::Read(e.to_string()))),
+    };
+    // What is not JSON at all is reported by the typed parse that follows, in its words.
+    match unique::check(&body) {
+        Err(unique::Found::Duplicate(at)) => Err(HttpError::DuplicateKey(at)),
+        Ok(()) | Err(unique::Found::Invalid(_)) => Ok(body),
     }
 }
 

@@ -262,6 +262,13 @@ thread_local! {
     static CAP: Cell<u64> = const { Cell::new(u64::MAX) };
 }
 
+/// Charge work done inside one native call (a list helper's comparisons) to the running
+/// evaluation, as operations: the engine counts the call as one, but the budget of the
+/// decision and of the rule should see what it cost. Enforced at the next operation.
+pub(crate) fn charge(operations: u64) {
+    TICKS.with(|t| t.set(t.get().saturating_add(operations)));
+}
+
 /// The token `on_progress` aborts with when the deadline passes.
 const DEADLINE_TOKEN: &str = "spectral:deadline";
 /// The token `on_progress` aborts with when the decision's operation budget is spent.
@@ -634,10 +641,13 @@ impl Sandbox {
                 operations: 0,
             });
         }
+        // The rule's own limit binds unless the decision has less left.
+        let rule_capped = self.limits.max_operations < budget.operations;
+        let cap = budget.operations.min(self.limits.max_operations);
         let (result, operations) = self.run(
             &program.ast,
             bindings,
-            budget.operations,
+            cap,
             rule_deadline.min(budget.deadline),
         );
         budget.operations = budget.operations.saturating_sub(operations);
@@ -655,6 +665,15 @@ impl Sandbox {
             },
             Err(err) => {
                 let error = match eval_error(*err, &self.limits) {
+                    // The cap that stopped it was the rule's own, not the decision's.
+                    e if e.kind == ErrorKind::BudgetExceeded && rule_capped => SandboxError {
+                        kind: ErrorKind::TooManyOperations,
+                        message: format!(
+                            "evaluation used more than {} operations",
+                            self.limits.max_operations
+                        ),
+                        ..e
+                    },
                     // The clock that stopped it was the decision's, not the rule's.
                     e if e.kind == ErrorKind::DeadlineExceeded
                         && rule_deadline > budget.deadline =>
@@ -715,7 +734,19 @@ impl Sandbox {
             .eval_ast_with_scope::<Dynamic>(&mut bindings.scope, ast);
         DEADLINE.with(|d| d.set(None));
         CAP.with(|c| c.set(u64::MAX));
-        (result, TICKS.with(Cell::get))
+        let ticks = TICKS.with(Cell::get);
+        // A helper's charge is enforced at the next operation; one made by the last call of
+        // an evaluation is enforced here.
+        let result = match result {
+            Ok(_) if ticks > cap => Err(Box::new(EvalAltResult::ErrorTerminated(
+                Dynamic::from(BUDGET_TOKEN),
+                Position::NONE,
+            ))),
+            other => other,
+        };
+        // What was charged past the cap (a helper's whole call) is not counted: a budget is
+        // never spent by more than it holds.
+        (result, ticks.min(cap))
     }
 }
 

@@ -58,6 +58,19 @@ pub enum ServiceError {
     /// Not ready, or a dependency is down.
     #[error("{0}")]
     Unavailable(String),
+    /// A string the caller set is longer than its documented maximum.
+    #[error("{field} is {len} bytes, over the limit of {max}")]
+    FieldTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    /// Every evaluation slot for expensive decisions is taken; retry shortly.
+    #[error("{0}")]
+    Overloaded(String),
+    /// A batch request spent its operations or its time before reaching this item.
+    #[error("{0}")]
+    BatchBudget(String),
     /// A fault of ours; the message is logged, never shown.
     #[error("internal error: {0}")]
     Internal(String),
@@ -90,6 +103,57 @@ pub struct DecideInput<'a> {
     pub correlation_id: Option<String>,
     #[serde(default)]
     pub explain: bool,
+}
+
+/// Longest `world` and `action` a request may name, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Longest `correlation_id` a request may carry, in bytes; it is stored with the decision.
+pub const MAX_CORRELATION_ID_BYTES: usize = 256;
+
+impl DecideInput<'_> {
+    /// Every string the caller sets is within its documented maximum. The context's own
+    /// strings are bounded by the schema and the sandbox, and only its digest is stored.
+    pub fn check_lengths(&self) -> Result<(), ServiceError> {
+        let fields = [
+            ("action", Some(self.action.as_str()), MAX_NAME_BYTES),
+            ("world", self.world.as_deref(), MAX_NAME_BYTES),
+            (
+                "correlation_id",
+                self.correlation_id.as_deref(),
+                MAX_CORRELATION_ID_BYTES,
+            ),
+        ];
+        for (field, value, max) in fields {
+            if let Some(len) = value.map(str::len).filter(|len| *len > max) {
+                return Err(ServiceError::FieldTooLong { field, len, max });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where decisions of expensive modules run: a bounded set of slots on tokio's blocking
+/// threads, so that no API thread is held by a module that was seen to be expensive.
+pub struct Evaluation {
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Operations all the decisions of one batch request may use together.
+    pub batch_max_operations: u64,
+}
+
+impl Evaluation {
+    pub fn new(config: &crate::config::EvaluationConfig) -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(config.pool)),
+            batch_max_operations: config.batch_max_operations,
+        }
+    }
+}
+
+/// What the items of one batch request may still spend.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchBudget {
+    operations: u64,
+    deadline: Instant,
 }
 
 /// Build identity, shown on `/version` and `/health`.
@@ -165,6 +229,8 @@ pub struct App {
     pub generation: i64,
     /// The outbox consumer's wiring, `off` when no consumer runs in this process.
     pub outbox: Arc<crate::outbox::OutboxState>,
+    /// Off-thread evaluation of expensive modules, and the batch budget.
+    pub evaluation: Evaluation,
 }
 
 fn digest(bytes: &[u8]) -> String {
@@ -178,6 +244,7 @@ impl App {
         caller: &Caller,
         input: &DecideInput<'_>,
     ) -> Result<Decision, ServiceError> {
+        input.check_lengths()?;
         let world = caller.resolve_world(input.world.as_deref())?;
         caller.check(world, Scope::Decide)?;
         let loaded = match input.world_model_version {
@@ -201,7 +268,7 @@ impl App {
                 LoadError::Failed { .. } => ServiceError::Unavailable(e.to_string()),
             })?,
         };
-        let module = loaded.modules.get(&input.action).ok_or_else(|| {
+        let module = loaded.modules.get(&input.action).cloned().ok_or_else(|| {
             ServiceError::NotFound(format!(
                 "world '{world}' version {} has no action '{}'",
                 loaded.version, input.action
@@ -220,8 +287,13 @@ impl App {
             correlation_id: input.correlation_id.clone(),
             explain: input.explain,
         };
-        let decision = worlds::evaluate(&self.sandbox, module, &request)
-            .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        let decision = if module.is_expensive() {
+            self.evaluate_off_thread(module, request, input.context.get())
+                .await?
+        } else {
+            worlds::evaluate(&self.sandbox, &module, &request)
+        }
+        .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         self.observe(&decision);
         let meta = &decision.decision_metadata;
         self.log
@@ -239,6 +311,75 @@ impl App {
                 decided_at: now,
             })
             .await;
+        Ok(decision)
+    }
+
+    /// Evaluate on a blocking thread, in one of a bounded number of slots; shed with 503
+    /// when every slot is taken, rather than queue work that would outlive its request.
+    async fn evaluate_off_thread(
+        &self,
+        module: Arc<worlds::Module>,
+        request: Request<'_>,
+        context: &str,
+    ) -> Result<Result<Decision, worlds::evaluate::BadContext>, ServiceError> {
+        let slot = self
+            .evaluation
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ServiceError::Overloaded(
+                    "every evaluation slot for expensive rules is busy; retry shortly".into(),
+                )
+            })?;
+        let sandbox = self.sandbox.clone();
+        let context = context.to_owned();
+        let (system, correlation_id, explain) =
+            (request.system, request.correlation_id, request.explain);
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let request = Request {
+                context: ContextJson::Text(&context),
+                system,
+                correlation_id,
+                explain,
+            };
+            worlds::evaluate(&sandbox, &module, &request)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("evaluation task failed: {e}")))
+    }
+
+    /// The budget of a batch request that must answer by `deadline`.
+    pub fn batch_budget(&self, deadline: Instant) -> BatchBudget {
+        BatchBudget {
+            operations: self.evaluation.batch_max_operations,
+            deadline,
+        }
+    }
+
+    /// Decide one item of a batch request. An item starts only while the batch can still
+    /// give it a whole decision budget and time, so every answered item is answered exactly
+    /// as the same request alone would be; the rest are refused with 503.
+    pub async fn decide_in_batch(
+        &self,
+        caller: &Caller,
+        input: &DecideInput<'_>,
+        budget: &mut BatchBudget,
+    ) -> Result<Decision, ServiceError> {
+        if budget.operations < self.sandbox.limits().decision_max_operations {
+            return Err(ServiceError::BatchBudget(format!(
+                "the batch used its budget of {} operations before this item",
+                self.evaluation.batch_max_operations
+            )));
+        }
+        if Instant::now() >= budget.deadline {
+            return Err(ServiceError::BatchBudget(
+                "the batch ran out of time before this item".into(),
+            ));
+        }
+        let decision = self.decide(caller, input).await?;
+        budget.operations = budget.operations.saturating_sub(decision.operations);
         Ok(decision)
     }
 

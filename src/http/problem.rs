@@ -20,6 +20,12 @@ fn classify(e: &HttpError) -> (StatusCode, &'static str, String, Option<Value>) 
             format!("the request body is not valid: {detail}"),
             None,
         ),
+        HttpError::DuplicateKey(at) => (
+            StatusCode::BAD_REQUEST,
+            "duplicate_key",
+            format!("the request body repeats the key '{at}'; every key may appear once"),
+            Some(json!({ "key": at })),
+        ),
         HttpError::Body(BodyError::TooLarge(max)) => (
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
@@ -123,6 +129,24 @@ fn classify_service(e: &ServiceError) -> (StatusCode, &'static str, String, Opti
         ServiceError::Unavailable(d) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
+            d.clone(),
+            None,
+        ),
+        ServiceError::FieldTooLong { field, max, .. } => (
+            StatusCode::BAD_REQUEST,
+            "field_too_long",
+            e.to_string(),
+            Some(json!({ "field": field, "max_bytes": max })),
+        ),
+        ServiceError::Overloaded(d) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "evaluation_overloaded",
+            d.clone(),
+            None,
+        ),
+        ServiceError::BatchBudget(d) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "batch_budget_exhausted",
             d.clone(),
             None,
         ),

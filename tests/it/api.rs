@@ -685,10 +685,10 @@ async fn draft_with_problems_lists_every_one(backend: Backend) {
 async fn snapshots_of_what_users_see() {
     let db = Db::fresh(Backend::Sqlite).await;
     let app = TestApp::on(&db).await;
+    // A YELLOW that does not depend on the clock: a large wire also matches the after-hours
+    // rule for half of every day in New York.
     let mut body = green_wire();
-    body["context"]["payment_method"] = json!("wire");
-    body["context"]["amount"] = json!(60000);
-    body["context"]["approvals"] = json!(["u-bob"]);
+    body["context"]["bank_account_changed_days"] = json!(3);
     body["correlation_id"] = json!("abc-123");
     let (_, decision) = app.decide(OPERATOR, &body).await;
     insta::assert_json_snapshot!("decide_response", decision, {
@@ -711,6 +711,7 @@ async fn snapshots_of_what_users_see() {
         ".version" => "[version]",
         ".features.decision_log.written" => "[count]",
         ".features.decision_log.queue_depth" => "[count]",
+        ".features.decision_log.queued_bytes" => "[bytes]",
         ".generation" => "[generation]",
         ".features.outbox_rows" => "[rows]",
     });

@@ -12,6 +12,7 @@ mod crash;
 mod db;
 mod differential;
 mod edge;
+mod fail_closed;
 mod flood;
 mod gate;
 mod hostile;
