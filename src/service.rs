@@ -59,7 +59,7 @@ pub enum ServiceError {
     #[error("{0}")]
     Unavailable(String),
     /// A string the caller set is longer than its documented maximum.
-    #[error("{field} is {len} bytes, over the limit of {max}")]
+    #[error("{field} is {len} characters long, over the limit of {max}")]
     FieldTooLong {
         field: &'static str,
         len: usize,
@@ -105,26 +105,28 @@ pub struct DecideInput<'a> {
     pub explain: bool,
 }
 
-/// Longest `world` and `action` a request may name, in bytes.
-pub const MAX_NAME_BYTES: usize = 128;
-/// Longest `correlation_id` a request may carry, in bytes; it is stored with the decision.
-pub const MAX_CORRELATION_ID_BYTES: usize = 256;
+/// Longest `world` and `action` a request may name, in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+/// Longest `correlation_id` a request may carry, in characters (JSON Schema's `maxLength`);
+/// it is stored with the decision.
+pub const MAX_CORRELATION_ID_CHARS: usize = 256;
 
 impl DecideInput<'_> {
     /// Every string the caller sets is within its documented maximum. The context's own
     /// strings are bounded by the schema and the sandbox, and only its digest is stored.
     pub fn check_lengths(&self) -> Result<(), ServiceError> {
         let fields = [
-            ("action", Some(self.action.as_str()), MAX_NAME_BYTES),
-            ("world", self.world.as_deref(), MAX_NAME_BYTES),
+            ("action", Some(self.action.as_str()), MAX_NAME_CHARS),
+            ("world", self.world.as_deref(), MAX_NAME_CHARS),
             (
                 "correlation_id",
                 self.correlation_id.as_deref(),
-                MAX_CORRELATION_ID_BYTES,
+                MAX_CORRELATION_ID_CHARS,
             ),
         ];
         for (field, value, max) in fields {
-            if let Some(len) = value.map(str::len).filter(|len| *len > max) {
+            let len = value.map_or(0, |v| v.chars().count());
+            if len > max {
                 return Err(ServiceError::FieldTooLong { field, len, max });
             }
         }
@@ -136,6 +138,7 @@ impl DecideInput<'_> {
 /// threads, so that no API thread is held by a module that was seen to be expensive.
 pub struct Evaluation {
     slots: Arc<tokio::sync::Semaphore>,
+    pool: usize,
     /// Operations all the decisions of one batch request may use together.
     pub batch_max_operations: u64,
 }
@@ -144,8 +147,17 @@ impl Evaluation {
     pub fn new(config: &crate::config::EvaluationConfig) -> Self {
         Self {
             slots: Arc::new(tokio::sync::Semaphore::new(config.pool)),
+            pool: config.pool,
             batch_max_operations: config.batch_max_operations,
         }
+    }
+
+    /// What `/health` shows: the slots, and how many are evaluating now.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "slots": self.pool,
+            "busy": self.pool.saturating_sub(self.slots.available_permits()),
+        })
     }
 }
 
@@ -754,6 +766,7 @@ impl App {
                 "deployments": self.cache.watch_mode(),
                 "worlds": {"loaded": loaded, "failed": failed},
                 "decision_log": self.log.status(),
+                "evaluation": self.evaluation.status(),
                 "outbox": self.outbox.wiring(),
                 "outbox_rows": rows,
                 "agent": "unconfigured",

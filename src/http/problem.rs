@@ -136,7 +136,7 @@ fn classify_service(e: &ServiceError) -> (StatusCode, &'static str, String, Opti
             StatusCode::BAD_REQUEST,
             "field_too_long",
             e.to_string(),
-            Some(json!({ "field": field, "max_bytes": max })),
+            Some(json!({ "field": field, "max_length": max })),
         ),
         ServiceError::Overloaded(d) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -106,7 +106,7 @@ pub fn document(model: &WorldModel, version: u64) -> Value {
                     "context": {"$ref": format!("#/components/schemas/{name}_context")},
                     "world": {"const": model.world},
                     "world_model_version": {"type": "integer", "minimum": 1},
-                    "correlation_id": {"type": "string"},
+                    "correlation_id": {"type": "string", "maxLength": crate::service::MAX_CORRELATION_ID_CHARS},
                     "explain": {"type": "boolean"}
                 },
                 "required": ["action", "context"],

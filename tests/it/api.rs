@@ -712,6 +712,7 @@ async fn snapshots_of_what_users_see() {
         ".features.decision_log.written" => "[count]",
         ".features.decision_log.queue_depth" => "[count]",
         ".features.decision_log.queued_bytes" => "[bytes]",
+        ".features.evaluation.busy" => "[count]",
         ".generation" => "[generation]",
         ".features.outbox_rows" => "[rows]",
     });

@@ -7,6 +7,11 @@
 //! without `else`, `switch` without a default), other non-bool results, runtime errors, and
 //! sources that begin or end with comments of every kind (line, block, nested, unterminated)
 //! next to rules whose strings hold comment and bracket tokens.
+//!
+//! It was checked against both bugs it exists for, each restored in a scratch build: reading a
+//! `()` batch result as "the guard did not hold" fails it at once (a rule `if … { false }`
+//! answered GREEN on the batch, YELLOW with `non_bool_result` one by one), and so does joining
+//! the rules' source text into one program (an unterminated comment swallowed a matching rule).
 
 use std::collections::{BTreeMap, BTreeSet};
 

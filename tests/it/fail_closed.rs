@@ -353,7 +353,12 @@ async fn strings_a_caller_sets_are_bounded(backend: Backend) {
     assert_eq!(s, 400, "{p}");
     assert_eq!(p["code"], "field_too_long");
     assert_eq!(p["field"], "correlation_id");
-    assert_eq!(p["max_bytes"], 256);
+    assert_eq!(p["max_length"], 256);
+    // Characters, as JSON Schema's maxLength counts them, not bytes.
+    body["correlation_id"] = json!("é".repeat(256));
+    let (s, d) = app.decide(OPERATOR, &body).await;
+    assert_eq!(s, 200, "{d}");
+    body["correlation_id"] = json!("c".repeat(257));
     // In a batch, the item is refused and the rest answered.
     let (s, out) = app
         .post(
@@ -525,4 +530,50 @@ async fn the_decision_queue_is_bounded_in_bytes() {
         .len() as u64;
     assert_eq!(written + dropped, 30);
     store.close().await;
+}
+
+/// With every evaluation slot taken, a decide of an expensive module is shed with 503 at
+/// once rather than queued behind the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expensive_decide_is_shed_when_every_slot_is_taken() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.evaluation.pool = 1;
+    // Each expensive decide holds its slot for up to a second.
+    config.sandbox.decision_deadline_us = 1_000_000;
+    config.sandbox.max_operations = 10_000_000;
+    config.sandbox.decision_max_operations = 100_000_000;
+    let app = TestApp::start(config).await;
+    deploy(&app, &expensive_world(500)).await;
+    // The first decide runs inline and marks the module expensive.
+    let (s, d) = app.decide(OPERATOR, &burn()).await;
+    assert_eq!(s, 200, "{d}");
+    let expensive = burn();
+    let (a, b) = tokio::join!(app.decide(OPERATOR, &expensive), async {
+        // The second starts once the first holds the one slot, as /health shows.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, health) = app.get(None, "/health").await;
+            if health["features"]["evaluation"]["busy"] == 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the slot was never taken: {health}"
+            );
+            tokio::task::yield_now().await;
+        }
+        let started = Instant::now();
+        let answer = app.decide(OPERATOR, &burn()).await;
+        (answer, started.elapsed())
+    });
+    assert_eq!(a.0, 200, "{}", a.1);
+    let ((s, p), took) = b;
+    assert_eq!(s, 503, "{p}");
+    assert_eq!(p["code"], "evaluation_overloaded", "{p}");
+    assert!(took < Duration::from_millis(500), "shed after {took:?}");
+    // A normal decide is not affected.
+    let (s, d) = app.decide(OPERATOR, &green_wire()).await;
+    assert_eq!((s, d["status"].as_str()), (200, Some("GREEN")), "{d}");
+    app.stop().await;
 }
