@@ -437,6 +437,17 @@ impl Config {
             &mut ev.batch_max_operations,
             1..=1_000_000_000,
         )?;
+        // An item of a batch starts only with a whole decision budget left.
+        if ev.batch_max_operations < c.sandbox.decision_max_operations {
+            return Err(Vars::err(
+                "SPECTRAL_BATCH_MAX_OPERATIONS",
+                &ev.batch_max_operations.to_string(),
+                format!(
+                    "below SPECTRAL_SANDBOX_DECISION_MAX_OPERATIONS ({}): no batch item could start",
+                    c.sandbox.decision_max_operations
+                ),
+            ));
+        }
 
         let srv = &mut c.server;
         if let Some(addr) = v.get("SPECTRAL_ADDR") {
@@ -520,7 +531,7 @@ impl Config {
         v.number(
             "SPECTRAL_DECISION_LOG_MAX_BYTES",
             &mut dl.max_bytes,
-            4096..=4 << 30,
+            4096..=u64::from(u32::MAX),
         )?;
         v.number(
             "SPECTRAL_DECISION_LOG_BATCH",

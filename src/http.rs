@@ -369,10 +369,12 @@ async fn json_body(req: Request<Incoming>, max: usize) -> Result<Bytes, HttpErro
         }
         Err(e) => return Err(HttpError::Body(BodyError::Read(e.to_string()))),
     };
-    // What is not JSON at all is reported by the typed parse that follows, in its words.
+    // A body the walk cannot finish is refused too: the typed parse that follows skips what
+    // it does not need without reading it as strictly, so a repeat could hide behind it.
     match unique::check(&body) {
+        Ok(()) => Ok(body),
         Err(unique::Found::Duplicate(at)) => Err(HttpError::DuplicateKey(at)),
-        Ok(()) | Err(unique::Found::Invalid(_)) => Ok(body),
+        Err(unique::Found::Invalid(why)) => Err(HttpError::Malformed(why)),
     }
 }
 

@@ -108,21 +108,6 @@ pub struct Budget {
     pub deadline: Instant,
 }
 
-impl Budget {
-    /// Whether nothing is left to spend.
-    pub fn exhausted(&self) -> bool {
-        self.operations == 0 || Instant::now() >= self.deadline
-    }
-
-    /// The budget of a batch request: what its decisions may use together.
-    pub fn new(operations: u64, deadline: Instant) -> Self {
-        Self {
-            operations,
-            deadline,
-        }
-    }
-}
-
 /// What went wrong in a predicate, as a stable kind that tests, metrics and the metadata of a
 /// decision can rely on, plus a human-readable message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -260,6 +245,8 @@ thread_local! {
     /// Operations the evaluation running on this thread may use before the decision's budget
     /// is spent; `u64::MAX` outside evaluation.
     static CAP: Cell<u64> = const { Cell::new(u64::MAX) };
+    /// The tick count at which the clock was last read in the running evaluation.
+    static CLOCK_READ_AT: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Charge work done inside one native call (a list helper's comparisons) to the running
@@ -407,8 +394,10 @@ impl Sandbox {
                 return Some(Dynamic::from(BUDGET_TOKEN));
             }
             // Reading the clock every 16 operations keeps the overhead near zero while a single
-            // expensive operation can overshoot the deadline by at most 15 others.
-            if ticks & 0xF == 0 {
+            // expensive operation can overshoot the deadline by at most 15 others. By distance,
+            // not by residue: a helper's charge moves the count by more than one.
+            if ticks.wrapping_sub(CLOCK_READ_AT.with(Cell::get)) >= 16 {
+                CLOCK_READ_AT.with(|c| c.set(ticks));
                 if let Some(deadline) = DEADLINE.with(Cell::get) {
                     if Instant::now() >= deadline {
                         return Some(Dynamic::from(DEADLINE_TOKEN));
@@ -584,7 +573,8 @@ impl Sandbox {
     /// `None` when anything failed (an error, a limit, a non-bool of any kind, `()`
     /// included). The caller then runs the rules one by one, which attributes the failure to
     /// its rule; the batch only ever answers where running them one by one would answer the
-    /// same. It draws nothing from the budget: the rules run one by one get all of it.
+    /// same. It takes nothing from `budget`: the caller gives the rules run one by one a
+    /// budget of their own.
     pub fn eval_batch(
         &self,
         batch: &Batch,
@@ -592,7 +582,9 @@ impl Sandbox {
         budget: &Budget,
         cap: u64,
     ) -> Option<BatchOutcome> {
-        let cap = cap.min(budget.operations);
+        // The per-rule limit too: the engine's own count does not see what helpers charge,
+        // and the batch's total is at least any one rule's.
+        let cap = cap.min(budget.operations).min(self.limits.max_operations);
         let deadline = budget.deadline.min(Instant::now() + self.limits.deadline());
         let (result, operations) = self.run(&batch.ast, bindings, cap, deadline);
         let Ok(values) = result.ok()?.into_array() else {
@@ -727,6 +719,7 @@ impl Sandbox {
         // program might leave in the scope can reach the next.
         bindings.scope.rewind(1);
         TICKS.with(|t| t.set(0));
+        CLOCK_READ_AT.with(|c| c.set(0));
         CAP.with(|c| c.set(cap));
         DEADLINE.with(|d| d.set(Some(deadline)));
         let result = self

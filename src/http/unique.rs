@@ -80,6 +80,9 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
     }
 }
 
+/// Keys of one object compared one by one; past this many, a hash set takes over.
+const LINEAR_KEYS: usize = 16;
+
 struct Walk<'a, 'de> {
     path: &'a RefCell<Vec<Step<'de>>>,
     duplicate: &'a RefCell<Option<String>>,
@@ -124,8 +127,17 @@ impl<'de> Visitor<'de> for Walk<'_, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         // Objects in requests are small; a linear scan beats hashing until they are not.
         let mut seen: Vec<Key<'de>> = Vec::new();
+        let mut many: std::collections::HashSet<String> = std::collections::HashSet::new();
         while let Some(key) = map.next_key::<Key<'de>>()? {
-            if seen.contains(&key) {
+            let repeated = if seen.len() < LINEAR_KEYS {
+                seen.contains(&key)
+            } else {
+                if many.is_empty() {
+                    many.extend(seen.iter().map(|k| k.as_str().to_owned()));
+                }
+                !many.insert(key.as_str().to_owned())
+            };
+            if repeated {
                 let at = self.at(key.as_str());
                 let message = format!("duplicate key '{at}'");
                 *self.duplicate.borrow_mut() = Some(at);
@@ -137,7 +149,9 @@ impl<'de> Visitor<'de> for Walk<'_, 'de> {
                 duplicate: self.duplicate,
             });
             if let Some(Step::Key(key)) = self.path.borrow_mut().pop() {
-                seen.push(key);
+                if seen.len() < LINEAR_KEYS {
+                    seen.push(key);
+                }
             }
             walked?;
         }
@@ -218,7 +232,28 @@ mod tests {
     }
 
     #[test]
+    fn a_repeat_among_many_keys_is_found_without_comparing_every_pair() {
+        let mut body = String::from("{");
+        for i in 0..5_000 {
+            body.push_str(&format!("\"k{i}\": {i}, "));
+        }
+        body.push_str("\"k17\": 0}");
+        assert_eq!(check(body.as_bytes()), Err(Found::Duplicate("k17".into())));
+        let unique = body.replace("\"k17\": 0}", "\"last\": 0}");
+        assert_eq!(check(unique.as_bytes()), Ok(()));
+    }
+
+    #[test]
     fn invalid_json_is_reported_as_invalid() {
+        // What a lenient skip of an unread value would let through: a lone surrogate, an
+        // out-of-range number, nesting past the parser's limit.
+        assert!(matches!(
+            check(br#"{"a": "\ud800", "b": 1}"#),
+            Err(Found::Invalid(_))
+        ));
+        assert!(matches!(check(br#"{"a": 1e400}"#), Err(Found::Invalid(_))));
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(matches!(check(deep.as_bytes()), Err(Found::Invalid(_))));
         assert!(matches!(check(br#"{"a": "#), Err(Found::Invalid(_))));
         assert!(matches!(
             check(br#"{"a": 1} trailing"#),

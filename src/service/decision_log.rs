@@ -143,20 +143,25 @@ impl DecisionLog {
 
     async fn queue(&self, decision: NewDecision) -> bool {
         let bytes = record_bytes(&decision).min(self.max_bytes);
+        // One wait for both bounds, bytes and records.
+        let until = match self.overflow {
+            Overflow::Block(wait) => Some(tokio::time::Instant::now() + wait),
+            Overflow::Drop => None,
+        };
         let room = match self.room.clone().try_acquire_many_owned(bytes) {
             Ok(room) => room,
             Err(tokio::sync::TryAcquireError::Closed) => return false,
-            Err(tokio::sync::TryAcquireError::NoPermits) => match self.overflow {
-                Overflow::Drop => return false,
-                Overflow::Block(wait) => {
-                    match tokio::time::timeout(wait, self.room.clone().acquire_many_owned(bytes))
-                        .await
-                    {
-                        Ok(Ok(room)) => room,
-                        _ => return false,
-                    }
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                let Some(until) = until else {
+                    return false;
+                };
+                match tokio::time::timeout_at(until, self.room.clone().acquire_many_owned(bytes))
+                    .await
+                {
+                    Ok(Ok(room)) => room,
+                    _ => return false,
                 }
-            },
+            }
         };
         let item = Queued {
             decision,
@@ -165,14 +170,12 @@ impl DecisionLog {
         match self.tx.try_send(item) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Closed(_)) => false,
-            Err(mpsc::error::TrySendError::Full(item)) => match self.overflow {
-                Overflow::Drop => false,
-                Overflow::Block(wait) => {
-                    matches!(
-                        tokio::time::timeout(wait, self.tx.send(item)).await,
-                        Ok(Ok(()))
-                    )
-                }
+            Err(mpsc::error::TrySendError::Full(item)) => match until {
+                None => false,
+                Some(until) => matches!(
+                    tokio::time::timeout_at(until, self.tx.send(item)).await,
+                    Ok(Ok(()))
+                ),
             },
         }
     }

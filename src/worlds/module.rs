@@ -173,7 +173,8 @@ pub struct Module {
     /// Every rule in one program, the fast path of a decision.
     batch: Option<Batch>,
     /// Set once a decision of this module cost more than the sandbox's `offload_operations`
-    /// or ran into a budget: its later decisions are run off the API threads.
+    /// or ran into an operation limit: its later decisions run off the API threads, one rule
+    /// at a time.
     expensive: AtomicBool,
 }
 
@@ -332,31 +333,13 @@ impl Module {
     /// rule. The batch answers only where the rules run one by one answer the same: same
     /// trees, same order, same scope, and no error anywhere.
     pub fn run_rules(&self, sandbox: &Sandbox, bindings: &mut Bindings, timed: bool) -> Runs {
-        let mut budget = sandbox.budget();
-        if !timed {
-            let cap = sandbox.limits().offload_operations;
-            if let Some(outcome) = self
-                .batch
-                .as_ref()
-                .and_then(|b| sandbox.eval_batch(b, bindings, &budget, cap))
-            {
-                let runs = outcome
-                    .results
-                    .into_iter()
-                    .map(|r| RuleRun {
-                        applied: r.is_some(),
-                        matched: r == Some(true),
-                        error: None,
-                        operations: 0,
-                        us: None,
-                    })
-                    .collect();
-                return Runs {
-                    runs,
-                    operations: outcome.operations,
-                };
+        // The batch of a module seen to be expensive would only give way again.
+        if !timed && !self.is_expensive() {
+            if let Some(runs) = self.run_batch(sandbox, bindings) {
+                return runs;
             }
         }
+        let mut budget = sandbox.budget();
         let mut operations = 0u64;
         let mut over_budget = false;
         let runs = (0..self.rules.len())
@@ -365,12 +348,12 @@ impl Module {
                 let mut run = self.run_rule_within(sandbox, index, bindings, &mut budget);
                 run.us = started.map(|t| t.elapsed().as_micros() as u64);
                 operations += run.operations;
+                // Operations only: a clock that ran out under load says nothing of the
+                // module, and the mark is for good.
                 over_budget |= run.error.as_ref().is_some_and(|e| {
                     matches!(
                         e.kind,
-                        ErrorKind::BudgetExceeded
-                            | ErrorKind::DeadlineExceeded
-                            | ErrorKind::TooManyOperations
+                        ErrorKind::BudgetExceeded | ErrorKind::TooManyOperations
                     )
                 });
                 run
@@ -380,6 +363,28 @@ impl Module {
             self.expensive.store(true, Ordering::Relaxed);
         }
         Runs { runs, operations }
+    }
+
+    /// Every rule in one engine call, capped at the sandbox's `offload_operations`: the runs,
+    /// or `None` when anything failed and the rules must run one by one.
+    pub fn run_batch(&self, sandbox: &Sandbox, bindings: &mut Bindings) -> Option<Runs> {
+        let cap = sandbox.limits().offload_operations;
+        let outcome = sandbox.eval_batch(self.batch.as_ref()?, bindings, &sandbox.budget(), cap)?;
+        let runs = outcome
+            .results
+            .into_iter()
+            .map(|r| RuleRun {
+                applied: r.is_some(),
+                matched: r == Some(true),
+                error: None,
+                operations: 0,
+                us: None,
+            })
+            .collect();
+        Some(Runs {
+            runs,
+            operations: outcome.operations,
+        })
     }
 
     /// Whether a decision of this module was seen to be expensive: its decisions should run

@@ -292,6 +292,30 @@ proptest! {
                     ctx
                 );
             }
+            // Where no rule fails, the batch itself must have answered, and the same: the
+            // test would otherwise only compare the one-by-one path with itself.
+            if errors.is_empty() {
+                let Bound::Ready(mut bindings) =
+                    context::bind_value(&module.attrs, ctx, Some(&system()), sandbox.limits())
+                else {
+                    return Err(TestCaseError::fail("a generated context binds"));
+                };
+                let Some(batch) = module.run_batch(sandbox, &mut bindings) else {
+                    return Err(TestCaseError::fail(format!("the batch gave way on {ctx}")));
+                };
+                let batch_matched: Vec<&String> = module
+                    .rules
+                    .iter()
+                    .zip(&batch.runs)
+                    .filter(|(_, run)| run.matched)
+                    .map(|(rule, _)| &rule.source.id)
+                    .collect();
+                let mut sorted = matched.iter().collect::<Vec<_>>();
+                sorted.sort();
+                let mut batch_sorted = batch_matched.clone();
+                batch_sorted.sort();
+                prop_assert_eq!(sorted, batch_sorted, "context {}", ctx);
+            }
             // Fail closed: an error anywhere is never green.
             if !errors.is_empty() {
                 prop_assert!(production.0 >= Status::Yellow, "{:?}", production);
