@@ -530,12 +530,18 @@ impl Sandbox {
                 Position::NONE,
             )
         };
+        // A predicate is one expression statement; its expression goes into the array as it
+        // is, without a block around it (a block costs a scope save and restore per rule).
+        let expr = |program: &Program| match program.ast.statements() {
+            [Stmt::Expr(e)] => (**e).clone(),
+            _ => Expr::Stmt(Box::new(block(program))),
+        };
         let mut elements = ThinVec::with_capacity(rules.len());
         for (guard, predicate) in rules {
             let element = match guard {
-                None => Expr::Stmt(Box::new(block(predicate))),
+                None => expr(predicate),
                 Some(guard) => {
-                    let condition = Expr::Stmt(Box::new(block(guard)));
+                    let condition = expr(guard);
                     let not_applied = Stmt::Expr(Box::new(Expr::DynamicConstant(
                         Box::new(Dynamic::from(NotApplied)),
                         Position::NONE,
