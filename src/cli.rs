@@ -139,7 +139,7 @@ enum KeysCommand {
         /// The world the key is bound to; omit with --operator for a key of every world.
         #[arg(long, required_unless_present = "operator")]
         world: Option<String>,
-        /// Comma-separated scopes: decide, read, author, deploy.
+        /// Comma-separated scopes: decide, read, author, deploy, pin.
         #[arg(long, value_delimiter = ',', default_value = "decide")]
         scopes: Vec<String>,
         /// A key for every world with every scope.
@@ -327,7 +327,7 @@ async fn create_key(
             .iter()
             .map(|s| {
                 Scope::parse(s.trim()).ok_or_else(|| {
-                    anyhow!("unknown scope '{s}'; expected decide, read, author or deploy")
+                    anyhow!("unknown scope '{s}'; expected decide, read, author, deploy or pin")
                 })
             })
             .collect::<anyhow::Result<_>>()?

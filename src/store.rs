@@ -95,10 +95,20 @@ pub enum Scope {
     Read,
     Author,
     Deploy,
+    /// Decide with a version other than the deployed one (`world_model_version`), for replays
+    /// and canaries. Without it a key decides only with the deployed version, so a rollback
+    /// takes a bad version out of every decide-only key's reach.
+    Pin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [Self::Decide, Self::Read, Self::Author, Self::Deploy];
+    pub const ALL: [Scope; 5] = [
+        Self::Decide,
+        Self::Read,
+        Self::Author,
+        Self::Deploy,
+        Self::Pin,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -106,6 +116,7 @@ impl Scope {
             Self::Read => "read",
             Self::Author => "author",
             Self::Deploy => "deploy",
+            Self::Pin => "pin",
         }
     }
 
@@ -1040,6 +1051,10 @@ mod tests {
             parse_scopes("decide,read".split(',')).unwrap(),
             vec![Scope::Decide, Scope::Read]
         );
+        for scope in Scope::ALL {
+            assert_eq!(Scope::parse(scope.as_str()), Some(scope));
+        }
+        assert_eq!(Scope::parse("pin"), Some(Scope::Pin));
         // An empty list is stored as an empty string.
         assert_eq!(parse_scopes("".split(',')).unwrap(), vec![]);
         let err = parse_scopes(["decide", "admin"]).unwrap_err();
