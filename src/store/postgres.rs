@@ -56,6 +56,16 @@ type DecisionRow = (
     String,
 );
 
+/// `model, published_at, published_by` with the retirement columns of a `LEFT JOIN`.
+type VersionModelRow = (
+    serde_json::Value,
+    DateTime<Utc>,
+    String,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<String>,
+);
+
 /// `version, published_at, published_by` with the retirement columns of a `LEFT JOIN`.
 type VersionRow = (
     i64,
@@ -442,14 +452,7 @@ impl PgStore {
         // A version and its modules are written in one transaction and never change, so two
         // plain reads agree without a snapshot. A retirement committed between them is
         // reported by the next read.
-        let row: Option<(
-            serde_json::Value,
-            DateTime<Utc>,
-            String,
-            Option<DateTime<Utc>>,
-            Option<String>,
-            Option<String>,
-        )> = sqlx::query_as(
+        let row: Option<VersionModelRow> = sqlx::query_as(
             "SELECT v.model, v.published_at, v.published_by, r.retired_at, r.retired_by, r.reason
              FROM core.world_versions v
              LEFT JOIN core.retired_versions r ON r.world = v.world AND r.version = v.version

@@ -401,14 +401,7 @@ impl SqliteStore {
             return Ok(None);
         };
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let row: Option<(
-            String,
-            i64,
-            String,
-            Option<i64>,
-            Option<String>,
-            Option<String>,
-        )> = sqlx::query_as(
+        let row: Option<VersionModelRow> = sqlx::query_as(
             "SELECT v.model, v.published_at, v.published_by, r.retired_at, r.retired_by, r.reason
                  FROM world_versions v
                  LEFT JOIN retired_versions r ON r.world = v.world AND r.version = v.version
@@ -1159,6 +1152,16 @@ impl SqliteStore {
 }
 
 type WebhookRow = (String, String, String, String, String, i64);
+
+/// `model, published_at, published_by` with the retirement columns of a `LEFT JOIN`.
+type VersionModelRow = (
+    String,
+    i64,
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
 
 /// `version, published_at, published_by` with the retirement columns of a `LEFT JOIN`.
 type VersionRow = (
