@@ -56,6 +56,7 @@ conformance! {
         version_lists_modules_in_action_order,
         deploy_rollback_and_history,
         deploy_of_a_missing_version_is_not_found,
+        retired_versions_are_never_deployed_again,
         deployed_lists_every_deployed_world,
         worlds_are_listed_by_slug_with_detail,
         keys_are_stored_and_looked_up_by_hash,
@@ -371,6 +372,80 @@ async fn deploy_of_a_missing_version_is_not_found(store: Store) {
     assert_eq!(detail.deployed_version, None);
     assert_eq!(detail.deployments, vec![]);
     assert_eq!(store.deployed().await.unwrap(), vec![]);
+}
+
+async fn retired_versions_are_never_deployed_again(store: Store) {
+    publish(&store, "w", 1).await;
+    publish(&store, "w", 2).await;
+    publish(&store, "w", 3).await;
+    store.deploy("w", 2, "op").await.unwrap();
+    assert_eq!(store.retired().await.unwrap(), vec![]);
+    // The deployed version is not retired; a missing one is not found.
+    let err = store.retire("w", 2, "op", None).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict(m) if m.contains("deployed")),
+        "{err:?}"
+    );
+    for (world, version) in [("w", 9), ("nope", 1), ("w", u64::MAX)] {
+        let err = store.retire(world, version, "op", None).await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    }
+    // Rolled back from, and a never-deployed one: both retire.
+    store.deploy("w", 1, "op").await.unwrap();
+    let two = store
+        .retire("w", 2, "alice", Some("too permissive"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (two.retired_by.as_str(), two.reason.as_deref()),
+        ("alice", Some("too permissive"))
+    );
+    store.retire("w", 3, "bob", None).await.unwrap();
+    let err = store.retire("w", 2, "carol", None).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict(m) if m.contains("already retired")),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.retired().await.unwrap(),
+        vec![("w".to_owned(), 2), ("w".to_owned(), 3)]
+    );
+    // Reads show the retirement exactly as written.
+    let record = store.version("w", 2).await.unwrap().unwrap();
+    assert_eq!(record.retired, Some(two.clone()));
+    assert_eq!(store.version("w", 1).await.unwrap().unwrap().retired, None);
+    let detail = store.world("w").await.unwrap().unwrap();
+    let retired: Vec<Option<&str>> = detail
+        .versions
+        .iter()
+        .map(|v| v.retired.as_ref().map(|r| r.retired_by.as_str()))
+        .collect();
+    assert_eq!(retired, vec![None, Some("alice"), Some("bob")]);
+    // Never deployed again; the deployment history is untouched by the attempt.
+    let err = store.deploy("w", 2, "op").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict(m) if m.contains("retired")),
+        "{err:?}"
+    );
+    let detail = store.world("w").await.unwrap().unwrap();
+    assert_eq!(detail.deployed_version, Some(1));
+    assert_eq!(detail.deployments.len(), 2);
+    // Each retirement is an event, written with it.
+    let events: Vec<_> = store
+        .outbox_list(None, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event_type == spectral::store::events::VERSION_RETIRED)
+        .map(|r| (r.idempotency_key, r.payload["retired_by"].clone()))
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("w:3".to_owned(), json!("bob")),
+            ("w:2".to_owned(), json!("alice"))
+        ]
+    );
 }
 
 async fn deployed_lists_every_deployed_world(store: Store) {
