@@ -157,7 +157,7 @@ pub const STATUSES: [&str; 4] = ["GREEN", "GREEN-SKIP", "YELLOW", "RED"];
 /// The process's metrics.
 #[derive(Default)]
 pub struct Metrics {
-    latency: [Histogram; 15],
+    latency: [Histogram; Route::ALL.len()],
     responses: Family<5>,
     decisions: Family<4>,
     sandbox_errors: Family<1>,
