@@ -69,6 +69,7 @@ conformance! {
     two: [
         concurrent_appends_form_one_chain,
         concurrent_publishes_get_distinct_versions,
+        a_deploy_and_a_retirement_of_one_version_never_both_win,
     ],
 }
 
@@ -796,4 +797,34 @@ async fn concurrent_publishes_get_distinct_versions(store: Store, other: Store) 
         Some(last.version),
         "the last deployment is live"
     );
+}
+
+/// Two instances, one deploying a version while the other retires it: exactly one wins, so a
+/// version is never both deployed and retired.
+async fn a_deploy_and_a_retirement_of_one_version_never_both_win(store: Store, other: Store) {
+    for i in 0..8 {
+        let world = format!("w{i}");
+        publish(&store, &world, 1).await;
+        publish(&store, &world, 2).await;
+        store.deploy(&world, 1, "op").await.unwrap();
+        let (deployed, retired) = tokio::join!(
+            store.deploy(&world, 2, "deployer"),
+            other.retire(&world, 2, "retirer", None)
+        );
+        let detail = store.world(&world).await.unwrap().unwrap();
+        let is_retired = store.version(&world, 2).await.unwrap().unwrap().retired;
+        match (deployed, retired) {
+            (Ok(_), Err(StoreError::Conflict(m))) => {
+                assert!(m.contains("deployed"), "{m}");
+                assert_eq!(detail.deployed_version, Some(2));
+                assert_eq!(is_retired, None);
+            }
+            (Err(StoreError::Conflict(m)), Ok(_)) => {
+                assert!(m.contains("retired"), "{m}");
+                assert_eq!(detail.deployed_version, Some(1));
+                assert!(is_retired.is_some());
+            }
+            (d, r) => panic!("both or neither won: {d:?} {r:?}"),
+        }
+    }
 }
