@@ -281,6 +281,16 @@ async fn authed(
             let deployment = app.deploy(caller, &world, input.version).await?;
             Ok(json(StatusCode::OK, &deployment))
         }
+        Endpoint::Retire(world, version) => {
+            let input: RetireInput = match optional_json_body(req, config.max_body_bytes).await? {
+                Some(body) => parse(&body)?,
+                None => RetireInput::default(),
+            };
+            let retired = app
+                .retire(caller, &world, version, input.reason.as_deref())
+                .await?;
+            Ok(json(StatusCode::OK, &retired))
+        }
         Endpoint::Worlds => Ok(json(StatusCode::OK, &app.worlds(caller).await?)),
         Endpoint::World(world) => Ok(json(StatusCode::OK, &app.world(caller, &world).await?)),
         Endpoint::WorldVersion(world, version) => Ok(json(
@@ -313,6 +323,14 @@ struct BatchInput<'a> {
 #[serde(deny_unknown_fields)]
 struct DeployInput {
     version: u64,
+}
+
+/// The optional body of `POST /api/worlds/{world}/versions/{n}/retire`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetireInput {
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 /// Everything a handler can fail with.
@@ -375,6 +393,28 @@ async fn json_body(req: Request<Incoming>, max: usize) -> Result<Bytes, HttpErro
         Ok(()) => Ok(body),
         Err(unique::Found::Duplicate(at)) => Err(HttpError::DuplicateKey(at)),
         Err(unique::Found::Invalid(why)) => Err(HttpError::Malformed(why)),
+    }
+}
+
+/// A JSON request body that may be left out: `None` for an empty body sent without a
+/// content type, otherwise as [`json_body`] reads it.
+async fn optional_json_body(
+    req: Request<Incoming>,
+    max: usize,
+) -> Result<Option<Bytes>, HttpError> {
+    if req.headers().contains_key(CONTENT_TYPE) {
+        return json_body(req, max).await.map(Some);
+    }
+    match Limited::new(req.into_body(), max).collect().await {
+        // A body, but no content type: refused as json_body refuses any type but JSON.
+        Ok(collected) => match collected.to_bytes() {
+            bytes if bytes.is_empty() => Ok(None),
+            _ => Err(HttpError::Body(BodyError::WrongType(String::new()))),
+        },
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(HttpError::Body(BodyError::TooLarge(max)))
+        }
+        Err(e) => Err(HttpError::Body(BodyError::Read(e.to_string()))),
     }
 }
 

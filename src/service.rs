@@ -49,6 +49,9 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A retired version was named: it is out of service for good.
+    #[error("{0}")]
+    Retired(String),
     /// A world model that fails validation, with every problem.
     #[error("{message}")]
     Invalid {
@@ -224,6 +227,14 @@ pub struct Published {
     pub modules: Vec<(String, String)>,
 }
 
+/// A version just retired.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetiredVersion {
+    pub world: String,
+    pub version: u64,
+    pub retired: crate::store::Retirement,
+}
+
 /// The service and everything it owns.
 pub struct App {
     pub sandbox: Arc<Sandbox>,
@@ -244,6 +255,9 @@ pub struct App {
     /// Off-thread evaluation of expensive modules, and the batch budget.
     pub evaluation: Evaluation,
 }
+
+/// The longest reason a retirement keeps, in bytes.
+pub const MAX_RETIRE_REASON_BYTES: usize = 1_000;
 
 fn digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
@@ -275,10 +289,7 @@ impl App {
                     )));
                 }
             },
-            Some(v) => self.cache.version(world, v).await.map_err(|e| match e {
-                LoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
-                LoadError::Failed { .. } => ServiceError::Unavailable(e.to_string()),
-            })?,
+            Some(v) => self.pinned(caller, world, v).await?,
         };
         let module = loaded.modules.get(&input.action).cloned().ok_or_else(|| {
             ServiceError::NotFound(format!(
@@ -393,6 +404,38 @@ impl App {
         let decision = self.decide(caller, input).await?;
         budget.operations = budget.operations.saturating_sub(decision.operations);
         Ok(decision)
+    }
+
+    /// The version a decide request names. The deployed version needs nothing more than
+    /// `decide`; any other needs `pin`, and a retired one is refused to every key.
+    async fn pinned(
+        &self,
+        caller: &Caller,
+        world: &str,
+        version: u64,
+    ) -> Result<Arc<cache::LoadedVersion>, ServiceError> {
+        if let Some(deployed) = self.cache.deployed(world).filter(|d| d.version == version) {
+            return Ok(deployed);
+        }
+        caller.check(world, Scope::Pin).map_err(|e| match e {
+            ServiceError::Forbidden(_) if caller.world.as_deref().is_none_or(|w| w == world) => {
+                ServiceError::Forbidden(format!(
+                    "key '{}' lacks the 'pin' scope: world_model_version {version} is not the \
+                     deployed version of world '{world}', and naming any version but the \
+                     deployed one needs 'pin' (or omit world_model_version)",
+                    caller.key_id
+                ))
+            }
+            other => other,
+        })?;
+        self.cache
+            .version(world, version)
+            .await
+            .map_err(|e| match e {
+                LoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
+                LoadError::Retired { .. } => ServiceError::Retired(e.to_string()),
+                LoadError::Failed { .. } => ServiceError::Unavailable(e.to_string()),
+            })
     }
 
     fn observe(&self, decision: &Decision) {
@@ -550,7 +593,9 @@ impl App {
             .await
             .map_err(|e| match e {
                 LoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
-                LoadError::Failed { .. } => ServiceError::Conflict(e.to_string()),
+                LoadError::Retired { .. } | LoadError::Failed { .. } => {
+                    ServiceError::Conflict(e.to_string())
+                }
             })?;
         let deployment = self
             .store
@@ -563,6 +608,41 @@ impl App {
             .map_err(ServiceError::from_store)?;
         tracing::info!(world, version, by = caller.key_id, "version deployed");
         Ok(deployment)
+    }
+
+    /// Retire a version for good: no key may pin it any more (not even with `pin`) and it is
+    /// never deployed again. The deployed version cannot be retired; roll back first. This
+    /// instance refuses the version before answering, others on their next refresh (at once
+    /// on Postgres notifications, within the poll interval otherwise).
+    pub async fn retire(
+        &self,
+        caller: &Caller,
+        world: &str,
+        version: u64,
+        reason: Option<&str>,
+    ) -> Result<RetiredVersion, ServiceError> {
+        caller.check(world, Scope::Deploy)?;
+        if let Some(reason) = reason.filter(|r| r.len() > MAX_RETIRE_REASON_BYTES) {
+            return Err(ServiceError::BadRequest(format!(
+                "reason is {} bytes; at most {MAX_RETIRE_REASON_BYTES} are kept",
+                reason.len()
+            )));
+        }
+        let retired = self
+            .store
+            .retire(world, version, &caller.key_id, reason)
+            .await
+            .map_err(ServiceError::from_store)?;
+        self.cache
+            .refresh()
+            .await
+            .map_err(ServiceError::from_store)?;
+        tracing::info!(world, version, by = caller.key_id, "version retired");
+        Ok(RetiredVersion {
+            world: world.to_string(),
+            version,
+            retired,
+        })
     }
 
     /// The worlds a caller may read.
@@ -662,10 +742,13 @@ impl App {
         let known = [
             crate::store::events::VERSION_PUBLISHED,
             crate::store::events::MODULE_DEPLOYED,
+            crate::store::events::VERSION_RETIRED,
         ];
+        // Retirements only when asked for: subscribers from before they existed keep receiving
+        // what they did.
         let events = input
             .events
-            .unwrap_or_else(|| known.iter().map(|e| e.to_string()).collect());
+            .unwrap_or_else(|| known[..2].iter().map(|e| e.to_string()).collect());
         if let Some(bad) = events.iter().find(|e| !known.contains(&e.as_str())) {
             return Err(ServiceError::BadRequest(format!(
                 "unknown event '{bad}'; webhooks receive {}",

@@ -35,6 +35,7 @@ pub enum Route {
     Worlds,
     World,
     WorldVersion,
+    Retire,
     Actions,
     Stats,
     Webhooks,
@@ -45,7 +46,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 15] = [
+    pub const ALL: [Route; 16] = [
         Self::Decide,
         Self::DecideBatch,
         Self::Draft,
@@ -54,6 +55,7 @@ impl Route {
         Self::Worlds,
         Self::World,
         Self::WorldVersion,
+        Self::Retire,
         Self::Actions,
         Self::Stats,
         Self::Webhooks,
@@ -73,6 +75,7 @@ impl Route {
             Self::Worlds => "worlds",
             Self::World => "world",
             Self::WorldVersion => "world_version",
+            Self::Retire => "retire",
             Self::Actions => "actions",
             Self::Stats => "stats",
             Self::Webhooks => "webhooks",
@@ -154,7 +157,7 @@ pub const STATUSES: [&str; 4] = ["GREEN", "GREEN-SKIP", "YELLOW", "RED"];
 /// The process's metrics.
 #[derive(Default)]
 pub struct Metrics {
-    latency: [Histogram; 15],
+    latency: [Histogram; Route::ALL.len()],
     responses: Family<5>,
     decisions: Family<4>,
     sandbox_errors: Family<1>,

@@ -120,6 +120,7 @@ fn classify_service(e: &ServiceError) -> (StatusCode, &'static str, String, Opti
         ServiceError::Forbidden(d) => (StatusCode::FORBIDDEN, "forbidden", d.clone(), None),
         ServiceError::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d.clone(), None),
         ServiceError::Conflict(d) => (StatusCode::CONFLICT, "conflict", d.clone(), None),
+        ServiceError::Retired(d) => (StatusCode::GONE, "version_retired", d.clone(), None),
         ServiceError::Invalid { message, problems } => (
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_world_model",

@@ -105,7 +105,14 @@ pub fn document(model: &WorldModel, version: u64) -> Value {
                     "action": {"const": action.name},
                     "context": {"$ref": format!("#/components/schemas/{name}_context")},
                     "world": {"const": model.world},
-                    "world_model_version": {"type": "integer", "minimum": 1},
+                    "world_model_version": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "description": "Decide with this version instead of the deployed one. \
+                            Naming the deployed version needs only the decide scope; any other \
+                            needs the pin scope (403 without it); a retired version answers \
+                            410 with code version_retired."
+                    },
                     "correlation_id": {"type": "string", "maxLength": crate::service::MAX_CORRELATION_ID_CHARS},
                     "explain": {"type": "boolean"}
                 },
