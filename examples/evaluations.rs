@@ -15,30 +15,13 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use serde_json::{Map, Value};
 use spectral::sandbox::Sandbox;
 use spectral::worlds::context::SystemValues;
-use spectral::worlds::{evaluate, load, ContextJson, Request, WorldModel};
+use spectral::worlds::{evaluate, load, ContextJson, Request};
 
-/// The first not-matching case of every rule, merged: a context every rule can read.
-fn typical_context(model: &WorldModel, action: &str) -> Value {
-    let mut merged = Map::new();
-    if let Some(action) = model.action(action) {
-        for rule in &action.rules {
-            if let Some(case) = rule
-                .cases
-                .iter()
-                .find(|c| !c.matches)
-                .or(rule.cases.first())
-            {
-                for (k, v) in &case.context {
-                    merged.entry(k.clone()).or_insert_with(|| v.clone());
-                }
-            }
-        }
-    }
-    Value::Object(merged)
-}
+#[path = "support/workload.rs"]
+mod workload;
+use workload::typical_context;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();

@@ -145,7 +145,7 @@ enum WorldCommand {
         /// The version to retire.
         #[arg(long)]
         version: u64,
-        /// Why, kept with the retirement (at most 1,000 bytes).
+        /// Why, kept with the retirement (at most 1,000 characters).
         #[arg(long)]
         reason: Option<String>,
     },

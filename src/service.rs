@@ -256,8 +256,8 @@ pub struct App {
     pub evaluation: Evaluation,
 }
 
-/// The longest reason a retirement keeps, in bytes.
-pub const MAX_RETIRE_REASON_BYTES: usize = 1_000;
+/// The longest reason a retirement keeps, in characters.
+pub const MAX_RETIRE_REASON_CHARS: usize = 1_000;
 
 fn digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
@@ -622,11 +622,13 @@ impl App {
         reason: Option<&str>,
     ) -> Result<RetiredVersion, ServiceError> {
         caller.check(world, Scope::Deploy)?;
-        if let Some(reason) = reason.filter(|r| r.len() > MAX_RETIRE_REASON_BYTES) {
-            return Err(ServiceError::BadRequest(format!(
-                "reason is {} bytes; at most {MAX_RETIRE_REASON_BYTES} are kept",
-                reason.len()
-            )));
+        let len = reason.map_or(0, |r| r.chars().count());
+        if len > MAX_RETIRE_REASON_CHARS {
+            return Err(ServiceError::FieldTooLong {
+                field: "reason",
+                len,
+                max: MAX_RETIRE_REASON_CHARS,
+            });
         }
         let retired = self
             .store

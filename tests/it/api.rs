@@ -271,7 +271,11 @@ async fn retired_versions_are_refused_to_every_key(backend: Backend) {
     let (s, b) = retire(&pinner, 2, json!({})).await;
     assert_eq!((s, b["code"].as_str()), (403, Some("forbidden")), "{b}");
     let (s, b) = retire(&deployer, 2, json!({"reason": "x".repeat(1001)})).await;
-    assert_eq!((s, b["code"].as_str()), (400, Some("bad_request")), "{b}");
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (400, Some("field_too_long")),
+        "{b}"
+    );
     let (s, b) = retire(&deployer, 2, json!({"reason": "x", "force": true})).await;
     assert_eq!(
         (s, b["code"].as_str()),
