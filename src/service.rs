@@ -71,6 +71,9 @@ pub enum ServiceError {
     /// Every evaluation slot for expensive decisions is taken; retry shortly.
     #[error("{0}")]
     Overloaded(String),
+    /// The decision's record could not be queued in time, so the decision is not answered.
+    #[error("{0}")]
+    LogUnavailable(String),
     /// A batch request spent its operations or its time before reaching this item.
     #[error("{0}")]
     BatchBudget(String),
@@ -333,7 +336,14 @@ impl App {
                 context_digest: digest(input.context.get().as_bytes()),
                 decided_at: now,
             })
-            .await;
+            .await
+            .map_err(|_| {
+                ServiceError::LogUnavailable(
+                    "the decision log cannot take this decision's record now; it was not \
+                     answered, retry shortly"
+                        .into(),
+                )
+            })?;
         Ok(decision)
     }
 

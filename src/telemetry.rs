@@ -163,6 +163,7 @@ pub struct Metrics {
     sandbox_errors: Family<1>,
     cache_loads: Family<1>,
     pub decision_log_dropped: AtomicU64,
+    pub decision_log_refused: AtomicU64,
     pub decision_log_written: AtomicU64,
     pub decision_log_write_errors: AtomicU64,
     pub connections_shed: AtomicU64,
@@ -269,6 +270,12 @@ impl Metrics {
                 "Decision records dropped because the writer could not keep up.",
                 "counter",
                 self.decision_log_dropped.load(Relaxed),
+            ),
+            (
+                "spectral_decision_log_refused_total",
+                "Decisions answered 503 because their record could not be queued in time.",
+                "counter",
+                self.decision_log_refused.load(Relaxed),
             ),
             (
                 "spectral_decision_log_written_total",

@@ -139,6 +139,12 @@ fn classify_service(e: &ServiceError) -> (StatusCode, &'static str, String, Opti
             e.to_string(),
             Some(json!({ "field": field, "max_length": max })),
         ),
+        ServiceError::LogUnavailable(d) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "decision_log_unavailable",
+            d.clone(),
+            None,
+        ),
         ServiceError::Overloaded(d) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "evaluation_overloaded",

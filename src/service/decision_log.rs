@@ -2,8 +2,9 @@
 //! one writer, off the request's critical path: on a thread of its own, at the background
 //! priority, with a connection of its own.
 //!
-//! What happens when the writer cannot keep up is configured: wait briefly for room, or drop
-//! at once. Every drop is counted in metrics and on `/health`; nothing is dropped silently.
+//! What happens when the writer cannot keep up is configured: by default wait briefly for
+//! room, then refuse the decision (503) rather than answer it unrecorded; or, as an explicit
+//! opt-in, drop the record at once. Both are counted in metrics and on `/health`.
 //! Records still queued when the process is killed are lost; a graceful shutdown writes them.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -69,9 +70,15 @@ pub struct LogStatus {
     pub max_bytes: u64,
     pub overflow: &'static str,
     pub dropped: u64,
+    /// Decisions refused (503) because their record could not be queued in time.
+    pub refused: u64,
     pub written: u64,
     pub write_errors: u64,
 }
+
+/// A decision whose record could not be queued in time; under `block` it is not answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unrecorded;
 
 /// Resolves when the writer has written what was queued at the stop and exited.
 pub type Writer = oneshot::Receiver<()>;
@@ -132,12 +139,22 @@ impl DecisionLog {
         ))
     }
 
-    /// Queue a decision record, waiting or dropping as configured when the queue is full,
-    /// in records or in bytes.
-    pub async fn record(&self, decision: NewDecision) {
-        let queued = self.queue(decision).await;
-        if !queued {
-            self.metrics.decision_log_dropped.fetch_add(1, Relaxed);
+    /// Queue a decision record. When the queue is full (in records or in bytes), `block`
+    /// waits for room within its bound and then refuses: the decision must not be answered
+    /// without its record. `drop`, an explicit opt-in, answers anyway and counts the loss.
+    pub async fn record(&self, decision: NewDecision) -> Result<(), Unrecorded> {
+        if self.queue(decision).await {
+            return Ok(());
+        }
+        match self.overflow {
+            Overflow::Drop => {
+                self.metrics.decision_log_dropped.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Overflow::Block(_) => {
+                self.metrics.decision_log_refused.fetch_add(1, Relaxed);
+                Err(Unrecorded)
+            }
         }
     }
 
@@ -206,6 +223,7 @@ impl DecisionLog {
                 Overflow::Drop => "drop",
             },
             dropped: self.metrics.decision_log_dropped.load(Relaxed),
+            refused: self.metrics.decision_log_refused.load(Relaxed),
             written: self.metrics.decision_log_written.load(Relaxed),
             write_errors: self.metrics.decision_log_write_errors.load(Relaxed),
         }

@@ -577,3 +577,57 @@ async fn an_expensive_decide_is_shed_when_every_slot_is_taken() {
     assert_eq!((s, d["status"].as_str()), (200, Some("GREEN")), "{d}");
     app.stop().await;
 }
+
+/// No decision is answered without its record: under the default `block`, a decision whose
+/// record cannot be queued in time is answered 503 `decision_log_unavailable`, and every
+/// decision that was answered is in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_whose_record_cannot_be_queued_is_not_answered() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    config.decision_log.capacity = 2;
+    config.decision_log.overflow = spectral::config::Overflow::Block(Duration::from_millis(1));
+    // The writer holds its first batch open for this long, so the queue only fills.
+    config.decision_log.linger = Duration::from_secs(5);
+    let app = TestApp::start(config).await;
+    let mut answered = Vec::new();
+    let mut refused = 0u64;
+    for _ in 0..10 {
+        let (s, d) = app.decide(OPERATOR, &green_wire()).await;
+        match s {
+            200 => answered.push(
+                d["decision_metadata"]["decision_id"]
+                    .as_str()
+                    .map(String::from),
+            ),
+            503 => {
+                assert_eq!(d["code"], "decision_log_unavailable", "{d}");
+                refused += 1;
+            }
+            other => panic!("answered {other}: {d}"),
+        }
+    }
+    assert!(
+        refused > 0,
+        "a two-record queue behind a lingering writer took ten"
+    );
+    let (_, health) = app.get(None, "/health").await;
+    let log = &health["features"]["decision_log"];
+    assert_eq!(log["refused"], refused, "{log}");
+    assert_eq!(log["dropped"], 0, "{log}");
+    app.stop().await;
+    let store = db.store().await;
+    let written: std::collections::BTreeSet<Option<String>> = store
+        .decisions("acme-payments", 0, 1000)
+        .await
+        .expect("records")
+        .into_iter()
+        .map(|r| Some(r.decision.decision_id))
+        .collect();
+    let answered: std::collections::BTreeSet<Option<String>> = answered.into_iter().collect();
+    assert_eq!(
+        answered, written,
+        "every answered decision is in the log, and only those"
+    );
+    store.close().await;
+}
