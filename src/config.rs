@@ -91,10 +91,20 @@ impl Default for CacheConfig {
 /// What the decision log does when its writer cannot keep up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overflow {
-    /// Wait up to the given time for room, then drop the record.
+    /// Wait up to the given time for room, then refuse the decision (503).
     Block(Duration),
     /// Drop the record at once.
     Drop,
+}
+
+/// When a decision is answered, relative to its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once its record is queued: fast; a `kill -9` loses what is still queued.
+    Queued,
+    /// Once the group commit that holds its record has committed: a `kill -9` loses no
+    /// answered decision, at the cost of the commit's latency.
+    Commit,
 }
 
 /// The batched decision writer.
@@ -112,6 +122,8 @@ pub struct DecisionLogConfig {
     /// How long the writer waits for a batch to fill before committing what it has
     /// (`SPECTRAL_DECISION_LOG_LINGER_MS`): fewer, larger transactions under load.
     pub linger: Duration,
+    /// `SPECTRAL_DECISION_LOG_DURABILITY` = `queued` or `commit`.
+    pub durability: Durability,
 }
 
 impl Default for DecisionLogConfig {
@@ -122,6 +134,7 @@ impl Default for DecisionLogConfig {
             batch_size: 256,
             overflow: Overflow::Block(Duration::from_millis(5)),
             linger: Duration::from_millis(10),
+            durability: Durability::Queued,
         }
     }
 }
@@ -548,6 +561,17 @@ impl Config {
             &mut dl.linger,
             0..=10_000,
         )?;
+        dl.durability = match v.get("SPECTRAL_DECISION_LOG_DURABILITY").map(str::trim) {
+            None | Some("queued") => Durability::Queued,
+            Some("commit") => Durability::Commit,
+            Some(other) => {
+                return Err(Vars::err(
+                    "SPECTRAL_DECISION_LOG_DURABILITY",
+                    other,
+                    "expected queued or commit",
+                ))
+            }
+        };
         dl.overflow = match v.get("SPECTRAL_DECISION_LOG_OVERFLOW").map(str::trim) {
             None | Some("block") => Overflow::Block(block),
             Some("drop") => Overflow::Drop,

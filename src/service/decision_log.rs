@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{DecisionLogConfig, Overflow};
+use crate::config::{DecisionLogConfig, Durability, Overflow};
 use crate::store::{NewDecision, Store};
 use crate::telemetry::Metrics;
 
@@ -25,6 +25,8 @@ const WRITE_ATTEMPTS: u32 = 3;
 struct Queued {
     decision: NewDecision,
     _room: OwnedSemaphorePermit,
+    /// Under `durability = commit`, told whether the record's group commit committed.
+    committed: Option<oneshot::Sender<bool>>,
 }
 
 /// Bytes a record holds while queued: its strings and a fixed share for the rest.
@@ -57,6 +59,7 @@ pub struct DecisionLog {
     /// writes what is queued and exits.
     stop: watch::Sender<bool>,
     overflow: Overflow,
+    durability: Durability,
     capacity: usize,
     metrics: Arc<Metrics>,
 }
@@ -69,6 +72,7 @@ pub struct LogStatus {
     pub queued_bytes: u64,
     pub max_bytes: u64,
     pub overflow: &'static str,
+    pub durability: &'static str,
     pub dropped: u64,
     /// Decisions refused (503) because their record could not be queued in time.
     pub refused: u64,
@@ -132,6 +136,7 @@ impl DecisionLog {
                 max_bytes,
                 stop,
                 overflow: config.overflow,
+                durability: config.durability,
                 capacity: config.capacity,
                 metrics,
             },
@@ -142,9 +147,29 @@ impl DecisionLog {
     /// Queue a decision record. When the queue is full (in records or in bytes), `block`
     /// waits for room within its bound and then refuses: the decision must not be answered
     /// without its record. `drop`, an explicit opt-in, answers anyway and counts the loss.
+    ///
+    /// Under `durability = commit` it returns only once the group commit that holds the
+    /// record has committed, and refuses the decision if that commit failed.
     pub async fn record(&self, decision: NewDecision) -> Result<(), Unrecorded> {
-        if self.queue(decision).await {
-            return Ok(());
+        let (committed, written) = match self.durability {
+            Durability::Commit => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            Durability::Queued => (None, None),
+        };
+        if self.queue(decision, committed).await {
+            return match written {
+                None => Ok(()),
+                // A writer that ends without saying has not committed it.
+                Some(rx) => match rx.await {
+                    Ok(true) => Ok(()),
+                    Ok(false) | Err(_) => {
+                        self.metrics.decision_log_refused.fetch_add(1, Relaxed);
+                        Err(Unrecorded)
+                    }
+                },
+            };
         }
         match self.overflow {
             Overflow::Drop => {
@@ -158,7 +183,7 @@ impl DecisionLog {
         }
     }
 
-    async fn queue(&self, decision: NewDecision) -> bool {
+    async fn queue(&self, decision: NewDecision, committed: Option<oneshot::Sender<bool>>) -> bool {
         let bytes = record_bytes(&decision).min(self.max_bytes);
         // One wait for both bounds, bytes and records.
         let until = match self.overflow {
@@ -183,6 +208,7 @@ impl DecisionLog {
         let item = Queued {
             decision,
             _room: room,
+            committed,
         };
         match self.tx.try_send(item) {
             Ok(()) => true,
@@ -221,6 +247,10 @@ impl DecisionLog {
             overflow: match self.overflow {
                 Overflow::Block(_) => "block",
                 Overflow::Drop => "drop",
+            },
+            durability: match self.durability {
+                Durability::Queued => "queued",
+                Durability::Commit => "commit",
             },
             dropped: self.metrics.decision_log_dropped.load(Relaxed),
             refused: self.metrics.decision_log_refused.load(Relaxed),
@@ -299,14 +329,20 @@ async fn write_loop(
 
 async fn write(store: &Store, queued: &mut Vec<Queued>, metrics: &Metrics) {
     // The records' room in the queue is given back only once they are written (or lost).
-    let (batch, _room): (Vec<NewDecision>, Vec<OwnedSemaphorePermit>) =
-        queued.drain(..).map(|q| (q.decision, q._room)).unzip();
+    let mut batch = Vec::with_capacity(queued.len());
+    let mut held = Vec::with_capacity(queued.len());
+    for q in queued.drain(..) {
+        batch.push(q.decision);
+        held.push((q._room, q.committed));
+    }
     let n = batch.len() as u64;
+    let mut committed = false;
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=WRITE_ATTEMPTS {
         match store.append_decisions(&batch).await {
             Ok(()) => {
                 metrics.decision_log_written.fetch_add(n, Relaxed);
+                committed = true;
                 break;
             }
             Err(e) if attempt < WRITE_ATTEMPTS => {
@@ -318,6 +354,11 @@ async fn write(store: &Store, queued: &mut Vec<Queued>, metrics: &Metrics) {
                 tracing::error!(error = %e, records = n, "decision log write failed; records lost");
                 metrics.decision_log_write_errors.fetch_add(n, Relaxed);
             }
+        }
+    }
+    for (_room, waiter) in held {
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(committed);
         }
     }
 }

@@ -811,3 +811,80 @@ async fn test_store_after_migration(db: &db::TestDb, dir: &Path) -> Store {
     );
     test_store(db).await
 }
+
+/// Under `durability = commit` a decision is answered only once its record has committed, so
+/// a `kill -9` of the real binary in the middle of a stream of decisions loses none that a
+/// client received, and the chain still verifies after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_durability_commit_a_killed_process_loses_no_answered_decision() {
+    let db = db::fresh_postgres().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = api_env(&db);
+    env.push(("SPECTRAL_DECISION_LOG_DURABILITY", "commit".into()));
+    let (mut serve, base) = start_api("serve", &env, dir.path()).await;
+    let api = Api {
+        base,
+        client: reqwest::Client::new(),
+    };
+    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut lanes = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (api, answered) = (api.clone(), answered.clone());
+        lanes.spawn(async move {
+            for _ in 0..2_000 {
+                let sent = api
+                    .client
+                    .post(format!("{}/api/decide", api.base))
+                    .bearer_auth(OPERATOR)
+                    .json(&green_wire())
+                    .send()
+                    .await;
+                // Once the process is killed, requests fail: the lane is done.
+                let Ok(resp) = sent else { return };
+                let Ok(body) = resp.json::<Value>().await else {
+                    return;
+                };
+                if let Some(id) = body["decision_metadata"]["decision_id"].as_str() {
+                    answered.lock().expect("lock").push(id.to_string());
+                }
+            }
+        });
+    }
+    // Kill in the middle of the stream, once a few hundred decisions were answered.
+    let started = Instant::now();
+    while answered.lock().expect("lock").len() < 300 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "decisions too slow"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    serve.kill9();
+    while lanes.join_next().await.is_some() {}
+    let answered: BTreeSet<String> = answered.lock().expect("lock").iter().cloned().collect();
+
+    // After a restart every answered decision is in the chain, which verifies.
+    let (mut again, _) = start_api("serve", &env, dir.path()).await;
+    let store = test_store(&db).await;
+    let recorded: BTreeSet<String> = store
+        .decisions("acme-payments", 0, 100_000)
+        .await
+        .expect("records")
+        .into_iter()
+        .map(|r| r.decision.decision_id)
+        .collect();
+    let missing: Vec<&String> = answered.difference(&recorded).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} answered decisions are missing from the log",
+        missing.len(),
+        answered.len()
+    );
+    let verified = spectral::service::audit::verify(&store, "acme-payments")
+        .await
+        .expect("verify");
+    assert_eq!(verified.broken, None, "{verified:?}");
+    assert!(verified.records >= answered.len() as u64);
+    store.close().await;
+    again.terminate().await;
+}
