@@ -164,6 +164,9 @@ pub struct OutboxConfig {
     pub max_attempts: u32,
     /// Time a webhook delivery may take (`SPECTRAL_WEBHOOK_TIMEOUT_MS`).
     pub webhook_timeout: Duration,
+    /// Internal networks webhooks may reach (`SPECTRAL_WEBHOOK_ALLOW_NETWORKS`); none by
+    /// default.
+    pub webhook_egress: crate::egress::Egress,
 }
 
 impl Default for OutboxConfig {
@@ -178,6 +181,7 @@ impl Default for OutboxConfig {
             retry_cap: Duration::from_secs(300),
             max_attempts: 5,
             webhook_timeout: Duration::from_secs(10),
+            webhook_egress: crate::egress::Egress::default(),
         }
     }
 }
@@ -627,6 +631,10 @@ impl Config {
             &mut o.webhook_timeout,
             10..=600_000,
         )?;
+        if let Some(list) = v.get("SPECTRAL_WEBHOOK_ALLOW_NETWORKS") {
+            o.webhook_egress = crate::egress::Egress::parse(list)
+                .map_err(|why| Vars::err("SPECTRAL_WEBHOOK_ALLOW_NETWORKS", list, why))?;
+        }
 
         let b = &mut c.bootstrap;
         if let Some(key) = v.get("SPECTRAL_OPERATOR_KEY").filter(|k| !k.is_empty()) {

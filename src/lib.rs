@@ -6,6 +6,7 @@
 pub mod background;
 pub mod cli;
 pub mod config;
+pub mod egress;
 pub mod gate;
 pub mod http;
 pub mod outbox;

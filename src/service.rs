@@ -257,6 +257,8 @@ pub struct App {
     pub outbox: Arc<crate::outbox::OutboxState>,
     /// Off-thread evaluation of expensive modules, and the batch budget.
     pub evaluation: Evaluation,
+    /// Where webhooks may be delivered.
+    pub egress: crate::egress::Egress,
 }
 
 /// The longest reason a retirement keeps, in characters.
@@ -751,6 +753,9 @@ impl App {
                 input.url
             )));
         }
+        self.egress
+            .check_url(&url)
+            .map_err(|why| ServiceError::BadRequest(format!("url '{}': {why}", input.url)))?;
         let known = [
             crate::store::events::VERSION_PUBLISHED,
             crate::store::events::MODULE_DEPLOYED,

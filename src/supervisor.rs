@@ -110,7 +110,11 @@ impl Workers {
                     }
                 };
                 store.set_generation(generation);
-                let registry = handlers::registry(store.clone(), outbox.webhook_timeout);
+                let registry = handlers::registry(
+                    store.clone(),
+                    outbox.webhook_timeout,
+                    &outbox.webhook_egress,
+                );
                 Consumer::new(store.clone(), registry, outbox, generation, thread_state)
                     .run(stopped)
                     .await;
@@ -213,6 +217,7 @@ pub async fn start_mode(
             .as_ref()
             .map_or_else(|| Arc::new(OutboxState::default()), |w| w.state.clone()),
         evaluation: crate::service::Evaluation::new(&config.evaluation),
+        egress: config.outbox.webhook_egress.clone(),
     });
 
     let generated_operator_key = ensure_operator_key(&store, &config).await?;

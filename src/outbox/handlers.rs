@@ -9,10 +9,11 @@ use serde_json::json;
 use sha2::Sha256;
 
 use super::{Handler, HandlerError, HandlerFuture, Registry};
+use crate::egress::Egress;
 use crate::store::{events, Effect, NewEvent, OutboxRow, StatDelta, Store};
 
 /// The handlers the service runs, by event type.
-pub fn registry(store: Store, webhook_timeout: Duration) -> Registry {
+pub fn registry(store: Store, webhook_timeout: Duration, egress: &Egress) -> Registry {
     let mut r = Registry::new();
     let fanout: Arc<dyn super::Handler> = Arc::new(WebhookFanout {
         store: store.clone(),
@@ -23,7 +24,7 @@ pub fn registry(store: Store, webhook_timeout: Duration) -> Registry {
         .register(events::VERSION_RETIRED, fanout)
         .register(
             events::WEBHOOK_DELIVERY,
-            Arc::new(WebhookDelivery::new(store, webhook_timeout)),
+            Arc::new(WebhookDelivery::new(store, webhook_timeout, egress)),
         );
     r
 }
@@ -153,16 +154,24 @@ impl Handler for WebhookFanout {
 pub struct WebhookDelivery {
     store: Store,
     client: reqwest::Client,
+    egress: Egress,
 }
 
 impl WebhookDelivery {
-    pub fn new(store: Store, timeout: Duration) -> Self {
+    /// A client that follows no redirects and connects only where `egress` permits: its
+    /// resolver drops internal addresses, so a name cannot be rebound to one.
+    pub fn new(store: Store, timeout: Duration, egress: &Egress) -> Self {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(egress.resolver())
             .build()
             .unwrap_or_default();
-        Self { store, client }
+        Self {
+            store,
+            client,
+            egress: egress.clone(),
+        }
     }
 }
 
@@ -197,6 +206,12 @@ impl Handler for WebhookDelivery {
                 .ok_or_else(|| {
                     HandlerError::Terminal(format!("webhook '{id}' no longer exists"))
                 })?;
+            // Checked again at delivery: the policy may be stricter than when it was stored.
+            let url = reqwest::Url::parse(&hook.url)
+                .map_err(|e| HandlerError::Terminal(format!("url '{}': {e}", hook.url)))?;
+            self.egress.check_url(&url).map_err(|why| {
+                HandlerError::Terminal(format!("not delivered to {}: {why}", hook.url))
+            })?;
             let event_type = row.payload["event_type"].as_str().unwrap_or_default();
             let body = serde_json::to_vec(&json!({
                 "event_type": event_type,

@@ -85,6 +85,9 @@ pub fn test_config(db: &Db) -> Config {
     config.sandbox.deadline_us = 500_000;
     // Likewise the clock of a whole decision; the tests of it set their own.
     config.sandbox.decision_deadline_us = 5_000_000;
+    // The webhook receivers of the tests listen on loopback.
+    config.outbox.webhook_egress =
+        spectral::egress::Egress::parse("127.0.0.0/8, ::1").expect("networks");
     config
 }
 

@@ -219,3 +219,83 @@ async fn webhook_input_is_validated() {
     assert_eq!(s, 404);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_never_reach_internal_networks_by_default() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let receiver = Receiver::start().await;
+    // An instance whose operator allowed loopback takes a subscription to the receiver.
+    let app = TestApp::on(&db).await;
+    let (s, hook) = app
+        .post(
+            OPERATOR,
+            "/api/worlds/acme-payments/webhooks",
+            &json!({"url": receiver.url, "events": ["module.deployed"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{hook}");
+    app.stop().await;
+
+    // With the default policy, every internal address class is refused at subscription.
+    let mut config = test_config(&db);
+    config.outbox.webhook_egress = spectral::egress::Egress::default();
+    let app = TestApp::start(config).await;
+    for url in [
+        receiver.url.clone(),
+        "http://[::1]:9/".into(),
+        "http://localhost:9/".into(),
+        "http://10.0.0.1/".into(),
+        "http://192.168.0.1/".into(),
+        "http://169.254.169.254/latest/meta-data/".into(),
+        "http://[fe80::1]/".into(),
+        "http://224.0.0.1/".into(),
+        "http://[::ffff:127.0.0.1]:9/".into(),
+    ] {
+        let (s, p) = app
+            .post(
+                OPERATOR,
+                "/api/worlds/acme-payments/webhooks",
+                &json!({ "url": url }),
+            )
+            .await;
+        assert_eq!(s, 400, "{url}: {p}");
+        assert!(
+            p["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("internal address"),
+            "{p}"
+        );
+    }
+    // The subscription stored earlier is not delivered either: the delivery checks again.
+    app.post(
+        OPERATOR,
+        "/api/worlds/acme-payments/deployments",
+        &json!({"version": 1}),
+    )
+    .await;
+    let store = app.running.as_ref().expect("running").app.store.clone();
+    let started = Instant::now();
+    let failed = loop {
+        let failed = store
+            .outbox_list(Some(spectral::store::OutboxStatus::Failed), None, 10)
+            .await
+            .expect("list");
+        if let Some(row) = failed.into_iter().next() {
+            break row;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(failed.event_type, "webhook.delivery");
+    assert!(
+        failed
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("internal address"),
+        "{failed:?}"
+    );
+    assert!(receiver.all().is_empty(), "a delivery reached loopback");
+    app.stop().await;
+}
