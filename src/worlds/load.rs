@@ -471,7 +471,7 @@ fn rule(
         ));
         None
     } else {
-        match std::fs::read_to_string(&predicate_file) {
+        match read_inside(dir, &predicate_file) {
             Ok(text) => Some(text.trim_end().to_string()),
             Err(e) => {
                 problems.push(problem_at(
@@ -545,4 +545,28 @@ fn to_json(value: &toml::Value) -> serde_json::Value {
             J::Object(t.iter().map(|(k, v)| (k.clone(), to_json(v))).collect())
         }
     }
+}
+
+/// The largest predicate file read; the sandbox's source limit is far below it.
+const MAX_PREDICATE_FILE_BYTES: u64 = 1 << 20;
+
+/// Read a file that must lie inside `dir` once every link is resolved: a symlink out of the
+/// world folder is refused, not followed, and so is a file too large to be a predicate.
+fn read_inside(dir: &Path, file: &Path) -> std::io::Result<String> {
+    let root = std::fs::canonicalize(dir)?;
+    let real = std::fs::canonicalize(file)?;
+    if !real.starts_with(&root) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "it leads out of the world folder (through a symbolic link)",
+        ));
+    }
+    let meta = std::fs::metadata(&real)?;
+    if !meta.is_file() || meta.len() > MAX_PREDICATE_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not a regular file of at most {MAX_PREDICATE_FILE_BYTES} bytes"),
+        ));
+    }
+    std::fs::read_to_string(real)
 }

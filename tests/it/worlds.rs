@@ -323,3 +323,38 @@ fn system_attributes_come_from_the_service_not_the_caller() {
     let d = decide(&world, &sandbox, "wire_transfer.release", &ctx);
     assert_eq!(d.status, Status::Green, "{:?}", d.decision_metadata);
 }
+
+/// A predicate that is a symbolic link out of the world folder is refused, not followed; a
+/// link that stays inside the folder is read.
+#[test]
+fn a_symlink_out_of_the_world_folder_is_refused() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    let secret = outside.path().join("secret.rhai");
+    std::fs::write(&secret, "context.sanctions_hit").expect("write");
+    let world = tempfile::tempdir().expect("tempdir");
+    let dir = world.path().join("fail-closed");
+    let fixture =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fail-closed");
+    std::fs::create_dir_all(dir.join("pay")).expect("mkdir");
+    std::fs::copy(fixture.join("world.toml"), dir.join("world.toml")).expect("copy");
+    for entry in std::fs::read_dir(fixture.join("pay")).expect("read") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join("pay").join(entry.file_name())).expect("copy");
+    }
+    assert!(load::load_model(&dir).is_ok(), "the copy loads");
+
+    let link = dir.join("pay/open-block-comment.rhai");
+    std::fs::remove_file(&link).expect("rm");
+    std::os::unix::fs::symlink(&secret, &link).expect("symlink");
+    let err = load::load_model(&dir)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("out of the world folder"), "{err}");
+
+    // A link to a file inside the folder is fine.
+    std::fs::remove_file(&link).expect("rm");
+    std::fs::write(dir.join("pay/real.rhai"), "context.sanctions_hit").expect("write");
+    std::os::unix::fs::symlink(dir.join("pay/real.rhai"), &link).expect("symlink");
+    assert!(load::load_model(&dir).is_ok());
+}
