@@ -11,6 +11,7 @@ fn spectral(args: &[&str]) -> Output {
         // The deadline is tested in `hostile.rs`; here it must not fire because an
         // unoptimized build waited for a core.
         .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
+        .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000")
         .output()
         .unwrap_or_else(|e| panic!("cannot run spectral: {e}"))
 }
@@ -361,6 +362,7 @@ fn hostile_predicates_run_in_a_few_megabytes() {
         .arg(tmp.path())
         .arg(r#"{"s": "abc", "n": 1}"#)
         .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
+            .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000")
         .output()
         .unwrap();
     let (stdout, stderr) = text(&out);

@@ -319,6 +319,7 @@ fn common_env(db: &db::TestDb) -> Vec<(&'static str, String)> {
         ("SPECTRAL_SHUTDOWN_GRACE_MS", GRACE.as_millis().to_string()),
         // Unoptimized test builds on a busy machine are slow; see `app::test_config`.
         ("SPECTRAL_SANDBOX_DEADLINE_US", "500000".into()),
+        ("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000".into()),
         ("SPECTRAL_DB_MAX_CONNECTIONS", "4".into()),
         // The webhook receivers of the tests listen on loopback.
         ("SPECTRAL_WEBHOOK_ALLOW_NETWORKS", "127.0.0.0/8".into()),

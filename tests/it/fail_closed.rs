@@ -141,7 +141,8 @@ fn spectral_decide_answers_the_fail_closed_worlds_red() {
                 .arg("--world")
                 .arg(&world)
                 .args(["--action", action, "--context", &context.to_string()])
-                .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000");
+                .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
+                .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000");
             if explain {
                 cmd.arg("--explain");
             }

@@ -236,6 +236,7 @@ fn f6_constant_calls_are_not_run_at_compile_time() {
     // what this test compares.
     let unhurried = sandbox_with(|l| {
         l.deadline_us = 5_000_000;
+        l.decision_deadline_us = 5_000_000;
         l.max_operations = 10_000_000;
         l.decision_max_operations = 100_000_000;
     });

@@ -383,6 +383,10 @@ async fn the_image_serves_as_its_user_from_its_own_files() {
     // that an unoptimized build on a busy machine can meet while it seeds the example worlds.
     env.insert("SPECTRAL_ADDR".into(), "127.0.0.1:0".into());
     env.insert("SPECTRAL_SANDBOX_DEADLINE_US".into(), "500000".into());
+    env.insert(
+        "SPECTRAL_SANDBOX_DECISION_DEADLINE_US".into(),
+        "5000000".into(),
+    );
     let (image, server) = tokio::task::spawn_blocking({
         let env = env.clone();
         move || {

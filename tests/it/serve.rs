@@ -34,6 +34,7 @@ impl Server {
             .env("SPECTRAL_SEED_DIR", predicates_dir())
             .env("SPECTRAL_LOG_FORMAT", "json")
             .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
+            .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000")
             .env_remove("DATABASE_URL")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -75,6 +76,7 @@ fn spectral(args: &[&str], data: &std::path::Path) -> (i32, String, String) {
         .env("SPECTRAL_DATA_DIR", data)
         .env("SPECTRAL_LOG", "warn")
         .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
+        .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000")
         .env_remove("DATABASE_URL")
         .output()
         .expect("spectral runs");

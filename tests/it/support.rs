@@ -139,7 +139,10 @@ pub fn verdict(d: &Decision) -> (spectral::worlds::Status, Value, Value, Value) 
 /// deadline generous enough for an unoptimized build on a busy machine, where a 5 ms wall
 /// clock can run out while the thread waits for a core.
 pub fn sandbox() -> Sandbox {
-    sandbox_with(|l| l.deadline_us = 500_000)
+    sandbox_with(|l| {
+        l.deadline_us = 500_000;
+        l.decision_deadline_us = 5_000_000;
+    })
 }
 
 /// A sandbox with default limits changed by `f`.
