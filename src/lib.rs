@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod gate;
 pub mod http;
+pub mod mcp;
 pub mod outbox;
 pub mod sandbox;
 pub mod service;

@@ -463,6 +463,21 @@ impl App {
         Ok(openapi::document(&loaded.model, loaded.version))
     }
 
+    /// The deployed actions of the caller's world with the schemas of their evidence, as
+    /// the MCP tool `spectral.list_actions` answers.
+    pub async fn action_catalog(
+        &self,
+        caller: &Caller,
+        world: Option<&str>,
+    ) -> Result<serde_json::Value, ServiceError> {
+        let world = caller.resolve_world(world)?;
+        caller.check(world, Scope::Read)?;
+        let loaded = self.cache.deployed(world).ok_or_else(|| {
+            ServiceError::NotFound(format!("world '{world}' has no deployed version"))
+        })?;
+        Ok(openapi::catalog(&loaded.model, loaded.version))
+    }
+
     /// Decision statistics, as the `decision.recorded` handler has counted them so far.
     pub async fn stats(&self, caller: &Caller, world: &str) -> Result<WorldStats, ServiceError> {
         caller.check(world, Scope::Read)?;

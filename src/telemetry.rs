@@ -41,11 +41,13 @@ pub enum Route {
     Health,
     ServiceVersion,
     Metrics,
+    OpenApi,
+    Mcp,
     NotFound,
 }
 
 impl Route {
-    pub const ALL: [Route; 15] = [
+    pub const ALL: [Route; 17] = [
         Self::Decide,
         Self::DecideBatch,
         Self::Draft,
@@ -60,6 +62,8 @@ impl Route {
         Self::Health,
         Self::ServiceVersion,
         Self::Metrics,
+        Self::OpenApi,
+        Self::Mcp,
         Self::NotFound,
     ];
 
@@ -79,6 +83,8 @@ impl Route {
             Self::Health => "health",
             Self::ServiceVersion => "version",
             Self::Metrics => "metrics",
+            Self::OpenApi => "openapi",
+            Self::Mcp => "mcp",
             Self::NotFound => "not_found",
         }
     }
@@ -154,7 +160,7 @@ pub const STATUSES: [&str; 4] = ["GREEN", "GREEN-SKIP", "YELLOW", "RED"];
 /// The process's metrics.
 #[derive(Default)]
 pub struct Metrics {
-    latency: [Histogram; 15],
+    latency: [Histogram; Route::ALL.len()],
     responses: Family<5>,
     decisions: Family<4>,
     sandbox_errors: Family<1>,
