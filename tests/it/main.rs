@@ -15,6 +15,7 @@ mod flood;
 mod gate;
 mod hostile;
 mod image;
+mod mcp;
 mod migrations;
 mod openapi;
 mod outbox;
