@@ -292,7 +292,10 @@ async fn authed(
         Endpoint::Deploy(world) => {
             let body = json_body(req, config.max_body_bytes).await?;
             let input: DeployInput = parse(&body)?;
-            let deployment = app.deploy(caller, &world, input.version).await?;
+            let version = input.version.ok_or_else(|| {
+                HttpError::Malformed("version must be a whole number, not null".into())
+            })?;
+            let deployment = app.deploy(caller, &world, version).await?;
             Ok(json(StatusCode::OK, &deployment))
         }
         Endpoint::Worlds => Ok(json(StatusCode::OK, &app.worlds(caller).await?)),
@@ -330,7 +333,8 @@ struct BatchInput<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeployInput {
-    version: u64,
+    #[serde(deserialize_with = "crate::service::whole_number")]
+    version: Option<u64>,
 }
 
 /// Everything a handler can fail with.

@@ -84,12 +84,31 @@ pub struct DecideInput<'a> {
     pub context: &'a RawValue,
     #[serde(default)]
     pub world: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
     pub world_model_version: Option<u64>,
     #[serde(default)]
     pub correlation_id: Option<String>,
     #[serde(default)]
     pub explain: bool,
+}
+
+/// A version number as JSON Schema's `integer` has it: a whole number, `3` and `3.0` alike.
+pub(crate) fn whole_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    n.as_u64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 18_446_744_073_709_551_616.0)
+                .map(|f| f as u64)
+        })
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("invalid value {n}, expected a whole number ≥ 0"))
+        })
 }
 
 /// Build identity, shown on `/version` and `/health`.

@@ -514,7 +514,7 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
     let modules = json!({
         "type": "array",
         "description": "[action, module hash] pairs in the model's action order.",
-        "items": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "string"}], "minItems": 2, "maxItems": 2}
+        "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}
     });
     let schemas = json!({
         "decide_request": decide_request_schema(true),
@@ -522,7 +522,10 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
         "problem": problem_schema(),
         "batch_request": {
             "type": "object",
-            "properties": {"requests": {"type": "array", "maxItems": batch_max_items, "items": {"$ref": "#/components/schemas/decide_request"}}},
+            "properties": {"requests": {"type": "array", "maxItems": batch_max_items, "items": {
+                "description": "A decide request. An item that is not one is answered in its own result with a 400 problem, not by refusing the batch.",
+                "anyOf": [{"$ref": "#/components/schemas/decide_request"}, {}]
+            }}},
             "required": ["requests"],
             "additionalProperties": false
         },
@@ -542,9 +545,15 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
         },
         "world_model": {
             "type": "object",
-            "description": "A whole world model (docs/predicates.md); every problem is listed in a 422 answer.",
-            "properties": {"world": {"type": "string"}, "actions": {"type": "array"}},
-            "required": ["world"]
+            "description": "A whole world model (docs/predicates.md). A model that does not decode is \
+                answered 400; one that decodes but fails validation or its cases, 422 with every problem listed.",
+            "properties": {
+                "world": {"type": "string"}, "description": {"type": "string"},
+                "context": {"type": "object"}, "config": {"type": "object"},
+                "actions": {"type": "array", "items": {"type": "object"}}
+            },
+            "required": ["world", "actions"],
+            "additionalProperties": false
         },
         "draft": {
             "type": "object",
@@ -677,7 +686,7 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
         "/api/worlds/{world}/draft": {"parameters": [world.clone()], "put": operation(
             "putDraft", "Replace the world's draft with a whole world model, validated and verified.",
             Some(reference("world_model")),
-            ("200", "The draft is valid.", reference("draft")), &[invalid])},
+            ("200", "The draft is valid.", reference("draft")), &[invalid, ("409", "The store refused the change (`conflict`).")])},
         "/api/worlds/{world}/versions": {"parameters": [world.clone()], "post": operation(
             "publish", "Publish the draft as the next version (immutable).", None,
             ("201", "The published version.", reference("published")), &[invalid, conflict])},
