@@ -449,3 +449,45 @@ async fn stdio_serves_the_same_tools_offline() {
     assert_eq!(problem(&results[3]), (404, "not_found".into()));
     app.stop().await;
 }
+
+#[test]
+fn rmcp_is_named_only_by_http_and_mcp() {
+    // The boundary of ARCHITECTURE.md: the SDK's types stay in `http` and `mcp`.
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut stack = vec![src.clone()];
+    let mut offenders = Vec::new();
+    let mut seen = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read src").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path
+                .strip_prefix(&src)
+                .expect("under src")
+                .to_string_lossy()
+                .to_string();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.contains("rmcp") {
+                seen += 1;
+                if !(rel == "mcp.rs"
+                    || rel.starts_with("mcp/")
+                    || rel == "http.rs"
+                    || rel.starts_with("http/"))
+                {
+                    offenders.push(rel);
+                }
+            }
+        }
+    }
+    assert!(
+        seen >= 2,
+        "the check must see the modules that do name rmcp"
+    );
+    assert!(
+        offenders.is_empty(),
+        "rmcp named outside http and mcp: {offenders:?}"
+    );
+}
