@@ -93,21 +93,26 @@ pub struct DecideInput<'a> {
 }
 
 /// A version number as JSON Schema's `integer` has it: a whole number, `3` and `3.0` alike.
+/// The literal is read from its text, since a parsed float may have lost the digits that
+/// tell whether it was whole.
 pub(crate) fn whole_number<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<u64>, D::Error> {
-    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+    let Some(raw) = Option::<Box<RawValue>>::deserialize(d)? else {
         return Ok(None);
     };
-    n.as_u64()
+    let text = raw.get().trim();
+    text.parse::<u64>()
+        .ok()
         .or_else(|| {
-            n.as_f64()
+            text.parse::<f64>()
+                .ok()
                 .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 18_446_744_073_709_551_616.0)
                 .map(|f| f as u64)
         })
         .map(Some)
         .ok_or_else(|| {
-            serde::de::Error::custom(format!("invalid value {n}, expected a whole number ≥ 0"))
+            serde::de::Error::custom(format!("invalid value {text}, expected a whole number ≥ 0"))
         })
 }
 

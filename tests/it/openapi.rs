@@ -169,3 +169,38 @@ async fn schemathesis_finds_a_document_that_lies() {
         "{report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_is_a_whole_number_as_json_schema_has_it() {
+    let (_db, running) = api_alone().await;
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::new();
+    let send = |path: &str, body: Value| {
+        client
+            .post(format!("{base}{path}"))
+            .bearer_auth(crate::app::OPERATOR)
+            .json(&body)
+            .send()
+    };
+    let mut decide = crate::app::green_wire();
+    for (version, status) in [
+        (serde_json::json!(1), 200),
+        (serde_json::json!(1.0), 200),
+        (serde_json::json!(1876718119723103.0), 404),
+        (serde_json::json!(1.5), 400),
+        (serde_json::json!(-1), 400),
+        (serde_json::json!("1"), 400),
+    ] {
+        decide["world_model_version"] = version.clone();
+        let resp = send("/api/decide", decide.clone()).await.expect("sent");
+        assert_eq!(resp.status().as_u16(), status, "decide pinned to {version}");
+        let resp = send(
+            "/api/worlds/acme-payments/deployments",
+            serde_json::json!({ "version": version }),
+        )
+        .await
+        .expect("sent");
+        assert_eq!(resp.status().as_u16(), status, "deploy {version}");
+    }
+    running.shutdown().await;
+}
