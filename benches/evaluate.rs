@@ -11,7 +11,7 @@ use std::hint::black_box;
 use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use serde_json::{Map, Value};
+use serde_json::Map;
 use spectral::sandbox::Sandbox;
 use spectral::worlds::context::{self, SystemValues};
 use spectral::worlds::model::{
@@ -73,25 +73,9 @@ fn system() -> SystemValues {
     }
 }
 
-/// A realistic context for an action: the first case of every rule, merged.
-fn typical_context(model: &WorldModel, action: &str) -> Value {
-    let mut merged = Map::new();
-    if let Some(action) = model.action(action) {
-        for rule in &action.rules {
-            if let Some(case) = rule
-                .cases
-                .iter()
-                .find(|c| !c.matches)
-                .or(rule.cases.first())
-            {
-                for (k, v) in &case.context {
-                    merged.entry(k.clone()).or_insert_with(|| v.clone());
-                }
-            }
-        }
-    }
-    Value::Object(merged)
-}
+#[path = "../examples/support/workload.rs"]
+mod workload;
+use workload::typical_context;
 
 fn benches(c: &mut Criterion) {
     let sandbox = Sandbox::default();

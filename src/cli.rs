@@ -137,6 +137,25 @@ enum WorldCommand {
         #[arg(long)]
         deploy: bool,
     },
+    /// Retire a version on a running service for good: no key may pin it any more and it is
+    /// never deployed again. The deployed version cannot be retired; roll back first.
+    Retire {
+        /// The service's base URL, e.g. http://127.0.0.1:8000.
+        #[arg(long)]
+        url: String,
+        /// An API key with the deploy scope.
+        #[arg(long, env = "SPECTRAL_KEY", hide_env_values = true)]
+        key: String,
+        /// The world, e.g. acme-payments.
+        #[arg(long)]
+        world: String,
+        /// The version to retire.
+        #[arg(long)]
+        version: u64,
+        /// Why, kept with the retirement (at most 1,000 characters).
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,7 +165,7 @@ enum KeysCommand {
         /// The world the key is bound to; omit with --operator for a key of every world.
         #[arg(long, required_unless_present = "operator")]
         world: Option<String>,
-        /// Comma-separated scopes: decide, read, author, deploy.
+        /// Comma-separated scopes: decide, read, author, deploy, pin.
         #[arg(long, value_delimiter = ',', default_value = "decide")]
         scopes: Vec<String>,
         /// A key for every world with every scope.
@@ -289,6 +308,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     deploy,
                 },
         } => return runtime()?.block_on(push(&dir, &url, &key, deploy)),
+        Command::World {
+            command:
+                WorldCommand::Retire {
+                    url,
+                    key,
+                    world,
+                    version,
+                    reason,
+                },
+        } => return runtime()?.block_on(retire(&url, &key, &world, version, reason)),
         _ => {}
     }
     let sandbox = Sandbox::new(config.sandbox);
@@ -341,7 +370,7 @@ async fn create_key(
             .iter()
             .map(|s| {
                 Scope::parse(s.trim()).ok_or_else(|| {
-                    anyhow!("unknown scope '{s}'; expected decide, read, author or deploy")
+                    anyhow!("unknown scope '{s}'; expected decide, read, author, deploy or pin")
                 })
             })
             .collect::<anyhow::Result<_>>()?
@@ -446,6 +475,56 @@ async fn audit(config: &Config, world: &str) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A service's answer: its JSON body on success, otherwise an error with the status, the
+/// problem's detail and every listed problem.
+async fn answer(r: reqwest::Response) -> anyhow::Result<serde_json::Value> {
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
+    if status.is_success() {
+        return Ok(body);
+    }
+    let mut message = format!(
+        "{status}: {}",
+        body["detail"].as_str().unwrap_or("no detail")
+    );
+    for p in body["problems"].as_array().into_iter().flatten() {
+        message.push_str(&format!(
+            "\n  {}: {}",
+            p["at"].as_str().unwrap_or("?"),
+            p["message"].as_str().unwrap_or("")
+        ));
+    }
+    Err(anyhow!(message))
+}
+
+async fn retire(
+    url: &str,
+    key: &str,
+    world: &str,
+    version: u64,
+    reason: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()?;
+    let url = format!(
+        "{}/api/worlds/{world}/versions/{version}/retire",
+        url.trim_end_matches('/')
+    );
+    answer(
+        client
+            .post(url)
+            .bearer_auth(key)
+            .json(&serde_json::json!({ "reason": reason }))
+            .send()
+            .await?,
+    )
+    .await
+    .context("retiring")?;
+    println!("{world}: retired version {version}");
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn push(
     dir: &std::path::Path,
     url: &str,
@@ -462,26 +541,6 @@ async fn push(
         client
             .request(method, format!("{base}{path}"))
             .bearer_auth(key)
-    };
-    let answer = |r: reqwest::Response| async move {
-        let status = r.status();
-        let body: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
-        if status.is_success() {
-            Ok(body)
-        } else {
-            let mut message = format!(
-                "{status}: {}",
-                body["detail"].as_str().unwrap_or("no detail")
-            );
-            for p in body["problems"].as_array().into_iter().flatten() {
-                message.push_str(&format!(
-                    "\n  {}: {}",
-                    p["at"].as_str().unwrap_or("?"),
-                    p["message"].as_str().unwrap_or("")
-                ));
-            }
-            Err(anyhow!(message))
-        }
     };
     answer(
         call(reqwest::Method::PUT, format!("/api/worlds/{world}/draft"))

@@ -133,6 +133,8 @@ pub enum Overflow {
 pub struct DecisionLogConfig {
     /// Records waiting to be written (`SPECTRAL_DECISION_LOG_CAPACITY`).
     pub capacity: usize,
+    /// Bytes the waiting records may hold together (`SPECTRAL_DECISION_LOG_MAX_BYTES`).
+    pub max_bytes: usize,
     /// Records written per transaction at most (`SPECTRAL_DECISION_LOG_BATCH`).
     pub batch_size: usize,
     /// `SPECTRAL_DECISION_LOG_OVERFLOW` = `block` (with `SPECTRAL_DECISION_LOG_BLOCK_MS`) or
@@ -147,6 +149,7 @@ impl Default for DecisionLogConfig {
     fn default() -> Self {
         Self {
             capacity: 10_000,
+            max_bytes: 32 * 1024 * 1024,
             batch_size: 256,
             overflow: Overflow::Block(Duration::from_millis(5)),
             linger: Duration::from_millis(10),
@@ -246,10 +249,31 @@ pub struct Config {
     pub store: StoreConfig,
     pub cache: CacheConfig,
     pub decision_log: DecisionLogConfig,
+    pub evaluation: EvaluationConfig,
     pub outbox: OutboxConfig,
     pub background: BackgroundConfig,
     pub bootstrap: BootstrapConfig,
     pub log: LogConfig,
+}
+
+/// Where decisions are evaluated, and what one batch request may spend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvaluationConfig {
+    /// Decisions of expensive modules evaluated at once, off the API threads
+    /// (`SPECTRAL_EVAL_POOL`); more are answered 503 `evaluation_overloaded`.
+    pub pool: usize,
+    /// Sandbox operations all the decisions of one `POST /api/decide/batch` may use together
+    /// (`SPECTRAL_BATCH_MAX_OPERATIONS`); the items after it is spent are answered 503.
+    pub batch_max_operations: u64,
+}
+
+impl Default for EvaluationConfig {
+    fn default() -> Self {
+        Self {
+            pool: 2,
+            batch_max_operations: 1_000_000,
+        }
+    }
 }
 
 /// The threads that work off the request path: the decision-log writer and the workers
@@ -411,6 +435,50 @@ impl Config {
             &mut s.deadline_us,
             10..=10_000_000,
         )?;
+        v.number(
+            "SPECTRAL_SANDBOX_DECISION_MAX_OPERATIONS",
+            &mut s.decision_max_operations,
+            1..=100_000_000,
+        )?;
+        v.number(
+            "SPECTRAL_SANDBOX_DECISION_DEADLINE_US",
+            &mut s.decision_deadline_us,
+            10..=60_000_000,
+        )?;
+        v.number(
+            "SPECTRAL_SANDBOX_MAX_FOLDED_BYTES",
+            &mut s.max_folded_bytes,
+            1024..=256 << 20,
+        )?;
+        v.number(
+            "SPECTRAL_SANDBOX_MAX_MODULE_BYTES",
+            &mut s.max_module_bytes,
+            1024..=1 << 30,
+        )?;
+        v.number(
+            "SPECTRAL_SANDBOX_OFFLOAD_OPERATIONS",
+            &mut s.offload_operations,
+            1..=100_000_000,
+        )?;
+
+        let ev = &mut c.evaluation;
+        v.number("SPECTRAL_EVAL_POOL", &mut ev.pool, 1..=1024)?;
+        v.number(
+            "SPECTRAL_BATCH_MAX_OPERATIONS",
+            &mut ev.batch_max_operations,
+            1..=1_000_000_000,
+        )?;
+        // An item of a batch starts only with a whole decision budget left.
+        if ev.batch_max_operations < c.sandbox.decision_max_operations {
+            return Err(Vars::err(
+                "SPECTRAL_BATCH_MAX_OPERATIONS",
+                &ev.batch_max_operations.to_string(),
+                format!(
+                    "below SPECTRAL_SANDBOX_DECISION_MAX_OPERATIONS ({}): no batch item could start",
+                    c.sandbox.decision_max_operations
+                ),
+            ));
+        }
 
         let srv = &mut c.server;
         if let Some(addr) = v.get("SPECTRAL_ADDR") {
@@ -513,6 +581,11 @@ impl Config {
             "SPECTRAL_DECISION_LOG_CAPACITY",
             &mut dl.capacity,
             1..=10_000_000,
+        )?;
+        v.number(
+            "SPECTRAL_DECISION_LOG_MAX_BYTES",
+            &mut dl.max_bytes,
+            4096..=u64::from(u32::MAX),
         )?;
         v.number(
             "SPECTRAL_DECISION_LOG_BATCH",

@@ -7,6 +7,7 @@
 mod mcp;
 mod problem;
 mod router;
+mod unique;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -158,7 +159,7 @@ async fn handle(
         }
         Ok(endpoint) => {
             let route = endpoint.route();
-            let work = dispatch(&app, &config, endpoint, req);
+            let work = dispatch(&app, &config, endpoint, req, started);
             let response = match tokio::time::timeout(config.request_timeout, work).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(e)) => problem::from_error(&e),
@@ -188,6 +189,7 @@ async fn dispatch(
     config: &ServerConfig,
     endpoint: Endpoint,
     req: Request<Incoming>,
+    started: Instant,
 ) -> Result<Response<Body>, HttpError> {
     match endpoint {
         Endpoint::Health => {
@@ -221,7 +223,7 @@ async fn dispatch(
         }
         endpoint => {
             let caller = app.keys.authenticate(authorization(&req)).await?;
-            authed(app, config, &caller, endpoint, req).await
+            authed(app, config, &caller, endpoint, req, started).await
         }
     }
 }
@@ -238,6 +240,7 @@ async fn authed(
     caller: &Caller,
     endpoint: Endpoint,
     req: Request<Incoming>,
+    started: Instant,
 ) -> Result<Response<Body>, HttpError> {
     match endpoint {
         Endpoint::Decide => {
@@ -257,11 +260,20 @@ async fn authed(
                 ))
                 .into());
             }
+            // Items start only while they can finish within the request timeout, with room
+            // to answer: every decision is bounded by its own deadline.
+            let reserve = (config.request_timeout / 10)
+                .max(app.sandbox.limits().decision_deadline() * 2)
+                .min(config.request_timeout / 2);
+            let mut budget = app.batch_budget(started + config.request_timeout - reserve);
             let mut results = Vec::with_capacity(batch.requests.len());
             for raw in batch.requests {
                 let result = match serde_json::from_str::<DecideInput>(raw.get()) {
                     Err(e) => Err(HttpError::Malformed(e.to_string())),
-                    Ok(input) => app.decide(caller, &input).await.map_err(HttpError::from),
+                    Ok(input) => app
+                        .decide_in_batch(caller, &input, &mut budget)
+                        .await
+                        .map_err(HttpError::from),
                 };
                 results.push(match result {
                     Ok(decision) => serde_json::json!({"status": 200, "decision": decision}),
@@ -297,6 +309,16 @@ async fn authed(
             })?;
             let deployment = app.deploy(caller, &world, version).await?;
             Ok(json(StatusCode::OK, &deployment))
+        }
+        Endpoint::Retire(world, version) => {
+            let input: RetireInput = match optional_json_body(req, config.max_body_bytes).await? {
+                Some(body) => parse(&body)?,
+                None => RetireInput::default(),
+            };
+            let retired = app
+                .retire(caller, &world, version, input.reason.as_deref())
+                .await?;
+            Ok(json(StatusCode::OK, &retired))
         }
         Endpoint::Worlds => Ok(json(StatusCode::OK, &app.worlds(caller).await?)),
         Endpoint::World(world) => Ok(json(StatusCode::OK, &app.world(caller, &world).await?)),
@@ -337,12 +359,22 @@ struct DeployInput {
     version: Option<u64>,
 }
 
+/// The optional body of `POST /api/worlds/{world}/versions/{n}/retire`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetireInput {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
 /// Everything a handler can fail with.
 #[derive(Debug)]
 pub enum HttpError {
     Service(ServiceError),
     Body(BodyError),
     Malformed(String),
+    /// An object in the body repeats a key; the path of the first repeat.
+    DuplicateKey(String),
 }
 
 impl From<ServiceError> for HttpError {
@@ -382,8 +414,37 @@ async fn json_body(req: Request<Incoming>, max: usize) -> Result<Bytes, HttpErro
     if declared.is_some_and(|n| n > max) {
         return Err(HttpError::Body(BodyError::TooLarge(max)));
     }
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(HttpError::Body(BodyError::TooLarge(max)))
+        }
+        Err(e) => return Err(HttpError::Body(BodyError::Read(e.to_string()))),
+    };
+    // A body the walk cannot finish is refused too: the typed parse that follows skips what
+    // it does not need without reading it as strictly, so a repeat could hide behind it.
+    match unique::check(&body) {
+        Ok(()) => Ok(body),
+        Err(unique::Found::Duplicate(at)) => Err(HttpError::DuplicateKey(at)),
+        Err(unique::Found::Invalid(why)) => Err(HttpError::Malformed(why)),
+    }
+}
+
+/// A JSON request body that may be left out: `None` for an empty body sent without a
+/// content type, otherwise as [`json_body`] reads it.
+async fn optional_json_body(
+    req: Request<Incoming>,
+    max: usize,
+) -> Result<Option<Bytes>, HttpError> {
+    if req.headers().contains_key(CONTENT_TYPE) {
+        return json_body(req, max).await.map(Some);
+    }
     match Limited::new(req.into_body(), max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+        // A body, but no content type: refused as json_body refuses any type but JSON.
+        Ok(collected) => match collected.to_bytes() {
+            bytes if bytes.is_empty() => Ok(None),
+            _ => Err(HttpError::Body(BodyError::WrongType(String::new()))),
+        },
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(HttpError::Body(BodyError::TooLarge(max)))
         }

@@ -49,6 +49,20 @@ pub struct Limits {
     pub max_source_bytes: usize,
     /// Wall-clock time one predicate evaluation may take, in microseconds.
     pub deadline_us: u64,
+    /// Operations all the rules of one decision may use together. Counted exactly, so the
+    /// same request against the same version gets the same answer whatever the load.
+    pub decision_max_operations: u64,
+    /// Wall-clock time all the rules of one decision may take together, in microseconds: a
+    /// backstop behind the operation budget.
+    pub decision_deadline_us: u64,
+    /// Bytes of config constants one predicate may fold into its compiled form, counting
+    /// every reference (a 1,000-element list read 100 times folds 100 copies).
+    pub max_folded_bytes: usize,
+    /// Bytes of folded constants all the rules of one module may hold together.
+    pub max_module_bytes: usize,
+    /// Operations above which a decision counts as expensive: the batch gives up at this
+    /// many, and the module's later decisions run off the API threads.
+    pub offload_operations: u64,
 }
 
 impl Default for Limits {
@@ -62,6 +76,11 @@ impl Default for Limits {
             max_map_len: 1024,
             max_source_bytes: 8 * 1024,
             deadline_us: 5_000,
+            decision_max_operations: 100_000,
+            decision_deadline_us: 50_000,
+            max_folded_bytes: 1024 * 1024,
+            max_module_bytes: 4 * 1024 * 1024,
+            offload_operations: 2_000,
         }
     }
 }
@@ -71,6 +90,22 @@ impl Limits {
     pub fn deadline(&self) -> Duration {
         Duration::from_micros(self.deadline_us)
     }
+
+    /// The per-decision deadline as a duration.
+    pub fn decision_deadline(&self) -> Duration {
+        Duration::from_micros(self.decision_deadline_us)
+    }
+}
+
+/// What one decision may still spend across its rules: operations (exact) and time (a
+/// backstop). Every rule of a decision draws on the same budget, so a module of many
+/// expensive rules is bounded as a whole, not only rule by rule.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Operations left.
+    pub operations: u64,
+    /// When the decision's time runs out.
+    pub deadline: Instant,
 }
 
 /// What went wrong in a predicate, as a stable kind that tests, metrics and the metadata of a
@@ -124,6 +159,10 @@ pub enum ErrorKind {
     TooManyOperations,
     /// Evaluation ran past its wall-clock deadline.
     DeadlineExceeded,
+    /// The rules of one decision used up its operation budget together.
+    BudgetExceeded,
+    /// The folded constants of a predicate or module are larger than the limits allow.
+    ModuleTooLarge,
     /// A value grew past a size limit.
     DataTooLarge,
     /// Calls nested deeper than `max_call_levels`.
@@ -158,6 +197,8 @@ impl ErrorKind {
             Self::NotBool => "not_bool",
             Self::TooManyOperations => "too_many_operations",
             Self::DeadlineExceeded => "deadline_exceeded",
+            Self::BudgetExceeded => "budget_exceeded",
+            Self::ModuleTooLarge => "module_too_large",
             Self::DataTooLarge => "data_too_large",
             Self::CallTooDeep => "call_too_deep",
             Self::FunctionNotFound => "function_not_found",
@@ -201,16 +242,38 @@ thread_local! {
     /// The deadline of the evaluation running on this thread; `None` outside evaluation
     /// (compilation never runs predicate code, so it needs none).
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Operations the evaluation running on this thread may use before the decision's budget
+    /// is spent; `u64::MAX` outside evaluation.
+    static CAP: Cell<u64> = const { Cell::new(u64::MAX) };
+    /// The tick count at which the clock was last read in the running evaluation.
+    static CLOCK_READ_AT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Charge work done inside one native call (a list helper's comparisons) to the running
+/// evaluation, as operations: the engine counts the call as one, but the budget of the
+/// decision and of the rule should see what it cost. Enforced at the next operation.
+pub(crate) fn charge(operations: u64) {
+    TICKS.with(|t| t.set(t.get().saturating_add(operations)));
 }
 
 /// The token `on_progress` aborts with when the deadline passes.
 const DEADLINE_TOKEN: &str = "spectral:deadline";
+/// The token `on_progress` aborts with when the decision's operation budget is spent.
+const BUDGET_TOKEN: &str = "spectral:budget";
+
+/// What a batch element evaluates to when its rule's `applies_when` did not hold. A value of
+/// a type no predicate can construct, so "did not apply" is only ever decided by evaluating
+/// the guard, never read from a predicate's result.
+#[derive(Debug, Clone, Copy)]
+struct NotApplied;
 
 /// A compiled predicate: an immutable AST, shared by every evaluation.
 #[derive(Debug, Clone)]
 pub struct Program {
     ast: rhai::AST,
     reads: Reads,
+    /// Bytes of config constants folded into the AST.
+    folded_bytes: usize,
 }
 
 impl Program {
@@ -218,13 +281,27 @@ impl Program {
     pub fn reads(&self) -> &Reads {
         &self.reads
     }
+
+    /// Bytes of config constants folded into this program, every reference counted.
+    pub fn folded_bytes(&self) -> usize {
+        self.folded_bytes
+    }
 }
 
-/// Several rules compiled into one program; see [`Sandbox::compile_batch`].
+/// Several rules' programs joined into one, so that a decision pays the engine's per-call
+/// set-up once; see [`Sandbox::batch`].
 #[derive(Debug, Clone)]
 pub struct Batch {
     ast: rhai::AST,
     len: usize,
+}
+
+/// What a batch evaluation gave: per rule, `None` when its guard did not hold or the
+/// predicate's bool, and the operations the whole batch used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub results: Vec<Option<bool>>,
+    pub operations: u64,
 }
 
 /// A successful evaluation: the bool and the operations it used.
@@ -313,9 +390,14 @@ impl Sandbox {
                 t.set(v);
                 v
             });
+            if ticks > CAP.with(Cell::get) {
+                return Some(Dynamic::from(BUDGET_TOKEN));
+            }
             // Reading the clock every 16 operations keeps the overhead near zero while a single
-            // expensive operation can overshoot the deadline by at most 15 others.
-            if ticks & 0xF == 0 {
+            // expensive operation can overshoot the deadline by at most 15 others. By distance,
+            // not by residue: a helper's charge moves the count by more than one.
+            if ticks.wrapping_sub(CLOCK_READ_AT.with(Cell::get)) >= 16 {
+                CLOCK_READ_AT.with(|c| c.set(ticks));
                 if let Some(deadline) = DEADLINE.with(Cell::get) {
                     if Instant::now() >= deadline {
                         return Some(Dynamic::from(DEADLINE_TOKEN));
@@ -350,12 +432,9 @@ impl Sandbox {
         inputs: &[String],
         config: &BTreeMap<String, serde_json::Value>,
     ) -> Result<Program, SandboxError> {
-        let reads = self.compile_unchecked_inputs(source, config)?;
-        check::inputs_match(&reads.1, inputs)?;
-        Ok(Program {
-            ast: reads.0,
-            reads: reads.1,
-        })
+        let program = self.compile_reads(source, config)?;
+        check::inputs_match(&program.reads, inputs)?;
+        Ok(program)
     }
 
     /// Compile and run the static checks that do not depend on the declared inputs, returning
@@ -366,15 +445,6 @@ impl Sandbox {
         source: &str,
         config: &BTreeMap<String, serde_json::Value>,
     ) -> Result<Program, SandboxError> {
-        let (ast, reads) = self.compile_unchecked_inputs(source, config)?;
-        Ok(Program { ast, reads })
-    }
-
-    fn compile_unchecked_inputs(
-        &self,
-        source: &str,
-        config: &BTreeMap<String, serde_json::Value>,
-    ) -> Result<(rhai::AST, Reads), SandboxError> {
         if source.len() > self.limits.max_source_bytes {
             return Err(SandboxError {
                 kind: ErrorKind::SourceTooLarge,
@@ -391,12 +461,29 @@ impl Sandbox {
             .engine
             .compile_expression_with_scope(&scope, source)
             .map_err(|e| parse_error(*e.0, e.1))?;
-        let reads = check::check(&raw, config)?;
+        let checked = check::check(&raw, config)?;
+        // Folding copies a constant into every place that reads it; refuse before folding,
+        // so that a small source cannot expand into a large tree even for a moment.
+        if checked.folded_bytes > self.limits.max_folded_bytes {
+            return Err(SandboxError {
+                kind: ErrorKind::ModuleTooLarge,
+                message: format!(
+                    "the config constants this predicate reads fold into {} bytes, over the \
+                     limit of {}; read a large constant in fewer places",
+                    checked.folded_bytes, self.limits.max_folded_bytes
+                ),
+                position: None,
+            });
+        }
         let optimized = self
             .engine
             .optimize_ast(&scope, raw, OptimizationLevel::Simple);
         check::no_free_config(&optimized)?;
-        Ok((optimized, reads))
+        Ok(Program {
+            ast: optimized,
+            reads: checked.reads,
+            folded_bytes: checked.folded_bytes,
+        })
     }
 
     /// The scope predicates compile in: `context` as a variable, so that strict mode accepts
@@ -421,96 +508,147 @@ impl Sandbox {
         Ok(scope)
     }
 
-    /// Compile the rules of a module into one program that evaluates them all in a single
-    /// call, so that a decision pays the engine's per-call set-up once rather than per rule.
+    /// Join the rules of a module into one program that evaluates them all in a single
+    /// engine call, so that a decision pays the engine's per-call set-up once rather than per
+    /// rule.
     ///
-    /// Each rule is `(applies_when, predicate)`, both already compiled and checked one by one;
-    /// the batch is only a faster way to run the same expressions. `None` when the combined
-    /// source does not compile (for instance past the depth limit): callers then run the
-    /// rules one by one.
-    pub fn compile_batch(
-        &self,
-        rules: &[(Option<&str>, &str)],
-        config: &BTreeMap<String, serde_json::Value>,
-    ) -> Option<Batch> {
+    /// Each rule is `(applies_when, predicate)`, both compiled and checked one by one. The
+    /// batch is built from those checked trees, never from their text, so no token of one
+    /// rule can reach another: element *i* is `if guard_i { predicate_i } else { NotApplied }`
+    /// (or `predicate_i` alone), evaluated in order against one scope, exactly what running
+    /// the rules one by one does. `None` for an empty module or one larger than an array may
+    /// be.
+    pub fn batch(&self, rules: &[(Option<&Program>, &Program)]) -> Option<Batch> {
+        use rhai::{Expr, FlowControl, Stmt, StmtBlock, ThinVec};
         if rules.is_empty() || rules.len() > self.limits.max_array_len {
             return None;
         }
-        // Each rule is `if guard { predicate } else { () }` on its own lines, so that a line
-        // comment at the end of one source cannot swallow the next.
-        let mut source = String::from("[\n");
+        let block = |program: &Program| {
+            StmtBlock::new(
+                program.ast.statements().iter().cloned(),
+                Position::NONE,
+                Position::NONE,
+            )
+        };
+        // A predicate is one expression statement; its expression goes into the array as it
+        // is, without a block around it (a block costs a scope save and restore per rule).
+        let expr = |program: &Program| match program.ast.statements() {
+            [Stmt::Expr(e)] => (**e).clone(),
+            _ => Expr::Stmt(Box::new(block(program))),
+        };
+        let mut elements = ThinVec::with_capacity(rules.len());
         for (guard, predicate) in rules {
-            match guard {
+            let element = match guard {
+                None => expr(predicate),
                 Some(guard) => {
-                    source.push_str("if (\n");
-                    source.push_str(guard);
-                    source.push_str("\n) { (\n");
-                    source.push_str(predicate);
-                    source.push_str("\n) } else { () },\n");
+                    let condition = expr(guard);
+                    let not_applied = Stmt::Expr(Box::new(Expr::DynamicConstant(
+                        Box::new(Dynamic::from(NotApplied)),
+                        Position::NONE,
+                    )));
+                    let branch = FlowControl {
+                        expr: condition,
+                        body: block(predicate),
+                        branch: StmtBlock::new([not_applied], Position::NONE, Position::NONE),
+                    };
+                    Expr::Stmt(Box::new(StmtBlock::new(
+                        [Stmt::If(Box::new(branch), Position::NONE)],
+                        Position::NONE,
+                        Position::NONE,
+                    )))
                 }
-                None => {
-                    source.push_str("(\n");
-                    source.push_str(predicate);
-                    source.push_str("\n),\n");
-                }
-            }
+            };
+            elements.push(element);
         }
-        source.push(']');
-        let scope = self.compile_scope(config).ok()?;
-        let raw = self
-            .engine
-            .compile_expression_with_scope(&scope, &source)
-            .ok()?;
-        let ast = self
-            .engine
-            .optimize_ast(&scope, raw, OptimizationLevel::Simple);
-        check::no_free_config(&ast).ok()?;
+        let body = Stmt::Expr(Box::new(Expr::Array(elements, Position::NONE)));
         Some(Batch {
-            ast,
+            ast: rhai::AST::new([body], rhai::Module::new()),
             len: rules.len(),
         })
     }
 
-    /// Evaluate a batch: per rule, `None` when its guard did not hold, or the predicate's
-    /// bool. `None` overall when anything failed (an error, a limit, a non-bool), in which
-    /// case the caller runs the rules one by one to attribute the failure.
-    pub fn eval_batch(&self, batch: &Batch, bindings: &mut Bindings) -> Option<Vec<Option<bool>>> {
-        bindings.scope.rewind(1);
-        TICKS.with(|t| t.set(0));
-        DEADLINE.with(|d| d.set(Some(Instant::now() + self.limits.deadline())));
-        let result = self
-            .engine
-            .eval_ast_with_scope::<rhai::Array>(&mut bindings.scope, &batch.ast);
-        DEADLINE.with(|d| d.set(None));
-        let values = result.ok()?;
+    /// A fresh budget for one decision.
+    pub fn budget(&self) -> Budget {
+        Budget {
+            operations: self.limits.decision_max_operations,
+            deadline: Instant::now() + self.limits.decision_deadline(),
+        }
+    }
+
+    /// Evaluate a batch within `cap` operations (and the budget): the per-rule results, or
+    /// `None` when anything failed (an error, a limit, a non-bool of any kind, `()`
+    /// included). The caller then runs the rules one by one, which attributes the failure to
+    /// its rule; the batch only ever answers where running them one by one would answer the
+    /// same. It takes nothing from `budget`: the caller gives the rules run one by one a
+    /// budget of their own.
+    pub fn eval_batch(
+        &self,
+        batch: &Batch,
+        bindings: &mut Bindings,
+        budget: &Budget,
+        cap: u64,
+    ) -> Option<BatchOutcome> {
+        // The per-rule limit too: the engine's own count does not see what helpers charge,
+        // and the batch's total is at least any one rule's.
+        let cap = cap.min(budget.operations).min(self.limits.max_operations);
+        let deadline = budget.deadline.min(Instant::now() + self.limits.deadline());
+        let (result, operations) = self.run(&batch.ast, bindings, cap, deadline);
+        let Ok(values) = result.ok()?.into_array() else {
+            return None;
+        };
         if values.len() != batch.len {
             return None;
         }
-        values
+        let results = values
             .into_iter()
             .map(|v| {
-                if v.is_unit() {
+                if v.is::<NotApplied>() {
                     Some(None)
                 } else {
                     v.as_bool().ok().map(Some)
                 }
             })
-            .collect()
+            .collect::<Option<Vec<_>>>()?;
+        Some(BatchOutcome {
+            results,
+            operations,
+        })
     }
 
-    /// Evaluate a program against an input. Never panics; every failure, including a
-    /// non-bool result, comes back as a [`Failure`] for the caller to fail closed.
+    /// Evaluate a program against an input with a budget of its own. Never panics; every
+    /// failure, including a non-bool result, comes back as a [`Failure`] for the caller to
+    /// fail closed.
     pub fn eval(&self, program: &Program, bindings: &mut Bindings) -> Result<Outcome, Failure> {
-        // An expression cannot declare variables, but rewind anyway so that nothing one
-        // program might leave in the scope can reach the next.
-        bindings.scope.rewind(1);
-        TICKS.with(|t| t.set(0));
-        DEADLINE.with(|d| d.set(Some(Instant::now() + self.limits.deadline())));
-        let result = self
-            .engine
-            .eval_ast_with_scope::<Dynamic>(&mut bindings.scope, &program.ast);
-        DEADLINE.with(|d| d.set(None));
-        let operations = TICKS.with(Cell::get);
+        self.eval_within(program, bindings, &mut self.budget())
+    }
+
+    /// Evaluate a program against an input, drawing on a decision's budget. Never panics;
+    /// every failure, including a non-bool result and a spent budget, comes back as a
+    /// [`Failure`] for the caller to fail closed.
+    pub fn eval_within(
+        &self,
+        program: &Program,
+        bindings: &mut Bindings,
+        budget: &mut Budget,
+    ) -> Result<Outcome, Failure> {
+        let now = Instant::now();
+        let rule_deadline = now + self.limits.deadline();
+        if budget.operations == 0 || now >= budget.deadline {
+            return Err(Failure {
+                error: self.budget_error(budget),
+                operations: 0,
+            });
+        }
+        // The rule's own limit binds unless the decision has less left.
+        let rule_capped = self.limits.max_operations < budget.operations;
+        let cap = budget.operations.min(self.limits.max_operations);
+        let (result, operations) = self.run(
+            &program.ast,
+            bindings,
+            cap,
+            rule_deadline.min(budget.deadline),
+        );
+        budget.operations = budget.operations.saturating_sub(operations);
         match result {
             Ok(value) => match value.as_bool() {
                 Ok(value) => Ok(Outcome { value, operations }),
@@ -523,11 +661,91 @@ impl Sandbox {
                     operations,
                 }),
             },
-            Err(err) => Err(Failure {
-                error: eval_error(*err, &self.limits),
-                operations,
-            }),
+            Err(err) => {
+                let error = match eval_error(*err, &self.limits) {
+                    // The cap that stopped it was the rule's own, not the decision's.
+                    e if e.kind == ErrorKind::BudgetExceeded && rule_capped => SandboxError {
+                        kind: ErrorKind::TooManyOperations,
+                        message: format!(
+                            "evaluation used more than {} operations",
+                            self.limits.max_operations
+                        ),
+                        ..e
+                    },
+                    // The clock that stopped it was the decision's, not the rule's.
+                    e if e.kind == ErrorKind::DeadlineExceeded
+                        && rule_deadline > budget.deadline =>
+                    {
+                        SandboxError {
+                            message: format!(
+                                "the decision ran past its deadline of {} µs",
+                                self.limits.decision_deadline_us
+                            ),
+                            ..e
+                        }
+                    }
+                    e => e,
+                };
+                Err(Failure { error, operations })
+            }
         }
+    }
+
+    fn budget_error(&self, budget: &Budget) -> SandboxError {
+        if budget.operations == 0 {
+            SandboxError {
+                kind: ErrorKind::BudgetExceeded,
+                message: format!(
+                    "the decision used its budget of {} operations before this rule finished",
+                    self.limits.decision_max_operations
+                ),
+                position: None,
+            }
+        } else {
+            SandboxError {
+                kind: ErrorKind::DeadlineExceeded,
+                message: format!(
+                    "the decision ran past its deadline of {} µs",
+                    self.limits.decision_deadline_us
+                ),
+                position: None,
+            }
+        }
+    }
+
+    /// One engine call with an operation cap and a deadline; the operations it used.
+    fn run(
+        &self,
+        ast: &rhai::AST,
+        bindings: &mut Bindings,
+        cap: u64,
+        deadline: Instant,
+    ) -> (Result<Dynamic, Box<EvalAltResult>>, u64) {
+        // An expression cannot declare variables, but rewind anyway so that nothing one
+        // program might leave in the scope can reach the next.
+        bindings.scope.rewind(1);
+        TICKS.with(|t| t.set(0));
+        CLOCK_READ_AT.with(|c| c.set(0));
+        CAP.with(|c| c.set(cap));
+        DEADLINE.with(|d| d.set(Some(deadline)));
+        let result = self
+            .engine
+            .eval_ast_with_scope::<Dynamic>(&mut bindings.scope, ast);
+        DEADLINE.with(|d| d.set(None));
+        CAP.with(|c| c.set(u64::MAX));
+        let ticks = TICKS.with(Cell::get);
+        // A helper's charge is enforced at the next operation; one made by the last call of
+        // an evaluation is enforced here.
+        let result = match result {
+            Ok(_) if ticks > cap => Err(Box::new(EvalAltResult::ErrorTerminated(
+                Dynamic::from(BUDGET_TOKEN),
+                Position::NONE,
+            ))),
+            other => other,
+        };
+        // What was charged past the cap (a helper's whole call) is not counted: a budget is
+        // never spent by more than it holds.
+        (result, ticks.min(cap))
     }
 }
 
@@ -555,6 +773,17 @@ fn eval_error(err: EvalAltResult, limits: &Limits) -> SandboxError {
                 format!(
                     "evaluation ran past its deadline of {} µs",
                     limits.deadline_us
+                ),
+            )
+        }
+        EvalAltResult::ErrorTerminated(token, _)
+            if token.clone().into_string().ok().as_deref() == Some(BUDGET_TOKEN) =>
+        {
+            (
+                ErrorKind::BudgetExceeded,
+                format!(
+                    "the decision used its budget of {} operations",
+                    limits.decision_max_operations
                 ),
             )
         }

@@ -49,6 +49,9 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A retired version was named: it is out of service for good.
+    #[error("{0}")]
+    Retired(String),
     /// A world model that fails validation, with every problem.
     #[error("{message}")]
     Invalid {
@@ -58,6 +61,19 @@ pub enum ServiceError {
     /// Not ready, or a dependency is down.
     #[error("{0}")]
     Unavailable(String),
+    /// A string the caller set is longer than its documented maximum.
+    #[error("{field} is {len} characters long, over the limit of {max}")]
+    FieldTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    /// Every evaluation slot for expensive decisions is taken; retry shortly.
+    #[error("{0}")]
+    Overloaded(String),
+    /// A batch request spent its operations or its time before reaching this item.
+    #[error("{0}")]
+    BatchBudget(String),
     /// A fault of ours; the message is logged, never shown.
     #[error("internal error: {0}")]
     Internal(String),
@@ -116,6 +132,69 @@ pub(crate) fn whole_number<'de, D: serde::Deserializer<'de>>(
         })
 }
 
+/// Longest `world` and `action` a request may name, in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+/// Longest `correlation_id` a request may carry, in characters (JSON Schema's `maxLength`);
+/// it is stored with the decision.
+pub const MAX_CORRELATION_ID_CHARS: usize = 256;
+
+impl DecideInput<'_> {
+    /// Every string the caller sets is within its documented maximum. The context's own
+    /// strings are bounded by the schema and the sandbox, and only its digest is stored.
+    pub fn check_lengths(&self) -> Result<(), ServiceError> {
+        let fields = [
+            ("action", Some(self.action.as_str()), MAX_NAME_CHARS),
+            ("world", self.world.as_deref(), MAX_NAME_CHARS),
+            (
+                "correlation_id",
+                self.correlation_id.as_deref(),
+                MAX_CORRELATION_ID_CHARS,
+            ),
+        ];
+        for (field, value, max) in fields {
+            let len = value.map_or(0, |v| v.chars().count());
+            if len > max {
+                return Err(ServiceError::FieldTooLong { field, len, max });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where decisions of expensive modules run: a bounded set of slots on tokio's blocking
+/// threads, so that no API thread is held by a module that was seen to be expensive.
+pub struct Evaluation {
+    slots: Arc<tokio::sync::Semaphore>,
+    pool: usize,
+    /// Operations all the decisions of one batch request may use together.
+    pub batch_max_operations: u64,
+}
+
+impl Evaluation {
+    pub fn new(config: &crate::config::EvaluationConfig) -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(config.pool)),
+            pool: config.pool,
+            batch_max_operations: config.batch_max_operations,
+        }
+    }
+
+    /// What `/health` shows: the slots, and how many are evaluating now.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "slots": self.pool,
+            "busy": self.pool.saturating_sub(self.slots.available_permits()),
+        })
+    }
+}
+
+/// What the items of one batch request may still spend.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchBudget {
+    operations: u64,
+    deadline: Instant,
+}
+
 /// Build identity, shown on `/version` and `/health`.
 #[derive(Debug, Clone, Serialize)]
 pub struct BuildInfo {
@@ -172,6 +251,14 @@ pub struct Published {
     pub modules: Vec<(String, String)>,
 }
 
+/// A version just retired.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetiredVersion {
+    pub world: String,
+    pub version: u64,
+    pub retired: crate::store::Retirement,
+}
+
 /// The service and everything it owns.
 pub struct App {
     pub sandbox: Arc<Sandbox>,
@@ -189,7 +276,12 @@ pub struct App {
     pub generation: i64,
     /// The outbox consumer's wiring, `off` when no consumer runs in this process.
     pub outbox: Arc<crate::outbox::OutboxState>,
+    /// Off-thread evaluation of expensive modules, and the batch budget.
+    pub evaluation: Evaluation,
 }
+
+/// The longest reason a retirement keeps, in characters.
+pub const MAX_RETIRE_REASON_CHARS: usize = 1_000;
 
 fn digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
@@ -202,6 +294,7 @@ impl App {
         caller: &Caller,
         input: &DecideInput<'_>,
     ) -> Result<Decision, ServiceError> {
+        input.check_lengths()?;
         let world = caller.resolve_world(input.world.as_deref())?;
         caller.check(world, Scope::Decide)?;
         let loaded = match input.world_model_version {
@@ -220,12 +313,9 @@ impl App {
                     )));
                 }
             },
-            Some(v) => self.cache.version(world, v).await.map_err(|e| match e {
-                LoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
-                LoadError::Failed { .. } => ServiceError::Unavailable(e.to_string()),
-            })?,
+            Some(v) => self.pinned(caller, world, v).await?,
         };
-        let module = loaded.modules.get(&input.action).ok_or_else(|| {
+        let module = loaded.modules.get(&input.action).cloned().ok_or_else(|| {
             ServiceError::NotFound(format!(
                 "world '{world}' version {} has no action '{}'",
                 loaded.version, input.action
@@ -244,8 +334,13 @@ impl App {
             correlation_id: input.correlation_id.clone(),
             explain: input.explain,
         };
-        let decision = worlds::evaluate(&self.sandbox, module, &request)
-            .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        let decision = if module.is_expensive() {
+            self.evaluate_off_thread(module, request, input.context.get())
+                .await?
+        } else {
+            worlds::evaluate(&self.sandbox, &module, &request)
+        }
+        .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         self.observe(&decision);
         let meta = &decision.decision_metadata;
         self.log
@@ -264,6 +359,107 @@ impl App {
             })
             .await;
         Ok(decision)
+    }
+
+    /// Evaluate on a blocking thread, in one of a bounded number of slots; shed with 503
+    /// when every slot is taken, rather than queue work that would outlive its request.
+    async fn evaluate_off_thread(
+        &self,
+        module: Arc<worlds::Module>,
+        request: Request<'_>,
+        context: &str,
+    ) -> Result<Result<Decision, worlds::evaluate::BadContext>, ServiceError> {
+        let slot = self
+            .evaluation
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ServiceError::Overloaded(
+                    "every evaluation slot for expensive rules is busy; retry shortly".into(),
+                )
+            })?;
+        let sandbox = self.sandbox.clone();
+        let context = context.to_owned();
+        let (system, correlation_id, explain) =
+            (request.system, request.correlation_id, request.explain);
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let request = Request {
+                context: ContextJson::Text(&context),
+                system,
+                correlation_id,
+                explain,
+            };
+            worlds::evaluate(&sandbox, &module, &request)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("evaluation task failed: {e}")))
+    }
+
+    /// The budget of a batch request that must answer by `deadline`.
+    pub fn batch_budget(&self, deadline: Instant) -> BatchBudget {
+        BatchBudget {
+            operations: self.evaluation.batch_max_operations,
+            deadline,
+        }
+    }
+
+    /// Decide one item of a batch request. An item starts only while the batch can still
+    /// give it a whole decision budget and time, so every answered item is answered exactly
+    /// as the same request alone would be; the rest are refused with 503.
+    pub async fn decide_in_batch(
+        &self,
+        caller: &Caller,
+        input: &DecideInput<'_>,
+        budget: &mut BatchBudget,
+    ) -> Result<Decision, ServiceError> {
+        if budget.operations < self.sandbox.limits().decision_max_operations {
+            return Err(ServiceError::BatchBudget(format!(
+                "the batch used its budget of {} operations before this item",
+                self.evaluation.batch_max_operations
+            )));
+        }
+        if Instant::now() >= budget.deadline {
+            return Err(ServiceError::BatchBudget(
+                "the batch ran out of time before this item".into(),
+            ));
+        }
+        let decision = self.decide(caller, input).await?;
+        budget.operations = budget.operations.saturating_sub(decision.operations);
+        Ok(decision)
+    }
+
+    /// The version a decide request names. The deployed version needs nothing more than
+    /// `decide`; any other needs `pin`, and a retired one is refused to every key.
+    async fn pinned(
+        &self,
+        caller: &Caller,
+        world: &str,
+        version: u64,
+    ) -> Result<Arc<cache::LoadedVersion>, ServiceError> {
+        if let Some(deployed) = self.cache.deployed(world).filter(|d| d.version == version) {
+            return Ok(deployed);
+        }
+        caller.check(world, Scope::Pin).map_err(|e| match e {
+            ServiceError::Forbidden(_) if caller.world.as_deref().is_none_or(|w| w == world) => {
+                ServiceError::Forbidden(format!(
+                    "key '{}' lacks the 'pin' scope: world_model_version {version} is not the \
+                     deployed version of world '{world}', and naming any version but the \
+                     deployed one needs 'pin' (or omit world_model_version)",
+                    caller.key_id
+                ))
+            }
+            other => other,
+        })?;
+        self.cache
+            .version(world, version)
+            .await
+            .map_err(|e| match e {
+                LoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
+                LoadError::Retired { .. } => ServiceError::Retired(e.to_string()),
+                LoadError::Failed { .. } => ServiceError::Unavailable(e.to_string()),
+            })
     }
 
     fn observe(&self, decision: &Decision) {
@@ -421,7 +617,9 @@ impl App {
             .await
             .map_err(|e| match e {
                 LoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
-                LoadError::Failed { .. } => ServiceError::Conflict(e.to_string()),
+                LoadError::Retired { .. } | LoadError::Failed { .. } => {
+                    ServiceError::Conflict(e.to_string())
+                }
             })?;
         let deployment = self
             .store
@@ -434,6 +632,43 @@ impl App {
             .map_err(ServiceError::from_store)?;
         tracing::info!(world, version, by = caller.key_id, "version deployed");
         Ok(deployment)
+    }
+
+    /// Retire a version for good: no key may pin it any more (not even with `pin`) and it is
+    /// never deployed again. The deployed version cannot be retired; roll back first. This
+    /// instance refuses the version before answering, others on their next refresh (at once
+    /// on Postgres notifications, within the poll interval otherwise).
+    pub async fn retire(
+        &self,
+        caller: &Caller,
+        world: &str,
+        version: u64,
+        reason: Option<&str>,
+    ) -> Result<RetiredVersion, ServiceError> {
+        caller.check(world, Scope::Deploy)?;
+        let len = reason.map_or(0, |r| r.chars().count());
+        if len > MAX_RETIRE_REASON_CHARS {
+            return Err(ServiceError::FieldTooLong {
+                field: "reason",
+                len,
+                max: MAX_RETIRE_REASON_CHARS,
+            });
+        }
+        let retired = self
+            .store
+            .retire(world, version, &caller.key_id, reason)
+            .await
+            .map_err(ServiceError::from_store)?;
+        self.cache
+            .refresh()
+            .await
+            .map_err(ServiceError::from_store)?;
+        tracing::info!(world, version, by = caller.key_id, "version retired");
+        Ok(RetiredVersion {
+            world: world.to_string(),
+            version,
+            retired,
+        })
     }
 
     /// The worlds a caller may read.
@@ -548,10 +783,13 @@ impl App {
         let known = [
             crate::store::events::VERSION_PUBLISHED,
             crate::store::events::MODULE_DEPLOYED,
+            crate::store::events::VERSION_RETIRED,
         ];
+        // Retirements only when asked for: subscribers from before they existed keep receiving
+        // what they did.
         let events = input
             .events
-            .unwrap_or_else(|| known.iter().map(|e| e.to_string()).collect());
+            .unwrap_or_else(|| known[..2].iter().map(|e| e.to_string()).collect());
         if let Some(bad) = events.iter().find(|e| !known.contains(&e.as_str())) {
             return Err(ServiceError::BadRequest(format!(
                 "unknown event '{bad}'; webhooks receive {}",
@@ -652,6 +890,7 @@ impl App {
                 "deployments": self.cache.watch_mode(),
                 "worlds": {"loaded": loaded, "failed": failed},
                 "decision_log": self.log.status(),
+                "evaluation": self.evaluation.status(),
                 "outbox": self.outbox.wiring(),
                 "outbox_rows": rows,
                 "agent": "unconfigured",

@@ -95,10 +95,20 @@ pub enum Scope {
     Read,
     Author,
     Deploy,
+    /// Decide with a version other than the deployed one (`world_model_version`), for replays
+    /// and canaries. Without it a key decides only with the deployed version, so a rollback
+    /// takes a bad version out of every decide-only key's reach.
+    Pin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [Self::Decide, Self::Read, Self::Author, Self::Deploy];
+    pub const ALL: [Scope; 5] = [
+        Self::Decide,
+        Self::Read,
+        Self::Author,
+        Self::Deploy,
+        Self::Pin,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -106,6 +116,7 @@ impl Scope {
             Self::Read => "read",
             Self::Author => "author",
             Self::Deploy => "deploy",
+            Self::Pin => "pin",
         }
     }
 
@@ -164,6 +175,18 @@ pub struct VersionSummary {
     pub version: u64,
     pub published_at: DateTime<Utc>,
     pub published_by: String,
+    /// Set once the version is retired; `null` while it may be pinned and deployed.
+    pub retired: Option<Retirement>,
+}
+
+/// Why, when and by whom a version was retired: no key may pin it any more and it is never
+/// deployed again. Retirement is permanent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Retirement {
+    pub retired_at: DateTime<Utc>,
+    /// The key id that retired it.
+    pub retired_by: String,
+    pub reason: Option<String>,
 }
 
 /// A published version in full.
@@ -176,6 +199,8 @@ pub struct VersionRecord {
     pub modules: Vec<(String, String)>,
     pub published_at: DateTime<Utc>,
     pub published_by: String,
+    /// Set once the version is retired.
+    pub retired: Option<Retirement>,
 }
 
 /// One deployment in a world's history. Rollback is a deployment of an older version.
@@ -366,7 +391,7 @@ impl Store {
 
     /// Make `version` the deployed version of `world` and append it to the history, in one
     /// transaction; on Postgres, `NOTIFY` every instance. `NotFound` when the version does not
-    /// exist.
+    /// exist, `Conflict` when it is retired.
     pub async fn deploy(
         &self,
         world: &str,
@@ -377,6 +402,28 @@ impl Store {
         // Events were appended: wake a consumer in this process (SQLite has no NOTIFY).
         self.local_wake().notify_waiters();
         r
+    }
+
+    /// Retire a version for good, with an outbox event, in one transaction; on Postgres,
+    /// `NOTIFY` every instance on the deployments channel so that their caches stop serving it.
+    /// `NotFound` when the version does not exist; `Conflict` when it is the deployed version
+    /// or already retired.
+    pub async fn retire(
+        &self,
+        world: &str,
+        version: u64,
+        retired_by: &str,
+        reason: Option<&str>,
+    ) -> Result<Retirement, StoreError> {
+        let r = dispatch!(self, s => s.retire(world, version, retired_by, reason).await);
+        // Events were appended: wake a consumer in this process (SQLite has no NOTIFY).
+        self.local_wake().notify_waiters();
+        r
+    }
+
+    /// Every retired version, as `(world, version)`.
+    pub async fn retired(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        dispatch!(self, s => s.retired().await)
     }
 
     pub async fn list_worlds(&self) -> Result<Vec<WorldSummary>, StoreError> {
@@ -601,6 +648,8 @@ pub mod events {
     pub const VERSION_PUBLISHED: &str = "worldmodel.version.published";
     /// A version was deployed (or rolled back to); payload `{world, version, seq, deployed_by}`.
     pub const MODULE_DEPLOYED: &str = "module.deployed";
+    /// A version was retired; payload `{world, version, retired_at, retired_by, reason}`.
+    pub const VERSION_RETIRED: &str = "world.version.retired";
     /// A batch of decisions of one world was recorded; one event per world per group commit,
     /// payload `{world, first_seq, last_seq, counts: [{rule, status, count}]}` (rule `*`: all
     /// decisions of the batch). Rows written by earlier builds carry
@@ -762,6 +811,43 @@ fn deployed_event(world: &str, d: &Deployment) -> NewEvent {
         idempotency_key: format!("{world}:{}", d.seq),
         target: None,
     }
+}
+
+fn retired_event(world: &str, version: u64, r: &Retirement) -> NewEvent {
+    NewEvent {
+        event_type: events::VERSION_RETIRED.into(),
+        world: Some(world.to_string()),
+        payload: serde_json::json!({
+            "world": world,
+            "version": version,
+            "retired_at": r.retired_at,
+            "retired_by": r.retired_by,
+            "reason": r.reason,
+        }),
+        idempotency_key: format!("{world}:{version}"),
+        target: None,
+    }
+}
+
+/// A version's retirement from the columns of a `LEFT JOIN` on the retired versions: `None`
+/// when the join found no row.
+fn retirement(
+    at: Option<DateTime<Utc>>,
+    by: Option<String>,
+    reason: Option<String>,
+) -> Option<Retirement> {
+    Some(Retirement {
+        retired_at: at?,
+        retired_by: by?,
+        reason,
+    })
+}
+
+/// The conflict of deploying a retired version.
+fn retired_conflict(world: &str, version: u64) -> StoreError {
+    StoreError::Conflict(format!(
+        "world '{world}' version {version} is retired and cannot be deployed"
+    ))
 }
 
 /// One `decision.recorded` event per world per group commit: a handler then updates the
@@ -1040,6 +1126,10 @@ mod tests {
             parse_scopes("decide,read".split(',')).unwrap(),
             vec![Scope::Decide, Scope::Read]
         );
+        for scope in Scope::ALL {
+            assert_eq!(Scope::parse(scope.as_str()), Some(scope));
+        }
+        assert_eq!(Scope::parse("pin"), Some(Scope::Pin));
         // An empty list is stored as an empty string.
         assert_eq!(parse_scopes("".split(',')).unwrap(), vec![]);
         let err = parse_scopes(["decide", "admin"]).unwrap_err();

@@ -212,6 +212,7 @@ pub async fn start_mode(
         outbox: workers
             .as_ref()
             .map_or_else(|| Arc::new(OutboxState::default()), |w| w.state.clone()),
+        evaluation: crate::service::Evaluation::new(&config.evaluation),
     });
 
     let generated_operator_key = ensure_operator_key(&store, &config).await?;

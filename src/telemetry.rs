@@ -35,6 +35,7 @@ pub enum Route {
     Worlds,
     World,
     WorldVersion,
+    Retire,
     Actions,
     Stats,
     Webhooks,
@@ -47,7 +48,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 17] = [
+    pub const ALL: [Route; 18] = [
         Self::Decide,
         Self::DecideBatch,
         Self::Draft,
@@ -56,6 +57,7 @@ impl Route {
         Self::Worlds,
         Self::World,
         Self::WorldVersion,
+        Self::Retire,
         Self::Actions,
         Self::Stats,
         Self::Webhooks,
@@ -77,6 +79,7 @@ impl Route {
             Self::Worlds => "worlds",
             Self::World => "world",
             Self::WorldVersion => "world_version",
+            Self::Retire => "retire",
             Self::Actions => "actions",
             Self::Stats => "stats",
             Self::Webhooks => "webhooks",

@@ -20,6 +20,12 @@ fn classify(e: &HttpError) -> (StatusCode, &'static str, String, Option<Value>) 
             format!("the request body is not valid: {detail}"),
             None,
         ),
+        HttpError::DuplicateKey(at) => (
+            StatusCode::BAD_REQUEST,
+            "duplicate_key",
+            format!("the request body repeats the key '{at}'; every key may appear once"),
+            Some(json!({ "key": at })),
+        ),
         HttpError::Body(BodyError::TooLarge(max)) => (
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
@@ -114,6 +120,7 @@ fn classify_service(e: &ServiceError) -> (StatusCode, &'static str, String, Opti
         ServiceError::Forbidden(d) => (StatusCode::FORBIDDEN, "forbidden", d.clone(), None),
         ServiceError::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d.clone(), None),
         ServiceError::Conflict(d) => (StatusCode::CONFLICT, "conflict", d.clone(), None),
+        ServiceError::Retired(d) => (StatusCode::GONE, "version_retired", d.clone(), None),
         ServiceError::Invalid { message, problems } => (
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_world_model",
@@ -123,6 +130,24 @@ fn classify_service(e: &ServiceError) -> (StatusCode, &'static str, String, Opti
         ServiceError::Unavailable(d) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
+            d.clone(),
+            None,
+        ),
+        ServiceError::FieldTooLong { field, max, .. } => (
+            StatusCode::BAD_REQUEST,
+            "field_too_long",
+            e.to_string(),
+            Some(json!({ "field": field, "max_length": max })),
+        ),
+        ServiceError::Overloaded(d) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "evaluation_overloaded",
+            d.clone(),
+            None,
+        ),
+        ServiceError::BatchBudget(d) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "batch_budget_exhausted",
             d.clone(),
             None,
         ),

@@ -15,6 +15,7 @@ pub enum Endpoint {
     Worlds,
     World(String),
     WorldVersion(String, u64),
+    Retire(String, u64),
     Actions(String),
     Stats(String),
     Webhooks(String),
@@ -38,6 +39,7 @@ impl Endpoint {
             Self::Worlds => Route::Worlds,
             Self::World(_) => Route::World,
             Self::WorldVersion(..) => Route::WorldVersion,
+            Self::Retire(..) => Route::Retire,
             Self::Actions(_) => Route::Actions,
             Self::Stats(_) => Route::Stats,
             Self::Webhooks(_) => Route::Webhooks,
@@ -76,6 +78,10 @@ pub fn route(method: &Method, path: &str) -> Result<Endpoint, RouteError> {
         ["api", "worlds", w, "versions"] => one(Method::POST, Endpoint::Publish(w.to_string())),
         ["api", "worlds", w, "versions", n] => match n.parse::<u64>() {
             Ok(n) => one(Method::GET, Endpoint::WorldVersion(w.to_string(), n)),
+            Err(_) => Err(RouteError::NotFound(path.to_string())),
+        },
+        ["api", "worlds", w, "versions", n, "retire"] => match n.parse::<u64>() {
+            Ok(n) => one(Method::POST, Endpoint::Retire(w.to_string(), n)),
             Err(_) => Err(RouteError::NotFound(path.to_string())),
         },
         ["api", "worlds", w, "deployments"] => one(Method::POST, Endpoint::Deploy(w.to_string())),
@@ -121,6 +127,11 @@ mod tests {
                 Method::GET,
                 "/api/worlds/acme/versions/3",
                 Endpoint::WorldVersion("acme".into(), 3),
+            ),
+            (
+                Method::POST,
+                "/api/worlds/acme/versions/3/retire",
+                Endpoint::Retire("acme".into(), 3),
             ),
             (
                 Method::POST,

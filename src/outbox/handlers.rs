@@ -19,7 +19,8 @@ pub fn registry(store: Store, webhook_timeout: Duration) -> Registry {
     });
     r.register(events::DECISION_RECORDED, Arc::new(DecisionStats))
         .register(events::VERSION_PUBLISHED, fanout.clone())
-        .register(events::MODULE_DEPLOYED, fanout)
+        .register(events::MODULE_DEPLOYED, fanout.clone())
+        .register(events::VERSION_RETIRED, fanout)
         .register(
             events::WEBHOOK_DELIVERY,
             Arc::new(WebhookDelivery::new(store, webhook_timeout)),
@@ -102,8 +103,8 @@ fn count_listed(decisions: &serde_json::Value) -> Result<Counts, HandlerError> {
     Ok(out)
 }
 
-/// `worldmodel.version.published` and `module.deployed` → one `webhook.delivery` per
-/// subscriber of the world, so each delivery is retried on its own.
+/// `worldmodel.version.published`, `module.deployed` and `world.version.retired` → one
+/// `webhook.delivery` per subscriber of the world, so each delivery is retried on its own.
 pub struct WebhookFanout {
     store: Store,
 }

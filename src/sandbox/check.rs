@@ -38,15 +38,23 @@ impl Reads {
     }
 }
 
+/// What the checks found in a predicate.
+pub(super) struct Checked {
+    pub reads: Reads,
+    /// Bytes the config constants it reads will take once folded, every reference counted.
+    pub folded_bytes: usize,
+}
+
 /// Walk the unoptimized AST; return what it reads or the first violation.
 pub(super) fn check(
     ast: &rhai::AST,
     config: &BTreeMap<String, serde_json::Value>,
-) -> Result<Reads, SandboxError> {
+) -> Result<Checked, SandboxError> {
     let mut reads = Reads::default();
+    let mut folded_bytes = 0usize;
     let mut error: Option<SandboxError> = None;
     ast.walk(
-        &mut |path: &[ASTNode]| match visit(path, config, &mut reads) {
+        &mut |path: &[ASTNode]| match visit(path, config, &mut reads, &mut folded_bytes) {
             Ok(()) => true,
             Err(e) => {
                 error = Some(e);
@@ -56,7 +64,27 @@ pub(super) fn check(
     );
     match error {
         Some(e) => Err(e),
-        None => Ok(reads),
+        None => Ok(Checked {
+            reads,
+            folded_bytes,
+        }),
+    }
+}
+
+/// Bytes a JSON value takes once it is a Rhai value, roughly: a fixed cost per value (a
+/// `Dynamic` is 16 bytes) plus the bytes of its strings and keys.
+pub(super) fn value_bytes(value: &serde_json::Value) -> usize {
+    const SLOT: usize = 16;
+    match value {
+        serde_json::Value::String(s) => SLOT + s.len(),
+        serde_json::Value::Array(items) => SLOT + items.iter().map(value_bytes).sum::<usize>(),
+        serde_json::Value::Object(map) => {
+            SLOT + map
+                .iter()
+                .map(|(k, v)| k.len() + value_bytes(v))
+                .sum::<usize>()
+        }
+        _ => SLOT,
     }
 }
 
@@ -64,6 +92,7 @@ fn visit(
     path: &[ASTNode],
     config: &BTreeMap<String, serde_json::Value>,
     reads: &mut Reads,
+    folded_bytes: &mut usize,
 ) -> Result<(), SandboxError> {
     let Some(node) = path.last() else {
         return Ok(());
@@ -111,13 +140,14 @@ fn visit(
                             *pos,
                         )
                     })?;
-                    if !config.contains_key(&name) {
+                    let Some(value) = config.get(&name) else {
                         return Err(SandboxError::new(
                             ErrorKind::UnknownConfig,
                             format!("config.{name} is not a constant of this world version"),
                             *pos,
                         ));
-                    }
+                    };
+                    *folded_bytes = folded_bytes.saturating_add(value_bytes(value));
                     reads.config.insert(name);
                     Ok(())
                 }

@@ -134,6 +134,10 @@ fn same(a: &Dynamic, b: &Dynamic) -> bool {
 /// the engine, so its own cost must be small next to the evaluation deadline.
 pub(super) const MAX_COMPARISONS: usize = 65_536;
 
+/// Element comparisons charged as one operation: a comparison costs a small fraction of an
+/// engine operation, but a helper's work must count against the budgets all the same.
+const COMPARISONS_PER_OPERATION: usize = 16;
+
 fn comparisons(name: &str, items: &Array, set: &Array) -> HelperResult<()> {
     let n = items.len().saturating_mul(set.len());
     if n > MAX_COMPARISONS {
@@ -143,6 +147,7 @@ fn comparisons(name: &str, items: &Array, set: &Array) -> HelperResult<()> {
             set.len()
         ));
     }
+    super::charge((n / COMPARISONS_PER_OPERATION) as u64);
     Ok(())
 }
 

@@ -196,8 +196,11 @@ fn values_beyond_the_size_limits_are_refused_on_input() {
 #[test]
 fn deadline_is_cleared_after_each_evaluation() {
     // A failing evaluation must not leave a stale deadline that aborts the next one.
+    // Operation limits out of the way: the clock is what must stop the slow predicate.
     let sandbox = Sandbox::new(Limits {
         deadline_us: 1_000,
+        max_operations: 10_000_000,
+        decision_max_operations: 100_000_000,
         ..Limits::default()
     });
     let slow = vec!["any_in(config.big, config.other)"; 40].join(" || ");
@@ -210,9 +213,9 @@ fn deadline_is_cleared_after_each_evaluation() {
     .into_iter()
     .collect();
     let slow = sandbox.compile(&slow, &[], &cfg).map_err(|e| e.to_string());
-    let fast = sandbox
-        .compile("1 < 2", &[], &cfg)
-        .map_err(|e| e.to_string());
+    // Not foldable, and long enough that the clock is read: a stale deadline would stop it.
+    let fast = vec!["any_in([1, 2], [3, 4])"; 24].join(" || ");
+    let fast = sandbox.compile(&fast, &[], &cfg).map_err(|e| e.to_string());
     let (Ok(slow), Ok(fast)) = (slow, fast) else {
         unreachable!("both compile")
     };
@@ -225,6 +228,95 @@ fn deadline_is_cleared_after_each_evaluation() {
     std::thread::sleep(std::time::Duration::from_millis(2));
     assert_eq!(
         sandbox.eval(&fast, &mut bindings).map(|o| o.value).ok(),
-        Some(true)
+        Some(false)
     );
+}
+
+fn program(sandbox: &Sandbox, source: &str, names: &[&str]) -> Program {
+    match sandbox.compile(source, &inputs(names), &config()) {
+        Ok(p) => p,
+        Err(e) => unreachable!("{source} compiles: {e}"),
+    }
+}
+
+#[test]
+fn a_batch_gives_way_on_a_unit_result_and_marks_only_guards_that_did_not_hold() {
+    let sandbox = Sandbox::default();
+    let guard = program(&sandbox, "context.n > 100", &["n"]);
+    let yes = program(&sandbox, "context.n > 1", &["n"]);
+    let unit = program(&sandbox, "if context.n > 100 { false }", &["n"]);
+    let mut input = Input::new();
+    input.insert_int("n", 5);
+    let mut bindings = input.seal();
+    let budget = sandbox.budget();
+    // A guard that does not hold is the marker; a predicate's own () is not.
+    let batch = sandbox.batch(&[(Some(&guard), &yes), (None, &yes)]);
+    let outcome = batch.and_then(|b| sandbox.eval_batch(&b, &mut bindings, &budget, 2_000));
+    assert_eq!(outcome.map(|o| o.results), Some(vec![None, Some(true)]));
+    let batch = sandbox.batch(&[(None, &yes), (None, &unit)]);
+    let outcome = batch.and_then(|b| sandbox.eval_batch(&b, &mut bindings, &budget, 2_000));
+    assert_eq!(outcome, None);
+    // One by one, the same () fails closed.
+    let err = sandbox
+        .eval(&unit, &mut bindings)
+        .err()
+        .map(|f| f.error.kind);
+    assert_eq!(err, Some(ErrorKind::NonBoolResult));
+}
+
+#[test]
+fn every_rule_of_a_decision_draws_on_one_budget() {
+    let sandbox = Sandbox::new(Limits {
+        decision_max_operations: 600,
+        ..Limits::default()
+    });
+    // 64×64 comparisons are charged as 256 operations, plus the engine's own.
+    let heavy = program(&sandbox, "any_in(context.a, context.b)", &["a", "b"]);
+    let list: Vec<i64> = (0..64).collect();
+    let other: Vec<i64> = (100..164).collect();
+    let mut input = Input::new();
+    let limits = sandbox.limits().clone();
+    assert!(input.insert("a", &serde_json::json!(list), &limits).is_ok());
+    assert!(input
+        .insert("b", &serde_json::json!(other), &limits)
+        .is_ok());
+    let mut bindings = input.seal();
+    let mut budget = sandbox.budget();
+    let first = sandbox.eval_within(&heavy, &mut bindings, &mut budget);
+    let used = first.as_ref().map(|o| o.operations).unwrap_or(0);
+    assert!(
+        used >= 256,
+        "the helper's comparisons were charged: {first:?}"
+    );
+    assert!(sandbox
+        .eval_within(&heavy, &mut bindings, &mut budget)
+        .is_ok());
+    let third = sandbox.eval_within(&heavy, &mut bindings, &mut budget);
+    assert_eq!(
+        third.err().map(|f| f.error.kind),
+        Some(ErrorKind::BudgetExceeded)
+    );
+    assert_eq!(budget.operations, 0);
+    // Spent is spent: the next rule fails at once.
+    let fourth = sandbox.eval_within(&heavy, &mut bindings, &mut budget);
+    assert_eq!(
+        fourth.map_err(|f| (f.error.kind, f.operations)).err(),
+        Some((ErrorKind::BudgetExceeded, 0))
+    );
+    // Each rule alone has its own budget.
+    assert!(sandbox.eval(&heavy, &mut bindings).is_ok());
+}
+
+#[test]
+fn folding_a_constant_into_many_places_is_refused_before_folding() {
+    let big: Vec<i64> = (0..1024).collect();
+    let config: BTreeMap<String, serde_json::Value> = [("big".to_string(), serde_json::json!(big))]
+        .into_iter()
+        .collect();
+    let sandbox = Sandbox::default();
+    let few = format!("[{}].len() > 0", ["config.big"; 4].join(", "));
+    assert!(sandbox.compile(&few, &[], &config).is_ok());
+    let many = format!("[{}].len() > 0", ["config.big"; 80].join(", "));
+    let err = sandbox.compile(&many, &[], &config).err().map(|e| e.kind);
+    assert_eq!(err, Some(ErrorKind::ModuleTooLarge));
 }

@@ -5,8 +5,12 @@
 //! compiling it, once: concurrent requests for the same version share one load. A deployment
 //! swaps a world to its new version atomically; every instance learns of deployments at once
 //! through Postgres notifications, and by polling the store when notifications are lost.
+//!
+//! Retired versions are refused, whether loaded already or not: the set of them is read from
+//! the store on every refresh (so on the same notifications and polls as deployments), and a
+//! version that turns up in it is dropped from the loaded ones.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +39,8 @@ pub struct LoadedVersion {
 pub enum LoadError {
     #[error("world '{world}' has no version {version}")]
     NotFound { world: String, version: u64 },
+    #[error("world '{world}' version {version} is retired; no key may pin or deploy it")]
+    Retired { world: String, version: u64 },
     #[error("loading world '{world}' version {version} failed: {reason}")]
     Failed {
         world: String,
@@ -68,6 +74,8 @@ pub struct Cache {
     versions: Mutex<HashMap<(String, u64), Slot>>,
     /// Deployed worlds whose version failed to load, with the reason.
     failed: Mutex<BTreeMap<String, String>>,
+    /// Retired versions as of the last refresh: never served, whatever is loaded.
+    retired: ArcSwap<HashSet<(String, u64)>>,
     /// Serializes refreshes so that two never race to swap the same world.
     refreshing: tokio::sync::Mutex<()>,
     watch: Mutex<Watch>,
@@ -88,6 +96,7 @@ impl Cache {
             deployed: ArcSwap::from_pointee(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
             failed: Mutex::new(BTreeMap::new()),
+            retired: ArcSwap::from_pointee(HashSet::new()),
             refreshing: tokio::sync::Mutex::new(()),
             watch: Mutex::new(Watch::Polling),
         }
@@ -98,12 +107,24 @@ impl Cache {
         self.deployed.load().get(world).cloned()
     }
 
-    /// A specific version of a world, loading it on a miss.
+    /// Whether a version is retired, as of the last refresh. Lock-free.
+    pub fn is_retired(&self, world: &str, version: u64) -> bool {
+        self.retired.load().contains(&(world.to_string(), version))
+    }
+
+    /// A specific version of a world, loading it on a miss; `Retired` for a retired version,
+    /// even one loaded before it was retired.
     pub async fn version(
         &self,
         world: &str,
         version: u64,
     ) -> Result<Arc<LoadedVersion>, LoadError> {
+        if self.is_retired(world, version) {
+            return Err(LoadError::Retired {
+                world: world.to_string(),
+                version,
+            });
+        }
         if let Some(v) = self.deployed(world).filter(|v| v.version == version) {
             return Ok(v);
         }
@@ -210,6 +231,16 @@ impl Cache {
     /// already at their version are untouched.
     pub async fn refresh(&self) -> Result<(), crate::store::StoreError> {
         let _guard = self.refreshing.lock().await;
+        // Retirements first: a refresh that fails after this still stops serving them.
+        let retired: HashSet<(String, u64)> = self.store.retired().await?.into_iter().collect();
+        if **self.retired.load() != retired {
+            let retired = Arc::new(retired);
+            // Refused from here on; then their loaded copies go.
+            self.retired.store(retired.clone());
+            if let Ok(mut versions) = self.versions.lock() {
+                versions.retain(|key, _| !retired.contains(key));
+            }
+        }
         let deployed = self.store.deployed().await?;
         let current = self.deployed.load_full();
         let mut next: HashMap<String, Arc<LoadedVersion>> = (*current).clone();

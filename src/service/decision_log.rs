@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{DecisionLogConfig, Overflow};
 use crate::store::{NewDecision, Store};
@@ -20,10 +20,38 @@ use crate::telemetry::Metrics;
 /// Attempts to write one batch before its records are counted as lost.
 const WRITE_ATTEMPTS: u32 = 3;
 
+/// A record in the queue, holding its share of the queue's byte budget until it is written.
+struct Queued {
+    decision: NewDecision,
+    _room: OwnedSemaphorePermit,
+}
+
+/// Bytes a record holds while queued: its strings and a fixed share for the rest.
+fn record_bytes(d: &NewDecision) -> u32 {
+    const FIXED: usize = 256;
+    const PER_MATCHED_RULE: usize = 96;
+    let matched = d.matched_rules.as_array().map_or(0, Vec::len);
+    let bytes = FIXED
+        + d.decision_id.len()
+        + d.world.len()
+        + d.action.len()
+        + d.module_hash.len()
+        + d.status.len()
+        + d.caller.len()
+        + d.correlation_id.as_ref().map_or(0, String::len)
+        + d.context_digest.len()
+        + matched * PER_MATCHED_RULE;
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
 /// The sending side, shared by every request.
 pub struct DecisionLog {
     /// Requests send; the writer receives.
-    tx: mpsc::Sender<NewDecision>,
+    tx: mpsc::Sender<Queued>,
+    /// The queue's bound in bytes, as permits: a record takes its size before it is queued
+    /// and gives it back once written, so the queue is bounded in memory as well as in count.
+    room: Arc<Semaphore>,
+    max_bytes: u32,
     /// The supervisor signals once, after the HTTP server has drained; the writer then
     /// writes what is queued and exits.
     stop: watch::Sender<bool>,
@@ -37,6 +65,8 @@ pub struct DecisionLog {
 pub struct LogStatus {
     pub queue_depth: u64,
     pub capacity: usize,
+    pub queued_bytes: u64,
+    pub max_bytes: u64,
     pub overflow: &'static str,
     pub dropped: u64,
     pub written: u64,
@@ -56,6 +86,7 @@ impl DecisionLog {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(Self, Writer)> {
         let (tx, rx) = mpsc::channel(config.capacity);
+        let max_bytes = u32::try_from(config.max_bytes).unwrap_or(u32::MAX);
         let (stop, mut stopped) = watch::channel(false);
         let (finished, writer) = oneshot::channel();
         let (batch_size, linger, thread_metrics) =
@@ -90,6 +121,8 @@ impl DecisionLog {
         Ok((
             Self {
                 tx,
+                room: Arc::new(Semaphore::new(max_bytes as usize)),
+                max_bytes,
                 stop,
                 overflow: config.overflow,
                 capacity: config.capacity,
@@ -99,24 +132,57 @@ impl DecisionLog {
         ))
     }
 
-    /// Queue a decision record, waiting or dropping as configured when the queue is full.
+    /// Queue a decision record, waiting or dropping as configured when the queue is full,
+    /// in records or in bytes.
     pub async fn record(&self, decision: NewDecision) {
-        let queued = match self.tx.try_send(decision) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-            Err(mpsc::error::TrySendError::Full(decision)) => match self.overflow {
-                Overflow::Drop => false,
-                Overflow::Block(wait) => {
-                    matches!(
-                        tokio::time::timeout(wait, self.tx.send(decision)).await,
-                        Ok(Ok(()))
-                    )
-                }
-            },
-        };
+        let queued = self.queue(decision).await;
         if !queued {
             self.metrics.decision_log_dropped.fetch_add(1, Relaxed);
         }
+    }
+
+    async fn queue(&self, decision: NewDecision) -> bool {
+        let bytes = record_bytes(&decision).min(self.max_bytes);
+        // One wait for both bounds, bytes and records.
+        let until = match self.overflow {
+            Overflow::Block(wait) => Some(tokio::time::Instant::now() + wait),
+            Overflow::Drop => None,
+        };
+        let room = match self.room.clone().try_acquire_many_owned(bytes) {
+            Ok(room) => room,
+            Err(tokio::sync::TryAcquireError::Closed) => return false,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                let Some(until) = until else {
+                    return false;
+                };
+                match tokio::time::timeout_at(until, self.room.clone().acquire_many_owned(bytes))
+                    .await
+                {
+                    Ok(Ok(room)) => room,
+                    _ => return false,
+                }
+            }
+        };
+        let item = Queued {
+            decision,
+            _room: room,
+        };
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(item)) => match until {
+                None => false,
+                Some(until) => matches!(
+                    tokio::time::timeout_at(until, self.tx.send(item)).await,
+                    Ok(Ok(()))
+                ),
+            },
+        }
+    }
+
+    /// Bytes the queued records hold, by the estimate the byte bound uses.
+    pub fn queued_bytes(&self) -> u64 {
+        u64::from(self.max_bytes).saturating_sub(self.room.available_permits() as u64)
     }
 
     /// Ask the writer to write what is queued and stop.
@@ -133,6 +199,8 @@ impl DecisionLog {
         LogStatus {
             queue_depth: self.depth(),
             capacity: self.capacity,
+            queued_bytes: self.queued_bytes(),
+            max_bytes: u64::from(self.max_bytes),
             overflow: match self.overflow {
                 Overflow::Block(_) => "block",
                 Overflow::Drop => "drop",
@@ -166,7 +234,7 @@ async fn own_store(store: &Store, stopped: &mut watch::Receiver<bool>) -> Option
 
 async fn write_loop(
     store: &Store,
-    mut rx: mpsc::Receiver<NewDecision>,
+    mut rx: mpsc::Receiver<Queued>,
     mut stopped: watch::Receiver<bool>,
     batch_size: usize,
     linger: Duration,
@@ -211,11 +279,14 @@ async fn write_loop(
     tracing::debug!("decision log writer stopped");
 }
 
-async fn write(store: &Store, batch: &mut Vec<NewDecision>, metrics: &Metrics) {
+async fn write(store: &Store, queued: &mut Vec<Queued>, metrics: &Metrics) {
+    // The records' room in the queue is given back only once they are written (or lost).
+    let (batch, _room): (Vec<NewDecision>, Vec<OwnedSemaphorePermit>) =
+        queued.drain(..).map(|q| (q.decision, q._room)).unzip();
     let n = batch.len() as u64;
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=WRITE_ATTEMPTS {
-        match store.append_decisions(batch).await {
+        match store.append_decisions(&batch).await {
             Ok(()) => {
                 metrics.decision_log_written.fetch_add(n, Relaxed);
                 break;
@@ -231,5 +302,4 @@ async fn write(store: &Store, batch: &mut Vec<NewDecision>, metrics: &Metrics) {
             }
         }
     }
-    batch.clear();
 }

@@ -268,12 +268,19 @@ fn request_fields(world: Value) -> Map<String, Value> {
         "world_model_version".into(),
         json!({
             "type": ["integer", "null"], "minimum": 1, "maximum": u64::MAX,
-            "description": "Pin a published version; the deployed one when absent or null."
+            "description": "Decide with this version instead of the deployed one (the deployed \
+                one when absent or null). Naming the deployed version needs only the decide \
+                scope; any other needs the pin scope (403 without it); a retired version \
+                answers 410 with code version_retired."
         }),
     );
     m.insert(
         "correlation_id".into(),
-        json!({"type": ["string", "null"], "description": "Echoed back in decision_metadata."}),
+        json!({
+            "type": ["string", "null"],
+            "maxLength": crate::service::MAX_CORRELATION_ID_CHARS,
+            "description": "Echoed back in decision_metadata and stored with the decision."
+        }),
     );
     m.insert(
         "explain".into(),
@@ -289,7 +296,7 @@ pub fn decide_request_schema(world_required: bool) -> Value {
     let mut props = Map::new();
     props.insert(
         "action".into(),
-        json!({"type": "string", "description": "The action to decide, e.g. wire_transfer.release; spectral.list_actions and GET /api/worlds/{world}/actions list them."}),
+        json!({"type": "string", "maxLength": crate::service::MAX_NAME_CHARS, "description": "The action to decide, e.g. wire_transfer.release; spectral.list_actions and GET /api/worlds/{world}/actions list them."}),
     );
     props.insert(
         "context".into(),
@@ -297,6 +304,7 @@ pub fn decide_request_schema(world_required: bool) -> Value {
     );
     props.extend(request_fields(json!({
         "type": "string",
+        "maxLength": crate::service::MAX_NAME_CHARS,
         "description": "The world. An operator key must send it; a world key may leave it out."
     })));
     let required: &[&str] = if world_required {
@@ -338,9 +346,10 @@ fn problems(extra: &[(&str, &str)]) -> Map<String, Value> {
         ),
         (
             "503",
-            "Not ready, the store is down, a decision record cannot be queued in time, the request \
-             took longer than the request timeout, or the server is at its connection limit \
-             (`unavailable`, `too_many_connections`).",
+            "Not ready, the store is down, a decision record cannot be queued in time, every \
+             evaluation slot for expensive decisions is taken, the request took longer than the \
+             request timeout, or the server is at its connection limit (`unavailable`, \
+             `evaluation_overloaded`, `too_many_connections`).",
         ),
         ("500", "A fault of the service (`internal`); the detail is logged, not shown."),
     ] {
@@ -352,12 +361,15 @@ fn problems(extra: &[(&str, &str)]) -> Map<String, Value> {
     m
 }
 
+const RETIRED: &str = "world_model_version names a retired version (`version_retired`).";
+
 /// The extra problems of an operation that reads a JSON body.
 const BODY_PROBLEMS: [(&str, &str); 3] = [
     (
         "400",
-        "The body is not valid JSON of the expected shape, or the request cannot be served as \
-         asked (`malformed_request`, `bad_request`, `unreadable_body`).",
+        "The body is not valid JSON of the expected shape (duplicate keys included), a string \
+         is over its maximum length, or the request cannot be served as asked \
+         (`malformed_request`, `field_too_long`, `bad_request`, `unreadable_body`).",
     ),
     (
         "413",
@@ -419,6 +431,7 @@ pub fn document(model: &WorldModel, version: u64) -> Value {
     schemas.insert("decision".into(), decision_schema());
     schemas.insert("problem".into(), problem_schema());
     let mut responses = problems(&BODY_PROBLEMS);
+    responses.insert("410".into(), problem_response(RETIRED));
     responses.insert(
         "200".into(),
         json!({
@@ -511,6 +524,11 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
         },
         "required": ["seq", "version", "deployed_at", "deployed_by"]
     });
+    let retirement = json!({
+        "type": "object",
+        "properties": {"retired_at": datetime, "retired_by": {"type": "string"}, "reason": {"type": ["string", "null"]}},
+        "required": ["retired_at", "retired_by", "reason"]
+    });
     let modules = json!({
         "type": "array",
         "description": "[action, module hash] pairs in the model's action order.",
@@ -533,7 +551,7 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
             "type": "object",
             "properties": {"results": {"type": "array", "items": {
                 "type": "object",
-                "description": "One per request, in order: a decision, or the problem that request alone met.",
+                "description": "One per request, in order: a decision, or the problem that request alone met (`batch_budget_exhausted` for items the batch's operations or time did not reach).",
                 "properties": {
                     "status": {"type": "integer"},
                     "decision": reference("decision"),
@@ -575,6 +593,17 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
             "additionalProperties": false
         },
         "deployment": deployment,
+        "retirement": retirement.clone(),
+        "retire_request": {
+            "type": "object",
+            "properties": {"reason": {"type": ["string", "null"], "maxLength": crate::service::MAX_RETIRE_REASON_CHARS}},
+            "additionalProperties": false
+        },
+        "retired_version": {
+            "type": "object",
+            "properties": {"world": {"type": "string"}, "version": {"type": "integer"}, "retired": reference("retirement")},
+            "required": ["world", "version", "retired"]
+        },
         "world_summary": {
             "type": "object",
             "properties": {"world": {"type": "string"}, "deployed_version": opt_int, "latest_version": opt_int},
@@ -586,8 +615,9 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
                 "world": {"type": "string"}, "deployed_version": opt_int, "has_draft": {"type": "boolean"},
                 "versions": {"type": "array", "items": {
                     "type": "object",
-                    "properties": {"version": {"type": "integer"}, "published_at": datetime, "published_by": {"type": "string"}},
-                    "required": ["version", "published_at", "published_by"]
+                    "properties": {"version": {"type": "integer"}, "published_at": datetime, "published_by": {"type": "string"},
+                                   "retired": {"anyOf": [reference("retirement"), {"type": "null"}]}},
+                    "required": ["version", "published_at", "published_by", "retired"]
                 }},
                 "deployments": {"type": "array", "items": reference("deployment")}
             },
@@ -667,12 +697,27 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
         ("200", "The version.", reference("version_record")),
         &[],
     );
-    get_version["responses"]["404"] = not_routed;
+    get_version["responses"]["404"] = not_routed.clone();
+    let mut retire = operation(
+        "retire",
+        "Retire a version for good: no key may pin it any more and it is never deployed again.",
+        None,
+        ("200", "The retired version.", reference("retired_version")),
+        &[conflict],
+    );
+    for (code, description) in BODY_PROBLEMS {
+        retire["responses"][code] = problem_response(description);
+    }
+    retire["responses"]["404"] = not_routed;
+    retire["requestBody"] = json!({
+        "required": false,
+        "content": {"application/json": {"schema": reference("retire_request")}}
+    });
     let paths = json!({
         "/api/decide": {"post": operation(
             "decide", "Decide whether an action may proceed; the status and work frame are binding.",
             Some(reference("decide_request")),
-            ("200", "The decision, YELLOW included for missing or ill-typed evidence.", reference("decision")), &[])},
+            ("200", "The decision, YELLOW included for missing or ill-typed evidence.", reference("decision")), &[("410", RETIRED)])},
         "/api/decide/batch": {"post": operation(
             "decideBatch", "Decide several requests in order, each with its own result or problem.",
             Some(reference("batch_request")),
@@ -690,7 +735,8 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
         "/api/worlds/{world}/versions": {"parameters": [world.clone()], "post": operation(
             "publish", "Publish the draft as the next version (immutable).", None,
             ("201", "The published version.", reference("published")), &[invalid, conflict])},
-        "/api/worlds/{world}/versions/{version}": {"parameters": [world.clone(), version_param], "get": get_version},
+        "/api/worlds/{world}/versions/{version}": {"parameters": [world.clone(), version_param.clone()], "get": get_version},
+        "/api/worlds/{world}/versions/{version}/retire": {"parameters": [world.clone(), version_param.clone()], "post": retire},
         "/api/worlds/{world}/deployments": {"parameters": [world.clone()], "post": operation(
             "deploy", "Deploy (or roll back to) a published version.",
             Some(reference("deploy_request")),

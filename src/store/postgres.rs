@@ -17,11 +17,11 @@ use std::sync::Arc;
 
 use super::{
     db_error, db_error_or_conflict, deployed_event, extend_chain, group_by_world, insert_chunks,
-    migrate_error, now, parse_json, parse_scopes, published_event, recorded_event, source, to_i64,
-    to_u64, unique_modules, Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision,
-    NewEvent, NewKey, NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Stamp, StatDelta,
-    StoreError, VersionRecord, VersionSummary, Webhook, WorldDetail, WorldSummary, GENESIS,
-    OUTBOX_CHANNEL,
+    migrate_error, now, parse_json, parse_scopes, published_event, recorded_event,
+    retired_conflict, retired_event, retirement, source, to_i64, to_u64, unique_modules,
+    Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision, NewEvent, NewKey,
+    NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, Stamp, StatDelta, StoreError,
+    VersionRecord, VersionSummary, Webhook, WorldDetail, WorldSummary, GENESIS, OUTBOX_CHANNEL,
 };
 
 // Migrations this build does not know are not an error: a rollback runs the previous build
@@ -54,6 +54,26 @@ type DecisionRow = (
     DateTime<Utc>,
     String,
     String,
+);
+
+/// `model, published_at, published_by` with the retirement columns of a `LEFT JOIN`.
+type VersionModelRow = (
+    serde_json::Value,
+    DateTime<Utc>,
+    String,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<String>,
+);
+
+/// `version, published_at, published_by` with the retirement columns of a `LEFT JOIN`.
+type VersionRow = (
+    i64,
+    DateTime<Utc>,
+    String,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<String>,
 );
 
 /// `id, world, scopes, label, created_at` of `core.api_keys`.
@@ -274,6 +294,17 @@ impl PgStore {
         if locked.is_none() || exists.is_none() {
             return Err(missing());
         }
+        // Retiring locks the world's row too, so this reads the last committed retirement.
+        let retired: Option<(i32,)> =
+            sqlx::query_as("SELECT 1 FROM core.retired_versions WHERE world = $1 AND version = $2")
+                .bind(world)
+                .bind(v)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        if retired.is_some() {
+            return Err(retired_conflict(world, version));
+        }
         let (seq,): (i64,) = sqlx::query_as(
             "SELECT COALESCE(MAX(seq), 0) + 1 FROM core.world_deployments WHERE world = $1",
         )
@@ -360,9 +391,11 @@ impl PgStore {
         let Some((deployed, has_draft)) = row else {
             return Ok(None);
         };
-        let versions: Vec<(i64, DateTime<Utc>, String)> = sqlx::query_as(
-            "SELECT version, published_at, published_by FROM core.world_versions
-             WHERE world = $1 ORDER BY version",
+        let versions: Vec<VersionRow> = sqlx::query_as(
+            "SELECT v.version, v.published_at, v.published_by, r.retired_at, r.retired_by, r.reason
+             FROM core.world_versions v
+             LEFT JOIN core.retired_versions r ON r.world = v.world AND r.version = v.version
+             WHERE v.world = $1 ORDER BY v.version",
         )
         .bind(world)
         .fetch_all(&mut *tx)
@@ -383,13 +416,16 @@ impl PgStore {
             has_draft,
             versions: versions
                 .into_iter()
-                .map(|(version, published_at, published_by)| {
-                    Ok(VersionSummary {
-                        version: to_u64(version, "version")?,
-                        published_at,
-                        published_by,
-                    })
-                })
+                .map(
+                    |(version, published_at, published_by, retired_at, retired_by, reason)| {
+                        Ok(VersionSummary {
+                            version: to_u64(version, "version")?,
+                            published_at,
+                            published_by,
+                            retired: retirement(retired_at, retired_by, reason),
+                        })
+                    },
+                )
                 .collect::<Result<_, StoreError>>()?,
             deployments: deployments
                 .into_iter()
@@ -414,17 +450,20 @@ impl PgStore {
             return Ok(None);
         };
         // A version and its modules are written in one transaction and never change, so two
-        // plain reads agree without a snapshot.
-        let row: Option<(serde_json::Value, DateTime<Utc>, String)> = sqlx::query_as(
-            "SELECT model, published_at, published_by FROM core.world_versions
-             WHERE world = $1 AND version = $2",
+        // plain reads agree without a snapshot. A retirement committed between them is
+        // reported by the next read.
+        let row: Option<VersionModelRow> = sqlx::query_as(
+            "SELECT v.model, v.published_at, v.published_by, r.retired_at, r.retired_by, r.reason
+             FROM core.world_versions v
+             LEFT JOIN core.retired_versions r ON r.world = v.world AND r.version = v.version
+             WHERE v.world = $1 AND v.version = $2",
         )
         .bind(world)
         .bind(v)
         .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?;
-        let Some((model, published_at, published_by)) = row else {
+        let Some((model, published_at, published_by, retired_at, retired_by, reason)) = row else {
             return Ok(None);
         };
         let modules: Vec<(String, String)> = sqlx::query_as(
@@ -443,7 +482,96 @@ impl PgStore {
             modules,
             published_at,
             published_by,
+            retired: retirement(retired_at, retired_by, reason),
         }))
+    }
+
+    pub async fn retire(
+        &self,
+        world: &str,
+        version: u64,
+        retired_by: &str,
+        reason: Option<&str>,
+    ) -> Result<Retirement, StoreError> {
+        let missing = || StoreError::NotFound(format!("world '{world}' version {version}"));
+        let v = to_i64(version).ok_or_else(missing)?;
+        let retired = Retirement {
+            retired_at: now(),
+            retired_by: retired_by.to_owned(),
+            reason: reason.map(str::to_owned),
+        };
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        // The world's row lock, as deploy takes it: no deployment commits between the check of
+        // the deployed version and the insert.
+        let locked: Option<(Option<i64>,)> =
+            sqlx::query_as("SELECT deployed_version FROM core.worlds WHERE slug = $1 FOR UPDATE")
+                .bind(world)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        let row: Option<(Option<DateTime<Utc>>,)> = sqlx::query_as(
+            "SELECT (SELECT r.retired_at FROM core.retired_versions r
+                     WHERE r.world = v.world AND r.version = v.version)
+             FROM core.world_versions v WHERE v.world = $1 AND v.version = $2",
+        )
+        .bind(world)
+        .bind(v)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let (Some((deployed,)), Some((already,))) = (locked, row) else {
+            return Err(missing());
+        };
+        if deployed == Some(v) {
+            return Err(StoreError::Conflict(format!(
+                "world '{world}' version {version} is the deployed version; deploy another \
+                 version before retiring it"
+            )));
+        }
+        if already.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "world '{world}' version {version} is already retired"
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO core.retired_versions (world, version, retired_at, retired_by, reason)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(world)
+        .bind(v)
+        .bind(retired.retired_at)
+        .bind(&retired.retired_by)
+        .bind(&retired.reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        insert_events(
+            &mut tx,
+            &[retired_event(world, version, &retired)],
+            self.generation(),
+        )
+        .await?;
+        // Every instance refreshes on this, as on a deployment, and stops serving the version.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(DEPLOYMENTS_CHANNEL)
+            .bind(world)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(retired)
+    }
+
+    pub async fn retired(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT world, version FROM core.retired_versions ORDER BY world, version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.into_iter()
+            .map(|(world, v)| Ok((world, to_u64(v, "version")?)))
+            .collect()
     }
 
     pub async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {

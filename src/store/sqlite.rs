@@ -22,10 +22,11 @@ use chrono::{DateTime, Utc};
 use super::{
     db_error, db_error_or_conflict, deployed_event, extend_chain, from_micros, group_by_world,
     insert_chunks, migrate_error, now, parse_json, parse_scopes, published_event, recorded_event,
-    source, to_i64, to_json_text, to_u64, unique_modules, Completion, DecisionRecord, Deployment,
-    Effect, KeyRecord, NewDecision, NewEvent, NewKey, NewVersion, OutboxCounts, OutboxRow,
-    OutboxStatus, Stamp, StatDelta, StoreError, VersionRecord, VersionSummary, Webhook,
-    WorldDetail, WorldSummary, GENESIS, OUTBOX_CHANNEL,
+    retired_conflict, retired_event, retirement, source, to_i64, to_json_text, to_u64,
+    unique_modules, Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision,
+    NewEvent, NewKey, NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, Stamp,
+    StatDelta, StoreError, VersionRecord, VersionSummary, Webhook, WorldDetail, WorldSummary,
+    GENESIS, OUTBOX_CHANNEL,
 };
 
 // Migrations this build does not know are not an error: a rollback runs the previous build
@@ -259,6 +260,16 @@ impl SqliteStore {
         if exists.is_none() {
             return Err(missing());
         }
+        let retired: Option<(i64,)> =
+            sqlx::query_as("SELECT 1 FROM retired_versions WHERE world = ?1 AND version = ?2")
+                .bind(world)
+                .bind(v)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        if retired.is_some() {
+            return Err(retired_conflict(world, version));
+        }
         let (seq,): (i64,) = sqlx::query_as(
             "SELECT COALESCE(MAX(seq), 0) + 1 FROM world_deployments WHERE world = ?1",
         )
@@ -333,9 +344,11 @@ impl SqliteStore {
         let Some((deployed, has_draft)) = row else {
             return Ok(None);
         };
-        let versions: Vec<(i64, i64, String)> = sqlx::query_as(
-            "SELECT version, published_at, published_by FROM world_versions
-             WHERE world = ?1 ORDER BY version",
+        let versions: Vec<VersionRow> = sqlx::query_as(
+            "SELECT v.version, v.published_at, v.published_by, r.retired_at, r.retired_by, r.reason
+             FROM world_versions v
+             LEFT JOIN retired_versions r ON r.world = v.world AND r.version = v.version
+             WHERE v.world = ?1 ORDER BY v.version",
         )
         .bind(world)
         .fetch_all(&mut *tx)
@@ -356,11 +369,12 @@ impl SqliteStore {
             has_draft,
             versions: versions
                 .into_iter()
-                .map(|(version, at, by)| {
+                .map(|(version, at, by, retired_at, retired_by, reason)| {
                     Ok(VersionSummary {
                         version: to_u64(version, "version")?,
                         published_at: from_micros(at)?,
                         published_by: by,
+                        retired: retired_from(retired_at, retired_by, reason)?,
                     })
                 })
                 .collect::<Result<_, StoreError>>()?,
@@ -387,16 +401,18 @@ impl SqliteStore {
             return Ok(None);
         };
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let row: Option<(String, i64, String)> = sqlx::query_as(
-            "SELECT model, published_at, published_by FROM world_versions
-             WHERE world = ?1 AND version = ?2",
+        let row: Option<VersionModelRow> = sqlx::query_as(
+            "SELECT v.model, v.published_at, v.published_by, r.retired_at, r.retired_by, r.reason
+                 FROM world_versions v
+                 LEFT JOIN retired_versions r ON r.world = v.world AND r.version = v.version
+                 WHERE v.world = ?1 AND v.version = ?2",
         )
         .bind(world)
         .bind(v)
         .fetch_optional(&mut *tx)
         .await
         .map_err(db_error)?;
-        let Some((model, published_at, published_by)) = row else {
+        let Some((model, published_at, published_by, retired_at, retired_by, reason)) = row else {
             return Ok(None);
         };
         let modules: Vec<(String, String)> = sqlx::query_as(
@@ -419,7 +435,84 @@ impl SqliteStore {
             modules,
             published_at: from_micros(published_at)?,
             published_by,
+            retired: retired_from(retired_at, retired_by, reason)?,
         }))
+    }
+
+    pub async fn retire(
+        &self,
+        world: &str,
+        version: u64,
+        retired_by: &str,
+        reason: Option<&str>,
+    ) -> Result<Retirement, StoreError> {
+        let missing = || StoreError::NotFound(format!("world '{world}' version {version}"));
+        let v = to_i64(version).ok_or_else(missing)?;
+        let retired = Retirement {
+            retired_at: now(),
+            retired_by: retired_by.to_owned(),
+            reason: reason.map(str::to_owned),
+        };
+        // The write lock from the first statement: no deploy interleaves between the check of
+        // the deployed version and the insert.
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await.map_err(db_error)?;
+        let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT w.deployed_version,
+                    (SELECT r.retired_at FROM retired_versions r
+                     WHERE r.world = v.world AND r.version = v.version)
+             FROM world_versions v JOIN worlds w ON w.slug = v.world
+             WHERE v.world = ?1 AND v.version = ?2",
+        )
+        .bind(world)
+        .bind(v)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let Some((deployed, already)) = row else {
+            return Err(missing());
+        };
+        if deployed == Some(v) {
+            return Err(StoreError::Conflict(format!(
+                "world '{world}' version {version} is the deployed version; deploy another \
+                 version before retiring it"
+            )));
+        }
+        if already.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "world '{world}' version {version} is already retired"
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO retired_versions (world, version, retired_at, retired_by, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(world)
+        .bind(v)
+        .bind(retired.retired_at.timestamp_micros())
+        .bind(&retired.retired_by)
+        .bind(&retired.reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        insert_events(
+            &mut tx,
+            &[retired_event(world, version, &retired)],
+            self.generation(),
+        )
+        .await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(retired)
+    }
+
+    pub async fn retired(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT world, version FROM retired_versions ORDER BY world, version")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+        rows.into_iter()
+            .map(|(world, v)| Ok((world, to_u64(v, "version")?)))
+            .collect()
     }
 
     pub async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1059,6 +1152,34 @@ impl SqliteStore {
 }
 
 type WebhookRow = (String, String, String, String, String, i64);
+
+/// `model, published_at, published_by` with the retirement columns of a `LEFT JOIN`.
+type VersionModelRow = (
+    String,
+    i64,
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
+
+/// `version, published_at, published_by` with the retirement columns of a `LEFT JOIN`.
+type VersionRow = (
+    i64,
+    i64,
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
+
+fn retired_from(
+    at: Option<i64>,
+    by: Option<String>,
+    reason: Option<String>,
+) -> Result<Option<Retirement>, StoreError> {
+    Ok(retirement(at.map(from_micros).transpose()?, by, reason))
+}
 
 fn webhook(
     (id, world, url, secret, events, created_at): WebhookRow,

@@ -37,6 +37,9 @@ pub struct Decision {
     pub status: Status,
     pub work_frame: WorkFrame,
     pub decision_metadata: Metadata,
+    /// Sandbox operations the rules used; not part of the answer.
+    #[serde(skip)]
+    pub operations: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -135,6 +138,7 @@ pub fn evaluate(
                 errors,
                 request.explain.then(Vec::new),
                 started,
+                0,
             ));
         }
     };
@@ -147,7 +151,8 @@ pub fn evaluate(
     // The winner so far: (severity, effective outcome, rule index).
     let mut winner: Option<(Severity, Status, usize)> = None;
     let runs = module.run_rules(sandbox, &mut bindings, request.explain);
-    for (index, (rule, run)) in module.rules.iter().zip(runs).enumerate() {
+    let operations = runs.operations;
+    for (index, (rule, run)) in module.rules.iter().zip(runs.runs).enumerate() {
         let source = &rule.source;
         // A failing predicate counts as matched with at least YELLOW.
         let outcome = match run.error {
@@ -212,7 +217,7 @@ pub fn evaluate(
         frame = module.source.work_frames[&Status::Yellow].clone();
     }
     Ok(decision(
-        module, request, status, frame, matched, errors, trace, started,
+        module, request, status, frame, matched, errors, trace, started, operations,
     ))
 }
 
@@ -226,8 +231,10 @@ fn decision(
     errors: Vec<DecisionError>,
     trace: Option<Vec<TraceEntry>>,
     started: Instant,
+    operations: u64,
 ) -> Decision {
     Decision {
+        operations,
         status,
         work_frame,
         decision_metadata: Metadata {

@@ -6,6 +6,7 @@
 //! source compiled by the sandbox, ready to evaluate.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,7 @@ use super::model::{
     Aggregation, Attribute, Rule, Severity, Status, WorkFrame, WorkFramePatch, WorldModel,
 };
 use super::validate::{Locus, Problem, Which};
-use crate::sandbox::{Batch, Bindings, Failure, Program, Sandbox, SandboxError};
+use crate::sandbox::{Batch, Bindings, Budget, ErrorKind, Failure, Program, Sandbox, SandboxError};
 
 /// The canonical content of a module. Field order and `BTreeMap`s make its JSON form
 /// canonical.
@@ -171,6 +172,18 @@ pub struct Module {
     pub rules: Vec<CompiledRule>,
     /// Every rule in one program, the fast path of a decision.
     batch: Option<Batch>,
+    /// Set once a decision of this module cost more than the sandbox's `offload_operations`
+    /// or ran into an operation limit: its later decisions run off the API threads, one rule
+    /// at a time.
+    expensive: AtomicBool,
+}
+
+/// Every rule's run in one decision, and what they cost together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Runs {
+    pub runs: Vec<RuleRun>,
+    /// Operations the decision used: the batch's, or the sum of the rules run one by one.
+    pub operations: u64,
 }
 
 /// Loading a stored module failed.
@@ -256,6 +269,28 @@ impl Module {
                 predicate,
             });
         }
+        let folded: usize = rules
+            .iter()
+            .map(|r| {
+                r.predicate.folded_bytes() + r.applies_when.as_ref().map_or(0, |a| a.folded_bytes())
+            })
+            .sum();
+        if folded > sandbox.limits().max_module_bytes {
+            problems.push(Problem::sandbox(
+                Locus::Action {
+                    action: source.action.clone(),
+                },
+                SandboxError {
+                    kind: ErrorKind::ModuleTooLarge,
+                    message: format!(
+                        "the rules of this action fold {folded} bytes of config constants \
+                         together, over the limit of {}",
+                        sandbox.limits().max_module_bytes
+                    ),
+                    position: None,
+                },
+            ));
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -270,18 +305,18 @@ impl Module {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let parts: Vec<(Option<&str>, &str)> = source
-            .rules
+        let parts: Vec<(Option<&Program>, &Program)> = rules
             .iter()
-            .map(|r| (r.applies_when.as_deref(), r.predicate.as_str()))
+            .map(|r| (r.applies_when.as_ref(), &r.predicate))
             .collect();
-        let batch = sandbox.compile_batch(&parts, &source.config);
+        let batch = sandbox.batch(&parts);
         Ok(Self {
             manifest,
             source: Arc::new(source),
             attrs,
             rules,
             batch,
+            expensive: AtomicBool::new(false),
         })
     }
 
@@ -290,41 +325,72 @@ impl Module {
         &self.manifest.source_digest
     }
 
-    /// Run every rule in evaluation order. Untimed runs take the batch path, one engine call
-    /// for all rules; if anything in the batch fails, or when timing is wanted, the rules run
-    /// one by one so that each failure is attributed to its rule with its own budget.
-    pub fn run_rules(
-        &self,
-        sandbox: &Sandbox,
-        bindings: &mut Bindings,
-        timed: bool,
-    ) -> Vec<RuleRun> {
-        if !timed {
-            if let Some(results) = self
-                .batch
-                .as_ref()
-                .and_then(|b| sandbox.eval_batch(b, bindings))
-            {
-                return results
-                    .into_iter()
-                    .map(|r| RuleRun {
-                        applied: r.is_some(),
-                        matched: r == Some(true),
-                        error: None,
-                        operations: 0,
-                        us: None,
-                    })
-                    .collect();
+    /// Run every rule in evaluation order, all of them drawing on one decision budget.
+    ///
+    /// Untimed runs try the batch first, one engine call for all rules, capped at the
+    /// sandbox's `offload_operations`. If anything in it fails, or when timing is wanted, the
+    /// rules run one by one with the whole budget, so that each failure is attributed to its
+    /// rule. The batch answers only where the rules run one by one answer the same: same
+    /// trees, same order, same scope, and no error anywhere.
+    pub fn run_rules(&self, sandbox: &Sandbox, bindings: &mut Bindings, timed: bool) -> Runs {
+        // The batch of a module seen to be expensive would only give way again.
+        if !timed && !self.is_expensive() {
+            if let Some(runs) = self.run_batch(sandbox, bindings) {
+                return runs;
             }
         }
-        (0..self.rules.len())
+        let mut budget = sandbox.budget();
+        let mut operations = 0u64;
+        let mut over_budget = false;
+        let runs = (0..self.rules.len())
             .map(|index| {
                 let started = timed.then(std::time::Instant::now);
-                let mut run = self.run_rule(sandbox, index, bindings);
+                let mut run = self.run_rule_within(sandbox, index, bindings, &mut budget);
                 run.us = started.map(|t| t.elapsed().as_micros() as u64);
+                operations += run.operations;
+                // Operations only: a clock that ran out under load says nothing of the
+                // module, and the mark is for good.
+                over_budget |= run.error.as_ref().is_some_and(|e| {
+                    matches!(
+                        e.kind,
+                        ErrorKind::BudgetExceeded | ErrorKind::TooManyOperations
+                    )
+                });
                 run
             })
-            .collect()
+            .collect();
+        if over_budget || operations > sandbox.limits().offload_operations {
+            self.expensive.store(true, Ordering::Relaxed);
+        }
+        Runs { runs, operations }
+    }
+
+    /// Every rule in one engine call, capped at the sandbox's `offload_operations`: the runs,
+    /// or `None` when anything failed and the rules must run one by one.
+    pub fn run_batch(&self, sandbox: &Sandbox, bindings: &mut Bindings) -> Option<Runs> {
+        let cap = sandbox.limits().offload_operations;
+        let outcome = sandbox.eval_batch(self.batch.as_ref()?, bindings, &sandbox.budget(), cap)?;
+        let runs = outcome
+            .results
+            .into_iter()
+            .map(|r| RuleRun {
+                applied: r.is_some(),
+                matched: r == Some(true),
+                error: None,
+                operations: 0,
+                us: None,
+            })
+            .collect();
+        Some(Runs {
+            runs,
+            operations: outcome.operations,
+        })
+    }
+
+    /// Whether a decision of this module was seen to be expensive: its decisions should run
+    /// off the API threads.
+    pub fn is_expensive(&self) -> bool {
+        self.expensive.load(Ordering::Relaxed)
     }
 
     /// Whether the module could be compiled into a single batch program.
@@ -332,9 +398,20 @@ impl Module {
         self.batch.is_some()
     }
 
-    /// Run one rule: `applies_when`, then the predicate. An error in either fails closed:
-    /// the rule counts as matched.
+    /// Run one rule with a decision budget of its own: what the case runner does.
     pub fn run_rule(&self, sandbox: &Sandbox, index: usize, bindings: &mut Bindings) -> RuleRun {
+        self.run_rule_within(sandbox, index, bindings, &mut sandbox.budget())
+    }
+
+    /// Run one rule: `applies_when`, then the predicate, both drawing on `budget`. An error
+    /// in either fails closed: the rule counts as matched.
+    pub fn run_rule_within(
+        &self,
+        sandbox: &Sandbox,
+        index: usize,
+        bindings: &mut Bindings,
+        budget: &mut Budget,
+    ) -> RuleRun {
         let Some(rule) = self.rules.get(index) else {
             return RuleRun {
                 applied: false,
@@ -346,7 +423,7 @@ impl Module {
         };
         let mut operations = 0;
         if let Some(guard) = &rule.applies_when {
-            match sandbox.eval(guard, bindings) {
+            match sandbox.eval_within(guard, bindings, budget) {
                 Ok(o) => {
                     operations += o.operations;
                     if !o.value {
@@ -376,7 +453,7 @@ impl Module {
                 }
             }
         }
-        match sandbox.eval(&rule.predicate, bindings) {
+        match sandbox.eval_within(&rule.predicate, bindings, budget) {
             Ok(o) => RuleRun {
                 applied: true,
                 matched: o.value,

@@ -1,5 +1,5 @@
-//! The decide service over HTTP, on SQLite and on Postgres: decide round trips, pinning,
-//! batch, explain, every problem code, auth, publish/deploy/rollback, immutability,
+//! The decide service over HTTP, on SQLite and on Postgres: decide round trips, pinning (and
+//! the pin scope it needs), retirement, batch, explain, every problem code, auth, publish/deploy/rollback, immutability,
 //! restart, and the decision chain.
 
 use std::collections::BTreeSet;
@@ -16,6 +16,8 @@ use crate::support::{example_worlds, predicates_dir};
 crate::both_backends!(
     every_example_world_answers_every_status_as_the_library_does,
     pinning_a_version,
+    pinning_another_version_needs_the_pin_scope,
+    retired_versions_are_refused_to_every_key,
     batch_answers_in_order_with_per_item_errors,
     explain_includes_the_trace,
     every_problem_code,
@@ -135,6 +137,234 @@ async fn pinning_a_version(backend: Backend) {
     assert_eq!(status, 404, "{d}");
     assert_eq!(d["code"], "not_found");
     app.stop().await;
+}
+
+/// A decide body pinned to `version`.
+fn pinned(version: u64) -> Value {
+    let mut body = green_wire();
+    body["world_model_version"] = json!(version);
+    body
+}
+
+/// The status of each item of a batch answer.
+fn item_statuses(out: &Value) -> Vec<u64> {
+    out["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["status"].as_u64().expect("status"))
+        .collect()
+}
+
+async fn pinning_another_version_needs_the_pin_scope(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    assert_eq!(app.publish_yellow_variant().await, 2);
+    let decide_only = app.key(Some("acme-payments"), &[Scope::Decide]).await;
+    let pinner = app
+        .key(Some("acme-payments"), &[Scope::Decide, Scope::Pin])
+        .await;
+    // Naming the deployed version needs nothing more than decide.
+    let (s, d) = app.decide(&decide_only, &pinned(1)).await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(d["decision_metadata"]["world_model_version"], 1);
+    // Any other version, published or not, is refused and the problem names the scope.
+    for version in [2, 9] {
+        let (s, b) = app.decide(&decide_only, &pinned(version)).await;
+        assert_eq!((s, b["code"].as_str()), (403, Some("forbidden")), "{b}");
+        let detail = b["detail"].as_str().unwrap_or("");
+        assert!(detail.contains("'pin' scope"), "{detail}");
+    }
+    // With pin, an older or newer version is reachable (replays, canaries).
+    let (s, d) = app.decide(&pinner, &pinned(2)).await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(
+        (
+            d["status"].as_str(),
+            d["decision_metadata"]["world_model_version"].as_u64()
+        ),
+        (Some("YELLOW"), Some(2))
+    );
+    // Pin does not stand in for decide, nor reach another world.
+    let pin_only = app.key(Some("acme-payments"), &[Scope::Pin]).await;
+    let (s, b) = app.decide(&pin_only, &pinned(2)).await;
+    assert_eq!(s, 403, "{b}");
+    let elsewhere = app
+        .key(Some("globex-support"), &[Scope::Decide, Scope::Pin])
+        .await;
+    let (s, b) = app.decide(&elsewhere, &pinned(2)).await;
+    assert_eq!(s, 403, "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("bound to world"),
+        "{b}"
+    );
+    // The batch applies the rule to every item on its own.
+    let body = json!({"requests": [pinned(1), pinned(2), green_wire()]});
+    let (s, out) = app.post(&decide_only, "/api/decide/batch", &body).await;
+    assert_eq!(s, 200, "{out}");
+    assert_eq!(item_statuses(&out), [200, 403, 200], "{out}");
+    let problem = &out["results"][1]["problem"];
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("'pin' scope"),
+        "{problem}"
+    );
+    assert_eq!(out["results"][2]["decision"]["status"], "GREEN");
+    let (s, out) = app.post(&pinner, "/api/decide/batch", &body).await;
+    assert_eq!(s, 200, "{out}");
+    assert_eq!(item_statuses(&out), [200, 200, 200], "{out}");
+    assert_eq!(out["results"][1]["decision"]["status"], "YELLOW");
+    app.stop().await;
+}
+
+async fn retired_versions_are_refused_to_every_key(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let deployer = app
+        .key(Some("acme-payments"), &[Scope::Deploy, Scope::Read])
+        .await;
+    let pinner = app
+        .key(Some("acme-payments"), &[Scope::Decide, Scope::Pin])
+        .await;
+    let decide_only = app.key(Some("acme-payments"), &[Scope::Decide]).await;
+    let elsewhere = app.key(Some("globex-support"), &Scope::ALL).await;
+    let deploy = |version: u64| {
+        let app = &app;
+        let deployer = &deployer;
+        async move {
+            app.post(
+                deployer,
+                "/api/worlds/acme-payments/deployments",
+                &json!({ "version": version }),
+            )
+            .await
+        }
+    };
+    let retire = |key: &str, version: u64, body: Value| {
+        let path = format!("/api/worlds/acme-payments/versions/{version}/retire");
+        let key = key.to_string();
+        let app = &app;
+        async move { app.post(&key, &path, &body).await }
+    };
+    // Version 2 goes out, and is pinned (and so loaded) while it is deployed.
+    assert_eq!(app.publish_yellow_variant().await, 2);
+    let (s, b) = deploy(2).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, d) = app.decide(&pinner, &pinned(2)).await;
+    assert_eq!((s, d["status"].as_str()), (200, Some("YELLOW")), "{d}");
+    // The deployed version cannot be retired.
+    let (s, b) = retire(&deployer, 2, json!({})).await;
+    assert_eq!((s, b["code"].as_str()), (409, Some("conflict")), "{b}");
+    // Roll back: a pin key still reaches version 2 until it is retired.
+    let (s, b) = deploy(1).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, d) = app.decide(&pinner, &pinned(2)).await;
+    assert_eq!(s, 200, "{d}");
+    // Retiring needs deploy on the version's own world, and a reason of bounded size.
+    let (s, b) = retire(&elsewhere, 2, json!({})).await;
+    assert_eq!((s, b["code"].as_str()), (403, Some("forbidden")), "{b}");
+    let (s, b) = retire(&pinner, 2, json!({})).await;
+    assert_eq!((s, b["code"].as_str()), (403, Some("forbidden")), "{b}");
+    let (s, b) = retire(&deployer, 2, json!({"reason": "x".repeat(1001)})).await;
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (400, Some("field_too_long")),
+        "{b}"
+    );
+    let (s, b) = retire(&deployer, 2, json!({"reason": "x", "force": true})).await;
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (400, Some("malformed_request")),
+        "{b}"
+    );
+    let (s, b) = retire(&deployer, 9, json!({})).await;
+    assert_eq!((s, b["code"].as_str()), (404, Some("not_found")), "{b}");
+    let (s, retired) = retire(&deployer, 2, json!({"reason": "too permissive"})).await;
+    assert_eq!(s, 200, "{retired}");
+    assert_eq!(retired["version"], 2);
+    assert_eq!(retired["retired"]["reason"], "too permissive");
+    let by = retired["retired"]["retired_by"].as_str().unwrap_or("");
+    assert!(by.starts_with("key_"), "{retired}");
+    // No key pins it any more: not one with pin, not the operator, not a decide-only key.
+    for key in [pinner.as_str(), OPERATOR] {
+        let (s, b) = app.decide(key, &pinned(2)).await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (410, Some("version_retired")),
+            "{b}"
+        );
+        assert_eq!(b["type"], "/problems/version_retired");
+    }
+    let (s, b) = app.decide(&decide_only, &pinned(2)).await;
+    assert_eq!(s, 403, "{b}");
+    let body = json!({"requests": [pinned(2), pinned(1)]});
+    let (_, out) = app.post(&pinner, "/api/decide/batch", &body).await;
+    assert_eq!(item_statuses(&out), [410, 200], "{out}");
+    // The deployed version still answers, pinned or not.
+    let (s, d) = app.decide(&decide_only, &green_wire()).await;
+    assert_eq!((s, d["status"].as_str()), (200, Some("GREEN")), "{d}");
+    // It is never deployed again, and stays retired.
+    let (s, b) = deploy(2).await;
+    assert_eq!((s, b["code"].as_str()), (409, Some("conflict")), "{b}");
+    assert!(
+        b["detail"].as_str().unwrap_or("").contains("retired"),
+        "{b}"
+    );
+    let (s, b) = retire(&deployer, 2, json!({})).await;
+    assert_eq!((s, b["code"].as_str()), (409, Some("conflict")), "{b}");
+    let (s, b) = retire(OPERATOR, 1, json!({})).await;
+    assert_eq!((s, b["code"].as_str()), (409, Some("conflict")), "{b}");
+    // Reads show it: the version, and the world's list of versions.
+    let (_, v2) = app
+        .get(Some(&deployer), "/api/worlds/acme-payments/versions/2")
+        .await;
+    assert_eq!(v2["retired"], retired["retired"], "{v2}");
+    let (_, v1) = app
+        .get(Some(&deployer), "/api/worlds/acme-payments/versions/1")
+        .await;
+    assert!(v1["retired"].is_null(), "{v1}");
+    let (_, world) = app.get(Some(&deployer), "/api/worlds/acme-payments").await;
+    let versions = world["versions"].as_array().expect("versions");
+    assert!(versions[0]["retired"].is_null(), "{world}");
+    assert_eq!(versions[1]["retired"], retired["retired"], "{world}");
+    // The body is optional: no body, no content type, no reason.
+    assert_eq!(app.publish_yellow_variant().await, 3);
+    let resp = app
+        .client
+        .post(app.url("/api/worlds/acme-payments/versions/3/retire"))
+        .bearer_auth(&deployer)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: Value = resp.json().await.expect("json");
+    assert!(body["retired"]["reason"].is_null(), "{body}");
+    // Each retirement left its event in the outbox, in the transaction that retired it.
+    app.stop().await;
+    let store = db.store().await;
+    let rows = store.outbox_list(None, None, 1000).await.expect("outbox");
+    let mut events: Vec<(u64, Value)> = rows
+        .iter()
+        .filter(|r| r.event_type == spectral::store::events::VERSION_RETIRED)
+        .map(|r| {
+            (
+                r.payload["version"].as_u64().unwrap_or(0),
+                r.payload["reason"].clone(),
+            )
+        })
+        .collect();
+    events.sort_by_key(|(v, _)| *v);
+    assert_eq!(
+        events,
+        [(2, json!("too permissive")), (3, Value::Null)],
+        "{rows:?}"
+    );
+    store.close().await;
 }
 
 async fn batch_answers_in_order_with_per_item_errors(backend: Backend) {
@@ -705,10 +935,10 @@ async fn draft_with_problems_lists_every_one(backend: Backend) {
 async fn snapshots_of_what_users_see() {
     let db = Db::fresh(Backend::Sqlite).await;
     let app = TestApp::on(&db).await;
+    // A YELLOW that does not depend on the clock: a large wire also matches the after-hours
+    // rule for half of every day in New York.
     let mut body = green_wire();
-    body["context"]["payment_method"] = json!("wire");
-    body["context"]["amount"] = json!(60000);
-    body["context"]["approvals"] = json!(["u-bob"]);
+    body["context"]["bank_account_changed_days"] = json!(3);
     body["correlation_id"] = json!("abc-123");
     let (_, decision) = app.decide(OPERATOR, &body).await;
     insta::assert_json_snapshot!("decide_response", decision, {
@@ -731,6 +961,8 @@ async fn snapshots_of_what_users_see() {
         ".version" => "[version]",
         ".features.decision_log.written" => "[count]",
         ".features.decision_log.queue_depth" => "[count]",
+        ".features.decision_log.queued_bytes" => "[bytes]",
+        ".features.evaluation.busy" => "[count]",
         ".generation" => "[generation]",
         ".features.outbox_rows" => "[rows]",
     });

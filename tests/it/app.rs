@@ -83,6 +83,8 @@ pub fn test_config(db: &Db) -> Config {
     // Unoptimized test builds on a busy machine can take milliseconds per predicate; the
     // deadline itself is tested with its own sandboxes in `hostile.rs`.
     config.sandbox.deadline_us = 500_000;
+    // Likewise the clock of a whole decision; the tests of it set their own.
+    config.sandbox.decision_deadline_us = 5_000_000;
     config
 }
 

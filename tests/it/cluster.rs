@@ -121,3 +121,46 @@ async fn an_instance_is_not_ready_while_a_deployed_world_fails_to_load() {
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retirement_reaches_another_instance_that_had_the_version_loaded() {
+    let db = Db::fresh(Backend::Postgres).await;
+    let a = TestApp::on(&db).await;
+    let mut config = test_config(&db);
+    // Polling so slow that only a notification can explain a fast refusal.
+    config.cache.poll_interval = Duration::from_secs(60);
+    let b = TestApp::start(config).await;
+    assert_eq!(a.publish_yellow_variant().await, 2);
+    let mut pinned = green_wire();
+    pinned["world_model_version"] = json!(2);
+    // Instance b loads version 2 for a pinned request.
+    let (s, d) = b.decide(OPERATOR, &pinned).await;
+    assert_eq!((s, d["status"].as_str()), (200, Some("YELLOW")), "{d}");
+    let (s, r) = a
+        .post(
+            OPERATOR,
+            "/api/worlds/acme-payments/versions/2/retire",
+            &json!({"reason": "canary went wrong"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let retired = Instant::now();
+    // The retiring instance refuses it before it answers.
+    let (s, _) = a.decide(OPERATOR, &pinned).await;
+    assert_eq!(s, 410);
+    loop {
+        let (s, d) = b.decide(OPERATOR, &pinned).await;
+        if s == 410 {
+            assert_eq!(d["code"], "version_retired");
+            break;
+        }
+        assert_eq!(s, 200, "{d}");
+        assert!(
+            retired.elapsed() < Duration::from_secs(5),
+            "the other instance kept serving the retired version"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}

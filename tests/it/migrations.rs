@@ -428,4 +428,68 @@ async fn a_build_starts_on_a_schema_newer_than_itself(backend: Backend) {
     app.stop().await;
 }
 
-crate::both_backends!(a_build_starts_on_a_schema_newer_than_itself);
+/// A build from before retirement deploys without looking at retired versions: the schema
+/// refuses the deployment for it, so a rollback of the code does not undo a retirement.
+async fn a_build_that_ignores_retirement_still_cannot_deploy_a_retired_version(backend: Backend) {
+    use sqlx::Connection;
+    let db = Db::fresh(backend).await;
+    let store = db.store().await;
+    for n in 1..=2 {
+        let content = format!("module {n}");
+        store
+            .publish(&spectral::store::NewVersion {
+                world: "w".into(),
+                model: serde_json::json!({"n": n}),
+                modules: vec![spectral::store::NewModule {
+                    action: "act".into(),
+                    hash: spectral::worlds::module::hash_bytes(content.as_bytes()),
+                    content: content.into_bytes(),
+                }],
+                published_by: "op".into(),
+            })
+            .await
+            .expect("publish");
+    }
+    store.retire("w", 2, "op", None).await.expect("retire");
+    store.close().await;
+    // The statements a build that knows nothing of retirement runs to deploy.
+    let result = |version: i64, seq: i64| match backend {
+        Backend::Sqlite => format!(
+            "INSERT INTO world_deployments (world, seq, version, deployed_at, deployed_by) \
+             VALUES ('w', {seq}, {version}, 0, 'old build')"
+        ),
+        Backend::Postgres => format!(
+            "INSERT INTO core.world_deployments (world, seq, version, deployed_at, deployed_by) \
+             VALUES ('w', {seq}, {version}, now(), 'old build')"
+        ),
+    };
+    let (refused, allowed) = match backend {
+        Backend::Sqlite => {
+            let file = db.sqlite_file().expect("sqlite");
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+                .await
+                .expect("connect");
+            let refused = sqlx::query(&result(2, 1)).execute(&mut c).await.err();
+            let allowed = sqlx::query(&result(1, 1)).execute(&mut c).await.err();
+            c.close().await.expect("close");
+            (refused, allowed)
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(db.postgres_url().expect("postgres"))
+                .await
+                .expect("connect");
+            let refused = sqlx::query(&result(2, 1)).execute(&mut c).await.err();
+            let allowed = sqlx::query(&result(1, 1)).execute(&mut c).await.err();
+            c.close().await.expect("close");
+            (refused, allowed)
+        }
+    };
+    let refused = refused.expect("deploying the retired version is refused");
+    assert!(refused.to_string().contains("retired"), "{refused}");
+    assert!(allowed.is_none(), "{allowed:?}");
+}
+
+crate::both_backends!(
+    a_build_starts_on_a_schema_newer_than_itself,
+    a_build_that_ignores_retirement_still_cannot_deploy_a_retired_version,
+);

@@ -137,14 +137,17 @@ async fn keys_push_and_migrate_from_the_command_line() {
             "--world",
             "acme-payments",
             "--scopes",
-            "decide,read,author,deploy",
+            "decide,read,author,deploy,pin",
         ],
         data.path(),
     );
     assert_eq!(code, 0, "{err}");
     let key = key.trim().to_string();
     assert!(key.starts_with("spk_"), "{key}");
-    assert!(err.contains("world 'acme-payments'") && err.contains("decide,read,author,deploy"));
+    assert!(
+        err.contains("world 'acme-payments'") && err.contains("decide,read,author,deploy,pin"),
+        "{err}"
+    );
     let (code, _, err) = spectral(
         &["keys", "create", "--world", "x", "--scopes", "fly"],
         data.path(),
@@ -200,6 +203,44 @@ async fn keys_push_and_migrate_from_the_command_line() {
     );
     assert_ne!(code, 0);
     assert!(err.contains("403"), "{err}");
+    // Version 1 was rolled forward from: retire it. The deployed version 2 is refused.
+    let retire = |version: &str| {
+        spectral(
+            &[
+                "world",
+                "retire",
+                "--url",
+                &server.base,
+                "--key",
+                &key,
+                "--world",
+                "acme-payments",
+                "--version",
+                version,
+                "--reason",
+                "superseded",
+            ],
+            data.path(),
+        )
+    };
+    let (code, out, err) = retire("1");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("acme-payments: retired version 1"), "{out}");
+    let (code, _, err) = retire("2");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("409") && err.contains("deployed version"),
+        "{err}"
+    );
+    body["world_model_version"] = serde_json::json!(1);
+    let resp = client
+        .post(format!("{}/api/decide", server.base))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .expect("decide");
+    assert_eq!(resp.status().as_u16(), 410);
     server.terminate();
 }
 

@@ -56,6 +56,7 @@ conformance! {
         version_lists_modules_in_action_order,
         deploy_rollback_and_history,
         deploy_of_a_missing_version_is_not_found,
+        retired_versions_are_never_deployed_again,
         deployed_lists_every_deployed_world,
         worlds_are_listed_by_slug_with_detail,
         keys_are_stored_and_looked_up_by_hash,
@@ -68,6 +69,7 @@ conformance! {
     two: [
         concurrent_appends_form_one_chain,
         concurrent_publishes_get_distinct_versions,
+        a_deploy_and_a_retirement_of_one_version_never_both_win,
     ],
 }
 
@@ -371,6 +373,80 @@ async fn deploy_of_a_missing_version_is_not_found(store: Store) {
     assert_eq!(detail.deployed_version, None);
     assert_eq!(detail.deployments, vec![]);
     assert_eq!(store.deployed().await.unwrap(), vec![]);
+}
+
+async fn retired_versions_are_never_deployed_again(store: Store) {
+    publish(&store, "w", 1).await;
+    publish(&store, "w", 2).await;
+    publish(&store, "w", 3).await;
+    store.deploy("w", 2, "op").await.unwrap();
+    assert_eq!(store.retired().await.unwrap(), vec![]);
+    // The deployed version is not retired; a missing one is not found.
+    let err = store.retire("w", 2, "op", None).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict(m) if m.contains("deployed")),
+        "{err:?}"
+    );
+    for (world, version) in [("w", 9), ("nope", 1), ("w", u64::MAX)] {
+        let err = store.retire(world, version, "op", None).await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    }
+    // Rolled back from, and a never-deployed one: both retire.
+    store.deploy("w", 1, "op").await.unwrap();
+    let two = store
+        .retire("w", 2, "alice", Some("too permissive"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (two.retired_by.as_str(), two.reason.as_deref()),
+        ("alice", Some("too permissive"))
+    );
+    store.retire("w", 3, "bob", None).await.unwrap();
+    let err = store.retire("w", 2, "carol", None).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict(m) if m.contains("already retired")),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.retired().await.unwrap(),
+        vec![("w".to_owned(), 2), ("w".to_owned(), 3)]
+    );
+    // Reads show the retirement exactly as written.
+    let record = store.version("w", 2).await.unwrap().unwrap();
+    assert_eq!(record.retired, Some(two.clone()));
+    assert_eq!(store.version("w", 1).await.unwrap().unwrap().retired, None);
+    let detail = store.world("w").await.unwrap().unwrap();
+    let retired: Vec<Option<&str>> = detail
+        .versions
+        .iter()
+        .map(|v| v.retired.as_ref().map(|r| r.retired_by.as_str()))
+        .collect();
+    assert_eq!(retired, vec![None, Some("alice"), Some("bob")]);
+    // Never deployed again; the deployment history is untouched by the attempt.
+    let err = store.deploy("w", 2, "op").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict(m) if m.contains("retired")),
+        "{err:?}"
+    );
+    let detail = store.world("w").await.unwrap().unwrap();
+    assert_eq!(detail.deployed_version, Some(1));
+    assert_eq!(detail.deployments.len(), 2);
+    // Each retirement is an event, written with it.
+    let events: Vec<_> = store
+        .outbox_list(None, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event_type == spectral::store::events::VERSION_RETIRED)
+        .map(|r| (r.idempotency_key, r.payload["retired_by"].clone()))
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("w:3".to_owned(), json!("bob")),
+            ("w:2".to_owned(), json!("alice"))
+        ]
+    );
 }
 
 async fn deployed_lists_every_deployed_world(store: Store) {
@@ -721,4 +797,34 @@ async fn concurrent_publishes_get_distinct_versions(store: Store, other: Store) 
         Some(last.version),
         "the last deployment is live"
     );
+}
+
+/// Two instances, one deploying a version while the other retires it: exactly one wins, so a
+/// version is never both deployed and retired.
+async fn a_deploy_and_a_retirement_of_one_version_never_both_win(store: Store, other: Store) {
+    for i in 0..8 {
+        let world = format!("w{i}");
+        publish(&store, &world, 1).await;
+        publish(&store, &world, 2).await;
+        store.deploy(&world, 1, "op").await.unwrap();
+        let (deployed, retired) = tokio::join!(
+            store.deploy(&world, 2, "deployer"),
+            other.retire(&world, 2, "retirer", None)
+        );
+        let detail = store.world(&world).await.unwrap().unwrap();
+        let is_retired = store.version(&world, 2).await.unwrap().unwrap().retired;
+        match (deployed, retired) {
+            (Ok(_), Err(StoreError::Conflict(m))) => {
+                assert!(m.contains("deployed"), "{m}");
+                assert_eq!(detail.deployed_version, Some(2));
+                assert_eq!(is_retired, None);
+            }
+            (Err(StoreError::Conflict(m)), Ok(_)) => {
+                assert!(m.contains("retired"), "{m}");
+                assert_eq!(detail.deployed_version, Some(1));
+                assert!(is_retired.is_some());
+            }
+            (d, r) => panic!("both or neither won: {d:?} {r:?}"),
+        }
+    }
 }

@@ -71,6 +71,41 @@ async fn deployments_are_delivered_signed_and_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retirement_is_delivered_to_those_who_subscribe_to_it() {
+    let db = Db::fresh(Backend::Sqlite).await;
+    let app = TestApp::on(&db).await;
+    let receiver = Receiver::start().await;
+    let (s, hook) = app
+        .post(
+            OPERATOR,
+            "/api/worlds/acme-payments/webhooks",
+            &json!({"url": receiver.url, "events": ["world.version.retired"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{hook}");
+    // Publishing is not what it subscribed to; the retirement is.
+    assert_eq!(app.publish_yellow_variant().await, 2);
+    let (s, r) = app
+        .post(
+            OPERATOR,
+            "/api/worlds/acme-payments/versions/2/retire",
+            &json!({"reason": "canary went wrong"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let deliveries = receiver.until(1).await;
+    assert_eq!(
+        deliveries[0].header("x-spectral-event"),
+        Some("world.version.retired")
+    );
+    let body = deliveries[0].json();
+    assert_eq!(body["world"], "acme-payments");
+    assert_eq!(body["data"]["version"], 2);
+    assert_eq!(body["data"]["reason"], "canary went wrong");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_delivery_fails_at_once_and_is_listed_for_replay() {
     let db = Db::fresh(Backend::Sqlite).await;
     let app = TestApp::on(&db).await;
