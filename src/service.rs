@@ -103,12 +103,36 @@ pub struct DecideInput<'a> {
     pub context: &'a RawValue,
     #[serde(default)]
     pub world: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
     pub world_model_version: Option<u64>,
     #[serde(default)]
     pub correlation_id: Option<String>,
     #[serde(default)]
     pub explain: bool,
+}
+
+/// A version number as JSON Schema's `integer` has it: a whole number, `3` and `3.0` alike.
+/// The literal is read from its text, since a parsed float may have lost the digits that
+/// tell whether it was whole.
+pub(crate) fn whole_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u64>, D::Error> {
+    let Some(raw) = Option::<Box<RawValue>>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let text = raw.get().trim();
+    text.parse::<u64>()
+        .ok()
+        .or_else(|| {
+            text.parse::<f64>()
+                .ok()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 18_446_744_073_709_551_616.0)
+                .map(|f| f as u64)
+        })
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("invalid value {text}, expected a whole number ≥ 0"))
+        })
 }
 
 /// Longest `world` and `action` a request may name, in characters.
@@ -708,6 +732,21 @@ impl App {
             ServiceError::NotFound(format!("world '{world}' has no deployed version"))
         })?;
         Ok(openapi::document(&loaded.model, loaded.version))
+    }
+
+    /// The deployed actions of the caller's world with the schemas of their evidence, as
+    /// the MCP tool `spectral.list_actions` answers.
+    pub async fn action_catalog(
+        &self,
+        caller: &Caller,
+        world: Option<&str>,
+    ) -> Result<serde_json::Value, ServiceError> {
+        let world = caller.resolve_world(world)?;
+        caller.check(world, Scope::Read)?;
+        let loaded = self.cache.deployed(world).ok_or_else(|| {
+            ServiceError::NotFound(format!("world '{world}' has no deployed version"))
+        })?;
+        Ok(openapi::catalog(&loaded.model, loaded.version))
     }
 
     /// Decision statistics, as the `decision.recorded` handler has counted them so far.

@@ -42,11 +42,13 @@ pub enum Route {
     Health,
     ServiceVersion,
     Metrics,
+    OpenApi,
+    Mcp,
     NotFound,
 }
 
 impl Route {
-    pub const ALL: [Route; 16] = [
+    pub const ALL: [Route; 18] = [
         Self::Decide,
         Self::DecideBatch,
         Self::Draft,
@@ -62,6 +64,8 @@ impl Route {
         Self::Health,
         Self::ServiceVersion,
         Self::Metrics,
+        Self::OpenApi,
+        Self::Mcp,
         Self::NotFound,
     ];
 
@@ -82,6 +86,8 @@ impl Route {
             Self::Health => "health",
             Self::ServiceVersion => "version",
             Self::Metrics => "metrics",
+            Self::OpenApi => "openapi",
+            Self::Mcp => "mcp",
             Self::NotFound => "not_found",
         }
     }

@@ -72,7 +72,7 @@ pub fn body(status: StatusCode, code: &str, detail: &str) -> Vec<u8> {
     serde_json::to_vec(&document(status, code, detail, None)).unwrap_or_default()
 }
 
-fn respond(status: StatusCode, doc: &Value) -> Response<Full<Bytes>> {
+pub(super) fn respond(status: StatusCode, doc: &Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(
         serde_json::to_vec(doc).unwrap_or_default(),
     )));

@@ -22,6 +22,10 @@ pub enum Endpoint {
     Health,
     Version,
     Metrics,
+    /// The whole API's OpenAPI document.
+    OpenApi,
+    /// The MCP endpoint; its methods are the transport's to judge.
+    Mcp,
 }
 
 impl Endpoint {
@@ -42,6 +46,8 @@ impl Endpoint {
             Self::Health => Route::Health,
             Self::Version => Route::ServiceVersion,
             Self::Metrics => Route::Metrics,
+            Self::OpenApi => Route::OpenApi,
+            Self::Mcp => Route::Mcp,
         }
     }
 }
@@ -85,6 +91,8 @@ pub fn route(method: &Method, path: &str) -> Result<Endpoint, RouteError> {
         ["health"] => one(Method::GET, Endpoint::Health),
         ["version"] => one(Method::GET, Endpoint::Version),
         ["metrics"] => one(Method::GET, Endpoint::Metrics),
+        ["api", "openapi.json"] => one(Method::GET, Endpoint::OpenApi),
+        ["mcp"] => Ok(Endpoint::Mcp),
         _ => Err(RouteError::NotFound(path.to_string())),
     }
 }
@@ -138,6 +146,9 @@ mod tests {
             (Method::GET, "/health", Endpoint::Health),
             (Method::GET, "/version", Endpoint::Version),
             (Method::GET, "/metrics", Endpoint::Metrics),
+            (Method::GET, "/api/openapi.json", Endpoint::OpenApi),
+            (Method::POST, "/mcp", Endpoint::Mcp),
+            (Method::DELETE, "/mcp", Endpoint::Mcp),
         ];
         for (method, path, expected) in cases {
             assert_eq!(route(&method, path), Ok(expected), "{method} {path}");

@@ -1,6 +1,11 @@
-//! The OpenAPI 3.1 document of a world version: one decide operation per action, each with
-//! the JSON Schema of the context its rules read, so a caller's agent can discover what to
-//! send.
+//! The API described as it behaves: the OpenAPI 3.1 document of a world version (one decide
+//! operation per action, each with the JSON Schema of the evidence its rules read), the
+//! document of the whole service API, and the JSON Schemas the MCP tools share with them.
+//!
+//! What a document calls invalid the service refuses, and what it calls valid the service
+//! answers: a context is any JSON object, because evidence that is missing or ill-typed is
+//! answered `200 YELLOW` (`gather_evidence_and_retry`), never refused. The typed attributes are
+//! still given, as the first branch of the context's `anyOf`, so a caller knows what to send.
 
 use serde_json::{json, Map, Value};
 
@@ -67,10 +72,20 @@ fn component(action: &str) -> String {
     action.replace('.', "_")
 }
 
-/// The OpenAPI document of a world version.
-pub fn document(model: &WorldModel, version: u64) -> Value {
-    let mut schemas = Map::new();
-    let mut variants = Vec::new();
+/// One deployed action as a caller sees it.
+#[derive(Debug, Clone)]
+pub struct ActionSchema {
+    pub name: String,
+    pub description: String,
+    /// The evidence the action's rules read, as JSON Schema: typed properties, with the ones
+    /// the schema requires listed under `x-spectral-required-evidence` rather than `required`,
+    /// since a context without them is answered YELLOW, not refused.
+    pub evidence: Value,
+}
+
+/// Every action of a version with the schema of the evidence it reads.
+pub fn action_schemas(model: &WorldModel) -> Vec<ActionSchema> {
+    let mut out = Vec::new();
     for (index, action) in model.actions.iter().enumerate() {
         let Some(source) = ModuleSource::of(model, index) else {
             continue;
@@ -86,69 +101,344 @@ pub fn document(model: &WorldModel, version: u64) -> Value {
             .filter(|(_, a)| a.required)
             .map(|(n, _)| *n)
             .collect();
-        let name = component(&action.name);
-        schemas.insert(
-            format!("{name}_context"),
-            json!({
+        out.push(ActionSchema {
+            name: action.name.clone(),
+            description: action.description.clone(),
+            evidence: json!({
                 "type": "object",
-                "description": format!("Context of '{}'.", action.name),
+                "description": format!(
+                    "Evidence for '{}'. Send every attribute listed in x-spectral-required-evidence: \
+                     a context that lacks one, or has one of the wrong type, is answered 200 YELLOW \
+                     with next_action gather_evidence_and_retry and the attribute in \
+                     missing_evidence.",
+                    action.name
+                ),
                 "properties": properties(supplied.iter().copied()),
-                "required": required,
+                "x-spectral-required-evidence": required,
             }),
-        );
-        schemas.insert(
-            format!("{name}_request"),
+        });
+    }
+    out
+}
+
+/// The actions of a deployed version, as `spectral.list_actions` answers.
+pub fn catalog(model: &WorldModel, version: u64) -> Value {
+    let actions: Vec<Value> = action_schemas(model)
+        .into_iter()
+        .map(|a| {
             json!({
-                "type": "object",
-                "description": action.description,
-                "properties": {
-                    "action": {"const": action.name},
-                    "context": {"$ref": format!("#/components/schemas/{name}_context")},
-                    "world": {"const": model.world},
-                    "world_model_version": {
-                        "type": "integer",
-                        "minimum": 1,
-                        "description": "Decide with this version instead of the deployed one. \
-                            Naming the deployed version needs only the decide scope; any other \
-                            needs the pin scope (403 without it); a retired version answers \
-                            410 with code version_retired."
+                "name": a.name,
+                "description": a.description,
+                "context_schema": a.evidence,
+            })
+        })
+        .collect();
+    json!({
+        "world": model.world,
+        "world_model_version": version,
+        "description": model.description,
+        "actions": actions,
+    })
+}
+
+/// JSON Schema of [`catalog`]'s answer.
+pub fn catalog_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "world": {"type": "string"},
+            "world_model_version": {"type": "integer", "minimum": 1},
+            "description": {"type": "string"},
+            "actions": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                        "context_schema": {"type": "object"}
                     },
-                    "correlation_id": {"type": "string", "maxLength": crate::service::MAX_CORRELATION_ID_CHARS},
-                    "explain": {"type": "boolean"}
+                    "required": ["name", "description", "context_schema"]
+                }
+            }
+        },
+        "required": ["world", "world_model_version", "actions"]
+    })
+}
+
+const STATUSES: [&str; 4] = ["GREEN", "GREEN-SKIP", "YELLOW", "RED"];
+
+/// JSON Schema of a decision, as `POST /api/decide` answers 200 and `spectral.decide` returns.
+pub fn decision_schema() -> Value {
+    let strings = json!({"type": "array", "items": {"type": "string"}});
+    json!({
+        "type": "object",
+        "properties": {
+            "status": {
+                "enum": STATUSES,
+                "description": "Binding. GREEN: proceed with the action. GREEN-SKIP: the action is \
+                    not needed; skip it. YELLOW: do not proceed; follow work_frame.next_action \
+                    (a review, or more evidence). RED: do not proceed."
+            },
+            "work_frame": {
+                "type": "object",
+                "description": "What the caller may do next. Binding: never take an action in \
+                    forbidden_actions, take only actions in allowed_actions, and produce every \
+                    item of required_output.",
+                "properties": {
+                    "mode": {"type": "string"},
+                    "next_action": {"type": "string"},
+                    "allowed_actions": strings,
+                    "forbidden_actions": strings,
+                    "required_output": strings,
+                    "missing_evidence": strings,
+                    "next_human_owner": {"type": ["string", "null"]}
                 },
-                "required": ["action", "context"],
+                "required": ["mode", "next_action", "allowed_actions", "forbidden_actions",
+                             "required_output", "missing_evidence", "next_human_owner"]
+            },
+            "decision_metadata": {
+                "type": "object",
+                "properties": {
+                    "decision_id": {"type": "string"},
+                    "correlation_id": {"type": ["string", "null"]},
+                    "world": {"type": "string"},
+                    "world_model_version": {"type": "integer", "minimum": 1},
+                    "action": {"type": "string"},
+                    "module_hash": {"type": "string"},
+                    "matched_rules": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "id": {"type": "string"},
+                                "severity": {"enum": ["T1", "T2", "T3"]},
+                                "outcome": {"enum": STATUSES}
+                            },
+                            "required": ["id", "severity", "outcome"]
+                        }
+                    },
+                    "errors": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "rule": {"type": "string"},
+                                "attribute": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "message": {"type": "string"}
+                            },
+                            "required": ["kind", "message"]
+                        }
+                    },
+                    "trace": {"type": ["array", "null"], "items": {"type": "object"}},
+                    "eval_us": {"type": "integer", "minimum": 0}
+                },
+                "required": ["decision_id", "correlation_id", "world", "world_model_version",
+                             "action", "module_hash", "matched_rules", "errors", "trace", "eval_us"]
+            }
+        },
+        "required": ["status", "work_frame", "decision_metadata"]
+    })
+}
+
+/// JSON Schema of an RFC 9457 problem document as the service writes them.
+pub fn problem_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "code": {"type": "string"},
+            "problems": {"type": "array", "items": {"type": "object"}}
+        },
+        "required": ["type", "title", "status", "detail", "code"]
+    })
+}
+
+/// The fields of a decide request besides the action and its context, as JSON Schema
+/// properties. `world` is given by the caller of this function: a constant in a world's
+/// document, any string in the service's.
+fn request_fields(world: Value) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("world".into(), world);
+    m.insert(
+        "world_model_version".into(),
+        json!({
+            "type": ["integer", "null"], "minimum": 1, "maximum": u64::MAX,
+            "description": "Decide with this version instead of the deployed one (the deployed \
+                one when absent or null). Naming the deployed version needs only the decide \
+                scope; any other needs the pin scope (403 without it); a retired version \
+                answers 410 with code version_retired."
+        }),
+    );
+    m.insert(
+        "correlation_id".into(),
+        json!({
+            "type": ["string", "null"],
+            "maxLength": crate::service::MAX_CORRELATION_ID_CHARS,
+            "description": "Echoed back in decision_metadata and stored with the decision."
+        }),
+    );
+    m.insert(
+        "explain".into(),
+        json!({"type": "boolean", "description": "Include the per-rule trace."}),
+    );
+    m
+}
+
+/// JSON Schema of a decide request of any world, as the service document and the
+/// `spectral.decide` tool take it. The document is read with an operator key in mind, which
+/// must name the world (`world_required`); the tool is called with a world's own key as often.
+pub fn decide_request_schema(world_required: bool) -> Value {
+    let mut props = Map::new();
+    props.insert(
+        "action".into(),
+        json!({"type": "string", "maxLength": crate::service::MAX_NAME_CHARS, "description": "The action to decide, e.g. wire_transfer.release; spectral.list_actions and GET /api/worlds/{world}/actions list them."}),
+    );
+    props.insert(
+        "context".into(),
+        json!({"type": "object", "description": "The evidence, as a JSON object. Missing or ill-typed evidence is answered YELLOW with missing_evidence, never refused."}),
+    );
+    props.extend(request_fields(json!({
+        "type": "string",
+        "maxLength": crate::service::MAX_NAME_CHARS,
+        "description": "The world. An operator key must send it; a world key may leave it out."
+    })));
+    let required: &[&str] = if world_required {
+        &["action", "context", "world"]
+    } else {
+        &["action", "context"]
+    };
+    json!({
+        "type": "object",
+        "properties": props,
+        "required": required,
+        "additionalProperties": false
+    })
+}
+
+fn problem_response(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/problem"}}}
+    })
+}
+
+/// The problem answers every authenticated JSON operation can get, with the ones named.
+fn problems(extra: &[(&str, &str)]) -> Map<String, Value> {
+    let mut m = Map::new();
+    for (code, description) in [
+        (
+            "401",
+            "No key, or an unknown one (`unauthenticated`): send `Authorization: Bearer <key>`.",
+        ),
+        (
+            "403",
+            "The key may not act on this world, or lacks the scope (`forbidden`).",
+        ),
+        ("404", "Unknown world, action, version or route (`not_found`)."),
+        (
+            "405",
+            "The route does not take this method (`method_not_allowed`); `Allow` names the one it takes.",
+        ),
+        (
+            "503",
+            "Not ready, the store is down, a decision record cannot be queued in time, every \
+             evaluation slot for expensive decisions is taken, the request took longer than the \
+             request timeout, or the server is at its connection limit (`unavailable`, \
+             `evaluation_overloaded`, `too_many_connections`).",
+        ),
+        ("500", "A fault of the service (`internal`); the detail is logged, not shown."),
+    ] {
+        m.insert(code.into(), problem_response(description));
+    }
+    for (code, description) in extra {
+        m.insert((*code).into(), problem_response(description));
+    }
+    m
+}
+
+const RETIRED: &str = "world_model_version names a retired version (`version_retired`).";
+
+/// The extra problems of an operation that reads a JSON body.
+const BODY_PROBLEMS: [(&str, &str); 3] = [
+    (
+        "400",
+        "The body is not valid JSON of the expected shape (duplicate keys included), a string \
+         is over its maximum length, or the request cannot be served as asked \
+         (`malformed_request`, `field_too_long`, `bad_request`, `unreadable_body`).",
+    ),
+    (
+        "413",
+        "The body is over the size limit (`payload_too_large`).",
+    ),
+    (
+        "415",
+        "The body is not `application/json` (`unsupported_media_type`).",
+    ),
+];
+
+fn security_components() -> Value {
+    json!({
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key (`spk_…`). A world key acts on its own world with its scopes \
+                (decide, read, author, deploy); an operator key acts on every world and must name it."
+        }
+    })
+}
+
+/// The OpenAPI document of a world version: what `GET /api/worlds/{world}/actions` answers.
+pub fn document(model: &WorldModel, version: u64) -> Value {
+    let mut schemas = Map::new();
+    let mut variants = Vec::new();
+    for action in action_schemas(model) {
+        let name = component(&action.name);
+        schemas.insert(format!("{name}_context"), action.evidence);
+        let mut props = Map::new();
+        props.insert("action".into(), json!({"const": action.name}));
+        props.insert(
+            "context".into(),
+            json!({
+                "description": "Any JSON object. The first branch is the evidence the rules read; \
+                    anything else is answered 200 YELLOW asking for the evidence.",
+                "anyOf": [
+                    {"$ref": format!("#/components/schemas/{name}_context")},
+                    {"type": "object"}
+                ]
             }),
         );
+        props.extend(request_fields(json!({
+            "const": model.world,
+            "description": "The world. An operator key must send it; a key of this world may leave it out."
+        })));
+        let mut request = json!({
+            "type": "object",
+            "properties": props,
+            "required": ["action", "context", "world"],
+            "additionalProperties": false,
+        });
+        if !action.description.is_empty() {
+            request["description"] = json!(action.description);
+        }
+        schemas.insert(format!("{name}_request"), request);
         variants.push(json!({"$ref": format!("#/components/schemas/{name}_request")}));
     }
-    schemas.insert(
-        "decision".into(),
+    schemas.insert("decision".into(), decision_schema());
+    schemas.insert("problem".into(), problem_schema());
+    let mut responses = problems(&BODY_PROBLEMS);
+    responses.insert("410".into(), problem_response(RETIRED));
+    responses.insert(
+        "200".into(),
         json!({
-            "type": "object",
-            "properties": {
-                "status": {"enum": ["GREEN", "GREEN-SKIP", "YELLOW", "RED"]},
-                "work_frame": {"type": "object"},
-                "decision_metadata": {"type": "object"}
-            },
-            "required": ["status", "work_frame", "decision_metadata"]
+            "description": "The decision, including YELLOW for missing or ill-typed evidence and for rules that failed closed.",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/decision"}}}
         }),
     );
-    schemas.insert(
-        "problem".into(),
-        json!({
-            "type": "object",
-            "properties": {
-                "type": {"type": "string"},
-                "title": {"type": "string"},
-                "status": {"type": "integer"},
-                "detail": {"type": "string"},
-                "code": {"type": "string"}
-            }
-        }),
-    );
-    let problem = json!({
-        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/problem"}}}
-    });
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -156,32 +446,355 @@ pub fn document(model: &WorldModel, version: u64) -> Value {
             "version": version.to_string(),
             "description": model.description,
         },
+        "security": [{"bearer": []}],
         "paths": {
             "/api/decide": {
                 "post": {
                     "operationId": "decide",
                     "summary": "Decide whether an action may proceed.",
+                    "description": "The status and work frame of the answer are binding.",
                     "security": [{"bearer": []}],
                     "requestBody": {
                         "required": true,
                         "content": {"application/json": {"schema": {"oneOf": variants}}}
                     },
-                    "responses": {
-                        "200": {
-                            "description": "The decision.",
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/decision"}}}
-                        },
-                        "400": {"description": "Malformed request.", "content": problem["content"].clone()},
-                        "401": {"description": "No or unknown key.", "content": problem["content"].clone()},
-                        "403": {"description": "Key not allowed.", "content": problem["content"].clone()},
-                        "404": {"description": "Unknown world, action or version.", "content": problem["content"].clone()}
-                    }
+                    "responses": responses
                 }
             }
         },
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}
+            "securitySchemes": security_components()
         }
+    })
+}
+
+/// An authenticated JSON operation of the service document.
+fn operation(
+    id: &str,
+    summary: &str,
+    body: Option<Value>,
+    ok: (&str, &str, Value),
+    extra: &[(&str, &str)],
+) -> Value {
+    let mut responses = problems(extra);
+    if body.is_some() {
+        for (code, description) in BODY_PROBLEMS {
+            responses.insert(code.into(), problem_response(description));
+        }
+    }
+    responses.insert(
+        ok.0.into(),
+        json!({"description": ok.1, "content": {"application/json": {"schema": ok.2}}}),
+    );
+    let mut op = json!({
+        "operationId": id,
+        "summary": summary,
+        "security": [{"bearer": []}],
+        "responses": responses,
+    });
+    if let Some(schema) = body {
+        op["requestBody"] =
+            json!({"required": true, "content": {"application/json": {"schema": schema}}});
+    }
+    op
+}
+
+fn world_param() -> Value {
+    json!({
+        "name": "world", "in": "path", "required": true,
+        "schema": {"type": "string"},
+        "description": "The world's slug, e.g. acme-payments."
+    })
+}
+
+fn reference(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+/// The OpenAPI document of the whole service API: what `GET /api/openapi.json` answers.
+pub fn service_document(version: &str, batch_max_items: usize) -> Value {
+    let datetime = json!({"type": "string", "format": "date-time"});
+    let opt_int = json!({"type": ["integer", "null"], "minimum": 1});
+    let deployment = json!({
+        "type": "object",
+        "properties": {
+            "seq": {"type": "integer"}, "version": {"type": "integer"},
+            "deployed_at": datetime, "deployed_by": {"type": "string"}
+        },
+        "required": ["seq", "version", "deployed_at", "deployed_by"]
+    });
+    let retirement = json!({
+        "type": "object",
+        "properties": {"retired_at": datetime, "retired_by": {"type": "string"}, "reason": {"type": ["string", "null"]}},
+        "required": ["retired_at", "retired_by", "reason"]
+    });
+    let modules = json!({
+        "type": "array",
+        "description": "[action, module hash] pairs in the model's action order.",
+        "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}
+    });
+    let schemas = json!({
+        "decide_request": decide_request_schema(true),
+        "decision": decision_schema(),
+        "problem": problem_schema(),
+        "batch_request": {
+            "type": "object",
+            "properties": {"requests": {"type": "array", "maxItems": batch_max_items, "items": {
+                "description": "A decide request. An item that is not one is answered in its own result with a 400 problem, not by refusing the batch.",
+                "anyOf": [{"$ref": "#/components/schemas/decide_request"}, {}]
+            }}},
+            "required": ["requests"],
+            "additionalProperties": false
+        },
+        "batch_response": {
+            "type": "object",
+            "properties": {"results": {"type": "array", "items": {
+                "type": "object",
+                "description": "One per request, in order: a decision, or the problem that request alone met (`batch_budget_exhausted` for items the batch's operations or time did not reach).",
+                "properties": {
+                    "status": {"type": "integer"},
+                    "decision": reference("decision"),
+                    "problem": reference("problem")
+                },
+                "required": ["status"]
+            }}},
+            "required": ["results"]
+        },
+        "world_model": {
+            "type": "object",
+            "description": "A whole world model (docs/predicates.md). A model that does not decode is \
+                answered 400; one that decodes but fails validation or its cases, 422 with every problem listed.",
+            "properties": {
+                "world": {"type": "string"}, "description": {"type": "string"},
+                "context": {"type": "object"}, "config": {"type": "object"},
+                "actions": {"type": "array", "items": {"type": "object"}}
+            },
+            "required": ["world", "actions"],
+            "additionalProperties": false
+        },
+        "draft": {
+            "type": "object",
+            "properties": {
+                "world": {"type": "string"}, "draft": {"const": "valid"},
+                "actions": {"type": "integer"}, "rules": {"type": "integer"}
+            },
+            "required": ["world", "draft", "actions", "rules"]
+        },
+        "published": {
+            "type": "object",
+            "properties": {"world": {"type": "string"}, "version": {"type": "integer"}, "modules": modules},
+            "required": ["world", "version", "modules"]
+        },
+        "deploy_request": {
+            "type": "object",
+            "properties": {"version": {"type": "integer", "minimum": 0, "maximum": u64::MAX}},
+            "required": ["version"],
+            "additionalProperties": false
+        },
+        "deployment": deployment,
+        "retirement": retirement.clone(),
+        "retire_request": {
+            "type": "object",
+            "properties": {"reason": {"type": ["string", "null"], "maxLength": crate::service::MAX_RETIRE_REASON_CHARS}},
+            "additionalProperties": false
+        },
+        "retired_version": {
+            "type": "object",
+            "properties": {"world": {"type": "string"}, "version": {"type": "integer"}, "retired": reference("retirement")},
+            "required": ["world", "version", "retired"]
+        },
+        "world_summary": {
+            "type": "object",
+            "properties": {"world": {"type": "string"}, "deployed_version": opt_int, "latest_version": opt_int},
+            "required": ["world", "deployed_version", "latest_version"]
+        },
+        "world_detail": {
+            "type": "object",
+            "properties": {
+                "world": {"type": "string"}, "deployed_version": opt_int, "has_draft": {"type": "boolean"},
+                "versions": {"type": "array", "items": {
+                    "type": "object",
+                    "properties": {"version": {"type": "integer"}, "published_at": datetime, "published_by": {"type": "string"},
+                                   "retired": {"anyOf": [reference("retirement"), {"type": "null"}]}},
+                    "required": ["version", "published_at", "published_by", "retired"]
+                }},
+                "deployments": {"type": "array", "items": reference("deployment")}
+            },
+            "required": ["world", "deployed_version", "has_draft", "versions", "deployments"]
+        },
+        "version_record": {
+            "type": "object",
+            "properties": {
+                "world": {"type": "string"}, "version": {"type": "integer"},
+                "model": reference("world_model"), "modules": modules,
+                "published_at": datetime, "published_by": {"type": "string"}
+            },
+            "required": ["world", "version", "model", "modules", "published_at", "published_by"]
+        },
+        "stats": {
+            "type": "object",
+            "properties": {
+                "world": {"type": "string"},
+                "decisions": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "Decisions by status."},
+                "rules": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer"}}, "description": "Per rule: matches by the decision's status."}
+            },
+            "required": ["world", "decisions", "rules"]
+        },
+        "webhook_request": {
+            "type": "object",
+            "properties": {
+                "url": {"type": "string", "format": "uri", "description": "http or https."},
+                "events": {"type": ["array", "null"], "items": {"enum": ["worldmodel.version.published", "module.deployed"]}},
+                "secret": {"type": ["string", "null"], "description": "The HMAC key; generated and returned once when absent."}
+            },
+            "required": ["url"],
+            "additionalProperties": false
+        },
+        "webhook": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"}, "world": {"type": "string"}, "url": {"type": "string"},
+                "events": {"type": "array", "items": {"type": "string"}},
+                "created_at": datetime, "secret": {"type": "string"}
+            },
+            "required": ["id", "world", "url", "events", "created_at", "secret"]
+        },
+        "health": {
+            "type": "object",
+            "properties": {
+                "status": {"enum": ["ok", "unavailable"]}, "version": {"type": "string"},
+                "git_sha": {"type": "string"}, "generation": {"type": "integer"},
+                "uptime_s": {"type": "integer"}, "features": {"type": "object"}
+            },
+            "required": ["status", "version", "git_sha", "generation", "uptime_s", "features"]
+        },
+        "build": {
+            "type": "object",
+            "properties": {"version": {"type": "string"}, "git_sha": {"type": "string"}, "generation": {"type": "integer"}},
+            "required": ["version", "git_sha", "generation"]
+        }
+    });
+    let world = world_param();
+    let version_param = json!({
+        "name": "version", "in": "path", "required": true,
+        "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX}
+    });
+    let not_routed =
+        problem_response("No such route (`route_not_found`), e.g. a version that is not a number.");
+    let invalid = (
+        "422",
+        "The world model has problems, every one listed (`invalid_world_model`).",
+    );
+    let conflict = (
+        "409",
+        "The store refused the change (`conflict`), e.g. a version that cannot be loaded.",
+    );
+    let mut get_version = operation(
+        "getVersion",
+        "A published version in full.",
+        None,
+        ("200", "The version.", reference("version_record")),
+        &[],
+    );
+    get_version["responses"]["404"] = not_routed.clone();
+    let mut retire = operation(
+        "retire",
+        "Retire a version for good: no key may pin it any more and it is never deployed again.",
+        None,
+        ("200", "The retired version.", reference("retired_version")),
+        &[conflict],
+    );
+    for (code, description) in BODY_PROBLEMS {
+        retire["responses"][code] = problem_response(description);
+    }
+    retire["responses"]["404"] = not_routed;
+    retire["requestBody"] = json!({
+        "required": false,
+        "content": {"application/json": {"schema": reference("retire_request")}}
+    });
+    let paths = json!({
+        "/api/decide": {"post": operation(
+            "decide", "Decide whether an action may proceed; the status and work frame are binding.",
+            Some(reference("decide_request")),
+            ("200", "The decision, YELLOW included for missing or ill-typed evidence.", reference("decision")), &[("410", RETIRED)])},
+        "/api/decide/batch": {"post": operation(
+            "decideBatch", "Decide several requests in order, each with its own result or problem.",
+            Some(reference("batch_request")),
+            ("200", "One result per request, in order.", reference("batch_response")), &[])},
+        "/api/worlds": {"get": operation(
+            "listWorlds", "The worlds the key may read.", None,
+            ("200", "The worlds.", json!({"type": "array", "items": reference("world_summary")})), &[])},
+        "/api/worlds/{world}": {"parameters": [world.clone()], "get": operation(
+            "getWorld", "A world: its versions, deployments and whether it has a draft.", None,
+            ("200", "The world.", reference("world_detail")), &[])},
+        "/api/worlds/{world}/draft": {"parameters": [world.clone()], "put": operation(
+            "putDraft", "Replace the world's draft with a whole world model, validated and verified.",
+            Some(reference("world_model")),
+            ("200", "The draft is valid.", reference("draft")), &[invalid, ("409", "The store refused the change (`conflict`).")])},
+        "/api/worlds/{world}/versions": {"parameters": [world.clone()], "post": operation(
+            "publish", "Publish the draft as the next version (immutable).", None,
+            ("201", "The published version.", reference("published")), &[invalid, conflict])},
+        "/api/worlds/{world}/versions/{version}": {"parameters": [world.clone(), version_param.clone()], "get": get_version},
+        "/api/worlds/{world}/versions/{version}/retire": {"parameters": [world.clone(), version_param.clone()], "post": retire},
+        "/api/worlds/{world}/deployments": {"parameters": [world.clone()], "post": operation(
+            "deploy", "Deploy (or roll back to) a published version.",
+            Some(reference("deploy_request")),
+            ("200", "The deployment.", reference("deployment")), &[conflict])},
+        "/api/worlds/{world}/actions": {"parameters": [world.clone()], "get": operation(
+            "getActions", "The OpenAPI 3.1 document of the deployed version's actions.", None,
+            ("200", "An OpenAPI document.", json!({"type": "object"})), &[])},
+        "/api/worlds/{world}/stats": {"parameters": [world.clone()], "get": operation(
+            "getStats", "Decision statistics as counted so far.", None,
+            ("200", "The statistics.", reference("stats")), &[])},
+        "/api/worlds/{world}/webhooks": {"parameters": [world], "post": operation(
+            "createWebhook", "Subscribe a URL to the world's events (signed deliveries).",
+            Some(reference("webhook_request")),
+            ("201", "The webhook, with its secret shown this once.", reference("webhook")), &[])},
+        "/api/openapi.json": {"get": {
+            "operationId": "getOpenApi", "summary": "This document.", "security": [],
+            "responses": {
+                "200": {"description": "An OpenAPI 3.1 document.", "content": {"application/json": {"schema": {"type": "object"}}}},
+                "405": problem_response("Only GET.")
+            }
+        }},
+        "/health": {"get": {
+            "operationId": "health", "summary": "Readiness and the wiring of every feature.", "security": [],
+            "responses": {
+                "200": {"description": "Ready.", "content": {"application/json": {"schema": reference("health")}}},
+                "503": {"description": "Not ready, or at the connection limit.", "content": {
+                    "application/json": {"schema": reference("health")},
+                    "application/problem+json": {"schema": reference("problem")}
+                }},
+                "405": problem_response("Only GET.")
+            }
+        }},
+        "/version": {"get": {
+            "operationId": "version", "summary": "The build and generation.", "security": [],
+            "responses": {
+                "200": {"description": "The build.", "content": {"application/json": {"schema": reference("build")}}},
+                "405": problem_response("Only GET.")
+            }
+        }},
+        "/metrics": {"get": {
+            "operationId": "metrics", "summary": "Prometheus metrics.", "security": [],
+            "responses": {
+                "200": {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "405": problem_response("Only GET.")
+            }
+        }}
+    });
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Spectral",
+            "version": version,
+            "description": "Deterministic decisions for software agents. `POST /decide` is an alias of \
+                `POST /api/decide`. The same decide and discovery are served as MCP tools at `/mcp` \
+                (Streamable HTTP; not described here)."
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": security_components()}
     })
 }

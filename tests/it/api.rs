@@ -862,10 +862,30 @@ async fn openapi_document_describes_the_deployed_actions(backend: Backend) {
     assert_eq!(ctx["properties"]["approvals"]["items"]["type"], "string");
     // System attributes are the service's, not the caller's.
     assert!(ctx["properties"]["request_time"].is_null());
-    assert!(ctx["required"]
+    // Missing evidence is answered 200 YELLOW, not refused: it is named, not `required`.
+    assert!(ctx["required"].is_null());
+    assert!(ctx["x-spectral-required-evidence"]
+        .as_array()
+        .expect("required evidence")
+        .contains(&json!("sanctions_hit")));
+    // An operator key must name the world, so the document requires it.
+    let request = &doc["components"]["schemas"]["wire_transfer_release_request"];
+    assert!(request["required"]
         .as_array()
         .expect("required")
-        .contains(&json!("sanctions_hit")));
+        .contains(&json!("world")));
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    for status in [
+        "400", "401", "403", "404", "405", "413", "415", "500", "503",
+    ] {
+        assert!(
+            doc["paths"]["/api/decide"]["post"]["responses"][status].is_object(),
+            "{status} is not described"
+        );
+    }
     crate::openapi::validate(&doc);
     app.stop().await;
 }

@@ -17,6 +17,7 @@ mod flood;
 mod gate;
 mod hostile;
 mod image;
+mod mcp;
 mod migrations;
 mod openapi;
 mod outbox;
