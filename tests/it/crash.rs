@@ -830,9 +830,12 @@ async fn with_durability_commit_a_killed_process_loses_no_answered_decision() {
         client: reqwest::Client::new(),
     };
     let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    // Each answer is announced, so the kill waits on a signal, not a poll.
+    let (count, mut counted) = tokio::sync::watch::channel(0usize);
+    let count = Arc::new(count);
     let mut lanes = tokio::task::JoinSet::new();
     for _ in 0..4 {
-        let (api, answered) = (api.clone(), answered.clone());
+        let (api, answered, count) = (api.clone(), answered.clone(), count.clone());
         lanes.spawn(async move {
             for _ in 0..2_000 {
                 let sent = api
@@ -848,20 +851,18 @@ async fn with_durability_commit_a_killed_process_loses_no_answered_decision() {
                     return;
                 };
                 if let Some(id) = body["decision_metadata"]["decision_id"].as_str() {
-                    answered.lock().expect("lock").push(id.to_string());
+                    let mut answered = answered.lock().expect("lock");
+                    answered.push(id.to_string());
+                    count.send_replace(answered.len());
                 }
             }
         });
     }
     // Kill in the middle of the stream, once a few hundred decisions were answered.
-    let started = Instant::now();
-    while answered.lock().expect("lock").len() < 300 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "decisions too slow"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(60), counted.wait_for(|n| *n >= 300))
+        .await
+        .expect("300 decisions answered within a minute")
+        .expect("the lanes run");
     serve.kill9();
     while lanes.join_next().await.is_some() {}
     let answered: BTreeSet<String> = answered.lock().expect("lock").iter().cloned().collect();

@@ -552,18 +552,11 @@ async fn an_expensive_decide_is_shed_when_every_slot_is_taken() {
     let expensive = burn();
     let (a, b) = tokio::join!(app.decide(OPERATOR, &expensive), async {
         // The second starts once the first holds the one slot, as /health shows.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        crate::support::eventually(Duration::from_secs(5), "the slot being taken", || async {
             let (_, health) = app.get(None, "/health").await;
-            if health["features"]["evaluation"]["busy"] == 1 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the slot was never taken: {health}"
-            );
-            tokio::task::yield_now().await;
-        }
+            (health["features"]["evaluation"]["busy"] == 1).then_some(())
+        })
+        .await;
         let started = Instant::now();
         let answer = app.decide(OPERATOR, &burn()).await;
         (answer, started.elapsed())

@@ -7,6 +7,7 @@ use spectral::outbox::handlers::signature;
 
 use crate::app::{green_wire, test_config, Backend, Db, TestApp, OPERATOR};
 use crate::receiver::Receiver;
+use crate::support::eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_are_delivered_signed_and_retried() {
@@ -125,18 +126,7 @@ async fn a_refused_delivery_fails_at_once_and_is_listed_for_replay() {
     .await;
     receiver.until(1).await;
     let store = app.running.as_ref().expect("running").app.store.clone();
-    let started = Instant::now();
-    let failed = loop {
-        let failed = store
-            .outbox_list(Some(spectral::store::OutboxStatus::Failed), None, 10)
-            .await
-            .expect("list");
-        if let Some(row) = failed.into_iter().next() {
-            break row;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let failed = failed_delivery(&store).await;
     assert_eq!(failed.event_type, "webhook.delivery");
     assert_eq!(failed.attempts, 1, "a 410 is not retried");
     assert!(failed.last_error.as_deref().unwrap_or("").contains("410"));
@@ -275,18 +265,7 @@ async fn webhooks_never_reach_internal_networks_by_default() {
     )
     .await;
     let store = app.running.as_ref().expect("running").app.store.clone();
-    let started = Instant::now();
-    let failed = loop {
-        let failed = store
-            .outbox_list(Some(spectral::store::OutboxStatus::Failed), None, 10)
-            .await
-            .expect("list");
-        if let Some(row) = failed.into_iter().next() {
-            break row;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "never refused");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let failed = failed_delivery(&store).await;
     assert_eq!(failed.event_type, "webhook.delivery");
     assert!(
         failed
@@ -298,4 +277,21 @@ async fn webhooks_never_reach_internal_networks_by_default() {
     );
     assert!(receiver.all().is_empty(), "a delivery reached loopback");
     app.stop().await;
+}
+
+/// The first outbox row that failed for good, once the consumer has failed one.
+async fn failed_delivery(store: &spectral::store::Store) -> spectral::store::OutboxRow {
+    eventually(
+        Duration::from_secs(20),
+        "a delivery failing for good",
+        || async {
+            store
+                .outbox_list(Some(spectral::store::OutboxStatus::Failed), None, 10)
+                .await
+                .expect("list")
+                .into_iter()
+                .next()
+        },
+    )
+    .await
 }
