@@ -591,7 +591,12 @@ impl Sandbox {
         // The per-rule limit too: the engine's own count does not see what helpers charge,
         // and the batch's total is at least any one rule's.
         let cap = cap.min(budget.operations).min(self.limits.max_operations);
-        let deadline = budget.deadline.min(Instant::now() + self.limits.deadline());
+        // The rule's deadline, from the budget's own reading of the clock rather than another.
+        let deadline = budget
+            .deadline
+            .checked_sub(self.limits.decision_deadline())
+            .map_or(budget.deadline, |start| start + self.limits.deadline())
+            .min(budget.deadline);
         let (result, operations) = self.run(&batch.ast, bindings, cap, deadline);
         let Ok(values) = result.ok()?.into_array() else {
             return None;
