@@ -26,5 +26,6 @@ mod receiver;
 mod serve;
 mod store;
 mod support;
+mod tidy;
 mod webhooks;
 mod worlds;
