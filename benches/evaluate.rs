@@ -17,7 +17,7 @@ use spectral::worlds::context::{self, SystemValues};
 use spectral::worlds::model::{
     Action, AttrType, Attribute, Case, Rule, Severity, Status, WorldModel,
 };
-use spectral::worlds::{evaluate, load, validate, ContextJson, Request};
+use spectral::worlds::{compile, evaluate, load, ContextJson, Request};
 
 /// The workload the peers were measured on (regorus 7.7 µs, Cedar 32 µs on this machine).
 const PEERS_CONTEXT: &str = r#"{"user":{"id":"u1","tier":"gold","country":"US"},"amount":250,"action":"purchase","tags":["a","b"]}"#;
@@ -80,7 +80,7 @@ use workload::typical_context;
 fn benches(c: &mut Criterion) {
     let sandbox = Sandbox::default();
 
-    let peers = match validate(&peers_world(), 1, &sandbox) {
+    let peers = match compile(&peers_world(), 1, &sandbox) {
         Ok(w) => w,
         Err(p) => panic!("{p:?}"),
     };

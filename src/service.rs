@@ -32,7 +32,7 @@ use crate::worlds::cases::run_cases;
 use crate::worlds::context::SystemValues;
 use crate::worlds::{self, ContextJson, Decision, Problem, Request, Status, WorldModel};
 use auth::{Caller, Keys};
-use cache::{Cache, LoadError};
+use cache::{Cache, VersionLoadError};
 use decision_log::DecisionLog;
 
 /// What went wrong, in terms a caller can act on. Each variant maps to one HTTP status in
@@ -468,9 +468,9 @@ impl App {
             .version(world, version)
             .await
             .map_err(|e| match e {
-                LoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
-                LoadError::Retired { .. } => ServiceError::Retired(e.to_string()),
-                LoadError::Failed { .. } => ServiceError::Unavailable(e.to_string()),
+                VersionLoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
+                VersionLoadError::Retired { .. } => ServiceError::Retired(e.to_string()),
+                VersionLoadError::Failed { .. } => ServiceError::Unavailable(e.to_string()),
             })
     }
 
@@ -519,7 +519,7 @@ impl App {
         let sandbox = self.sandbox.clone();
         let model = model.clone();
         tokio::task::spawn_blocking(move || {
-            let compiled = worlds::validate(&model, 1, &sandbox).map_err(|problems| {
+            let compiled = worlds::compile(&model, 1, &sandbox).map_err(|problems| {
                 let first: Vec<String> = problems.iter().take(3).map(ToString::to_string).collect();
                 ServiceError::Invalid {
                     message: format!(
@@ -535,7 +535,7 @@ impl App {
                 .filter(|r| !r.passed)
                 .map(|r| {
                     Problem::new(
-                        worlds::validate::Locus::Case {
+                        worlds::problem::Locus::Case {
                             action: r.action,
                             rule: r.rule,
                             case: r.case - 1,
@@ -589,7 +589,7 @@ impl App {
             .map(|m| NewModule {
                 action: m.manifest.action.clone(),
                 hash: m.hash().to_string(),
-                content: m.source.canonical_json(),
+                content: m.canonical_json().to_vec(),
             })
             .collect();
         let listed = modules
@@ -628,8 +628,8 @@ impl App {
             .version(world, version)
             .await
             .map_err(|e| match e {
-                LoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
-                LoadError::Retired { .. } | LoadError::Failed { .. } => {
+                VersionLoadError::NotFound { .. } => ServiceError::NotFound(e.to_string()),
+                VersionLoadError::Retired { .. } | VersionLoadError::Failed { .. } => {
                     ServiceError::Conflict(e.to_string())
                 }
             })?;

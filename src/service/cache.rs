@@ -36,7 +36,7 @@ pub struct LoadedVersion {
 
 /// Why a version could not be loaded.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum LoadError {
+pub enum VersionLoadError {
     #[error("world '{world}' has no version {version}")]
     NotFound { world: String, version: u64 },
     #[error("world '{world}' version {version} is retired; no key may pin or deploy it")]
@@ -118,9 +118,9 @@ impl Cache {
         &self,
         world: &str,
         version: u64,
-    ) -> Result<Arc<LoadedVersion>, LoadError> {
+    ) -> Result<Arc<LoadedVersion>, VersionLoadError> {
         if self.is_retired(world, version) {
-            return Err(LoadError::Retired {
+            return Err(VersionLoadError::Retired {
                 world: world.to_string(),
                 version,
             });
@@ -162,7 +162,11 @@ impl Cache {
         });
     }
 
-    async fn load(&self, world: &str, version: u64) -> Result<Arc<LoadedVersion>, LoadError> {
+    async fn load(
+        &self,
+        world: &str,
+        version: u64,
+    ) -> Result<Arc<LoadedVersion>, VersionLoadError> {
         let result = self.load_uncounted(world, version).await;
         self.metrics.cache_load(result.is_ok());
         if let Err(e) = &result {
@@ -177,13 +181,13 @@ impl Cache {
         &self,
         world: &str,
         version: u64,
-    ) -> Result<Arc<LoadedVersion>, LoadError> {
+    ) -> Result<Arc<LoadedVersion>, VersionLoadError> {
         let record = self
             .store
             .version(world, version)
             .await
             .map_err(|e| failed(world, version, &e.to_string()))?
-            .ok_or_else(|| LoadError::NotFound {
+            .ok_or_else(|| VersionLoadError::NotFound {
                 world: world.to_string(),
                 version,
             })?;
@@ -215,7 +219,7 @@ impl Cache {
                     .map_err(|e| failed(&w, v, &format!("action '{action}': {e}")))?;
                 modules.insert(action, Arc::new(module));
             }
-            Ok::<_, LoadError>(modules)
+            Ok::<_, VersionLoadError>(modules)
         })
         .await
         .map_err(|e| failed(world, version, &format!("compile task failed: {e}")))??;
@@ -385,8 +389,8 @@ impl Cache {
     }
 }
 
-fn failed(world: &str, version: u64, reason: &str) -> LoadError {
-    LoadError::Failed {
+fn failed(world: &str, version: u64, reason: &str) -> VersionLoadError {
+    VersionLoadError::Failed {
         world: world.to_string(),
         version,
         reason: reason.to_string(),

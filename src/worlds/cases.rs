@@ -2,9 +2,9 @@
 
 use serde::Serialize;
 
+use super::compile::CompiledWorld;
 use super::context::{self, Bound};
 use super::model::Attribute;
-use super::validate::CompiledWorld;
 use crate::sandbox::Sandbox;
 
 /// The result of one case.

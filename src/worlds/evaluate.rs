@@ -1,4 +1,5 @@
-//! The evaluator: (module, context) → decision, as SPEC §3 steps 2–6 describe.
+//! The evaluator: (module, context) → decision, as docs/predicates.md ("How the rules of an
+//! action are evaluated") describes.
 //!
 //! It never fails and never panics: bad evidence is a `YELLOW` asking for it, and a predicate
 //! that errors fails closed. Only the caller's own faults (a context that is not a JSON
@@ -114,7 +115,7 @@ pub fn evaluate(
         Bound::Ready(b) => b,
         Bound::NotAnObject(e) => return Err(BadContext(e)),
         Bound::Missing(evidence) => {
-            let mut frame = module.source.work_frames[&Status::Yellow].clone();
+            let mut frame = module.source.work_frames.yellow.clone();
             frame.mode = "hold".into();
             frame.next_action = "gather_evidence_and_retry".into();
             frame.allowed_actions = vec!["gather_evidence_and_retry".into()];
@@ -197,12 +198,9 @@ pub fn evaluate(
     }
 
     let (mut status, mut frame) = match winner {
-        None => (
-            Status::Green,
-            module.source.work_frames[&Status::Green].clone(),
-        ),
+        None => (Status::Green, module.source.work_frames.green.clone()),
         Some((_, outcome, index)) => {
-            let base = module.source.work_frames[&outcome].clone();
+            let base = module.source.work_frames.of(outcome).clone();
             let frame = match &module.rules[index].source.work_frame {
                 Some(patch) => base.patched(patch),
                 None => base,
@@ -214,14 +212,17 @@ pub fn evaluate(
     // matched green: a hard floor bounds how permissive the answer can be, not how strict.
     if !errors.is_empty() && status < Status::Yellow {
         status = Status::Yellow;
-        frame = module.source.work_frames[&Status::Yellow].clone();
+        frame = module.source.work_frames.yellow.clone();
     }
     Ok(decision(
         module, request, status, frame, matched, errors, trace, started, operations,
     ))
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "every part of a decision is computed by the caller; a struct would only name them twice"
+)]
 fn decision(
     module: &Module,
     request: &Request<'_>,

@@ -7,19 +7,20 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::compile::{compile, CompiledWorld};
 use super::model::{
     Action, AttrType, Attribute, Case, Rule, Severity, Source, Status, WorkFramePatch, WorldModel,
 };
-use super::validate::{validate, CompiledWorld, Locus, Problem, Which};
+use super::problem::{Locus, Problem, Which};
 use crate::sandbox::Sandbox;
 
 /// The manifest's file name inside a world folder.
 pub const MANIFEST: &str = "world.toml";
 
-/// Loading a world failed; every problem found is listed.
+/// Loading a world folder failed; every problem found is listed.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", render(.0))]
-pub struct LoadError(pub Vec<Problem>);
+pub struct FolderError(pub Vec<Problem>);
 
 fn render(problems: &[Problem]) -> String {
     problems
@@ -140,15 +141,15 @@ impl LineIndex {
 }
 
 /// Load a world folder into a model without compiling it.
-pub fn load_model(dir: &Path) -> Result<WorldModel, LoadError> {
+pub fn load_model(dir: &Path) -> Result<WorldModel, FolderError> {
     load_with_lines(dir).map(|(model, _, _)| model)
 }
 
-/// Load, validate and compile a world folder as version 1.
-pub fn load(dir: &Path, sandbox: &Sandbox) -> Result<CompiledWorld, LoadError> {
+/// Load, check and compile a world folder as version 1.
+pub fn load(dir: &Path, sandbox: &Sandbox) -> Result<CompiledWorld, FolderError> {
     let (model, lines, manifest) = load_with_lines(dir)?;
-    validate(&model, 1, sandbox).map_err(|problems| {
-        LoadError(
+    compile(&model, 1, sandbox).map_err(|problems| {
+        FolderError(
             problems
                 .into_iter()
                 .map(|p| place(p, &lines, &manifest))
@@ -213,10 +214,10 @@ fn problem_at(file: &Path, line: usize, locus: Locus, message: impl Into<String>
     p
 }
 
-fn load_with_lines(dir: &Path) -> Result<(WorldModel, Lines, PathBuf), LoadError> {
+fn load_with_lines(dir: &Path) -> Result<(WorldModel, Lines, PathBuf), FolderError> {
     let manifest = dir.join(MANIFEST);
     let text = std::fs::read_to_string(&manifest).map_err(|e| {
-        LoadError(vec![Problem {
+        FolderError(vec![Problem {
             file: Some(manifest.clone()),
             ..Problem::new(
                 Locus::World { field: "manifest" },
@@ -227,7 +228,7 @@ fn load_with_lines(dir: &Path) -> Result<(WorldModel, Lines, PathBuf), LoadError
     let index = LineIndex::new(&text);
     let raw: RawWorld = toml::from_str(&text).map_err(|e| {
         let line = e.span().map(|s| index.line(s.start));
-        LoadError(vec![Problem {
+        FolderError(vec![Problem {
             file: Some(manifest.clone()),
             line,
             ..Problem::new(
@@ -321,7 +322,7 @@ fn load_with_lines(dir: &Path) -> Result<(WorldModel, Lines, PathBuf), LoadError
         });
     }
     if !problems.is_empty() {
-        return Err(LoadError(problems));
+        return Err(FolderError(problems));
     }
     Ok((
         WorldModel {

@@ -1,6 +1,6 @@
 //! The world model: the domain types of one world version, as they are authored (TOML under
-//! `predicates/`, or JSON through the API) and stored. Plain data; validation lives in
-//! `worlds::validate`.
+//! `predicates/`, or JSON through the API) and stored. Plain data; checking and compiling it lives in
+//! `worlds::compile`.
 
 use std::collections::BTreeMap;
 
@@ -306,6 +306,50 @@ pub struct WorkFramePatch {
     pub required_output: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_human_owner: Option<String>,
+}
+
+/// The resolved work frame of every status of an action: a field per status, so none can be
+/// missing. Its JSON form is the object keyed by status, in the order of [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkFrames {
+    #[serde(rename = "GREEN")]
+    pub green: WorkFrame,
+    #[serde(rename = "GREEN-SKIP")]
+    pub green_skip: WorkFrame,
+    #[serde(rename = "YELLOW")]
+    pub yellow: WorkFrame,
+    #[serde(rename = "RED")]
+    pub red: WorkFrame,
+}
+
+impl WorkFrames {
+    /// The built-in frames of an action with its authored patches applied over them.
+    pub fn resolve(action: &str, patches: &BTreeMap<Status, WorkFramePatch>) -> Self {
+        let frame = |status| {
+            let base = WorkFrame::default_for(status, action);
+            match patches.get(&status) {
+                Some(patch) => base.patched(patch),
+                None => base,
+            }
+        };
+        Self {
+            green: frame(Status::Green),
+            green_skip: frame(Status::GreenSkip),
+            yellow: frame(Status::Yellow),
+            red: frame(Status::Red),
+        }
+    }
+
+    /// The frame of a status.
+    pub fn of(&self, status: Status) -> &WorkFrame {
+        match status {
+            Status::Green => &self.green,
+            Status::GreenSkip => &self.green_skip,
+            Status::Yellow => &self.yellow,
+            Status::Red => &self.red,
+        }
+    }
 }
 
 impl WorkFrame {

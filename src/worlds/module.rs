@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::model::{
-    Aggregation, Attribute, Rule, Severity, Status, WorkFrame, WorkFramePatch, WorldModel,
+    Aggregation, Attribute, Rule, Severity, Status, WorkFramePatch, WorkFrames, WorldModel,
 };
-use super::validate::{Locus, Problem, Which};
+use super::problem::{Locus, Problem, Which};
 use crate::sandbox::{Batch, Bindings, Budget, ErrorKind, Failure, Program, Sandbox, SandboxError};
 
 /// The canonical content of a module. Field order and `BTreeMap`s make its JSON form
@@ -31,7 +31,7 @@ pub struct ModuleSource {
     /// The config constants the action's rules read.
     pub config: BTreeMap<String, serde_json::Value>,
     /// The resolved work frame of every status.
-    pub work_frames: BTreeMap<Status, WorkFrame>,
+    pub work_frames: WorkFrames,
     /// The rules in evaluation order: by severity, then by declaration.
     pub rules: Vec<RuleSource>,
 }
@@ -79,17 +79,7 @@ impl ModuleSource {
                 }
             }
         }
-        let work_frames = Status::ALL
-            .into_iter()
-            .map(|status| {
-                let base = WorkFrame::default_for(status, &action.name);
-                let frame = match action.work_frames.get(&status) {
-                    Some(patch) => base.patched(patch),
-                    None => base,
-                };
-                (status, frame)
-            })
-            .collect();
+        let work_frames = WorkFrames::resolve(&action.name, &action.work_frames);
         Some(Self {
             world: model.world.clone(),
             action: action.name.clone(),
@@ -114,14 +104,13 @@ impl ModuleSource {
     }
 
     /// The canonical JSON form.
-    pub fn canonical_json(&self) -> Vec<u8> {
-        // Serializing plain structs, strings and BTreeMaps cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+    pub fn canonical_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
     }
 
     /// `sha256:` and the hex digest of the canonical form.
-    pub fn hash(&self) -> String {
-        hash_bytes(&self.canonical_json())
+    pub fn hash(&self) -> Result<String, serde_json::Error> {
+        Ok(hash_bytes(&self.canonical_json()?))
     }
 }
 
@@ -170,6 +159,8 @@ pub struct Module {
     /// The schema in a fixed order, for binding contexts.
     pub attrs: Vec<(String, Attribute)>,
     pub rules: Vec<CompiledRule>,
+    /// The canonical form of `source`, the bytes its digest is of and the bytes stored.
+    canonical: Vec<u8>,
     /// Every rule in one program, the fast path of a decision.
     batch: Option<Batch>,
     /// Set once a decision of this module cost more than the sandbox's `offload_operations`
@@ -188,7 +179,7 @@ pub struct Runs {
 
 /// Loading a stored module failed.
 #[derive(Debug, thiserror::Error)]
-pub enum LoadError {
+pub enum ModuleLoadError {
     #[error("module content hashes to {actual}, not the expected {expected}")]
     HashMismatch { expected: String, actual: String },
     #[error("module content is not a valid module source: {0}")]
@@ -205,16 +196,16 @@ impl Module {
         expected_hash: &str,
         version: u64,
         sandbox: &Sandbox,
-    ) -> Result<Self, LoadError> {
+    ) -> Result<Self, ModuleLoadError> {
         let actual = hash_bytes(bytes);
         if actual != expected_hash {
-            return Err(LoadError::HashMismatch {
+            return Err(ModuleLoadError::HashMismatch {
                 expected: expected_hash.to_string(),
                 actual,
             });
         }
         let source: ModuleSource = serde_json::from_slice(bytes)?;
-        Self::compile(source, version, sandbox).map_err(LoadError::Compile)
+        Self::compile(source, version, sandbox).map_err(ModuleLoadError::Compile)
     }
 
     /// Compile a module source as part of `version`; every problem is reported.
@@ -291,6 +282,18 @@ impl Module {
                 },
             ));
         }
+        let canonical = match source.canonical_json() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                problems.push(Problem::new(
+                    Locus::Action {
+                        action: source.action.clone(),
+                    },
+                    format!("the module has no canonical form to hash: {e}"),
+                ));
+                Vec::new()
+            }
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -298,7 +301,7 @@ impl Module {
             world: source.world.clone(),
             version,
             action: source.action.clone(),
-            source_digest: source.hash(),
+            source_digest: hash_bytes(&canonical),
         };
         let attrs = source
             .schema
@@ -315,6 +318,7 @@ impl Module {
             source: Arc::new(source),
             attrs,
             rules,
+            canonical,
             batch,
             expensive: AtomicBool::new(false),
         })
@@ -323,6 +327,11 @@ impl Module {
     /// The module's content hash.
     pub fn hash(&self) -> &str {
         &self.manifest.source_digest
+    }
+
+    /// The canonical form of the module's source, whose digest [`Module::hash`] is.
+    pub fn canonical_json(&self) -> &[u8] {
+        &self.canonical
     }
 
     /// Run every rule in evaluation order, all of them drawing on one decision budget.

@@ -244,7 +244,7 @@ proptest! {
     ) {
         let sandbox = sandbox();
         let model = world(sandbox, &rules);
-        let Ok(compiled) = worlds::validate(&model, 1, sandbox) else {
+        let Ok(compiled) = worlds::compile(&model, 1, sandbox) else {
             // Every rule compiled alone; a world of them must too.
             return Err(TestCaseError::fail(format!("{model:#?} does not compile")));
         };

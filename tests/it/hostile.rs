@@ -1,8 +1,8 @@
 //! The hostile-predicate suite: predicates are written by an LLM and treated as hostile. One
 //! test per attack, each asserting the exact error kind and that compilation or evaluation
 //! came back within its bound. Attacks that compile must fail closed in a decision: a status
-//! of at least YELLOW with the error in the metadata. The findings F1–F11 are those of the
-//! sandbox study of rhai 1.27 (`research/rhai.md` in the design notes).
+//! of at least YELLOW with the error in the metadata. The findings F1–F11 are the known ways
+//! out of a rhai 1.27 sandbox, and ARCHITECTURE.md (`src/sandbox`) says how each is closed.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ fn rejected_at_compile(sandbox: &Sandbox, predicate: &str, inputs: &[&str], kind
     // The same attack inside a world is a validation problem that names the rule.
     let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     let model = one_rule_world(predicate, &inputs);
-    let problems = spectral::worlds::validate(&model, 1, sandbox)
+    let problems = spectral::worlds::compile(&model, 1, sandbox)
         .err()
         .unwrap_or_default();
     assert!(
@@ -253,9 +253,10 @@ fn f6_constant_calls_are_not_run_at_compile_time() {
         compile_time * 4 < eval_time,
         "compile {compile_time:?} vs evaluation {eval_time:?}: calls ran at compile time"
     );
-    // With the default limits the same predicate fails closed: its helper calls are charged
-    // past the operation limit before the deadline comes.
-    let sandbox = Sandbox::default();
+    // With the default operation limit the same predicate fails closed: its helper calls are
+    // charged past it, however fast the machine (the deadline is the tests' generous one, so
+    // a busy machine's clock does not decide the kind).
+    let sandbox = crate::support::sandbox();
     let program = sandbox
         .compile(&predicate, &[], &config)
         .unwrap_or_else(|e| panic!("{e}"));

@@ -77,7 +77,7 @@ pub fn one_rule_world(predicate: &str, inputs: &[&str]) -> WorldModel {
 
 /// Compile a world or panic with its problems.
 pub fn compile(model: &WorldModel, sandbox: &Sandbox) -> CompiledWorld {
-    match worlds::validate(model, 1, sandbox) {
+    match worlds::compile(model, 1, sandbox) {
         Ok(w) => w,
         Err(problems) => panic!(
             "world does not compile:\n{}",

@@ -1,11 +1,13 @@
 //! World models through the library: the example worlds, module hashing, and the evaluator's
 //! semantics (severity order, the T1 floor, fail-closed errors, missing evidence).
 
+use std::collections::BTreeMap;
+
 use serde_json::json;
 use spectral::worlds::cases::run_cases;
 use spectral::worlds::load;
-use spectral::worlds::model::{Severity, Status, WorkFramePatch};
-use spectral::worlds::module::{LoadError, Module, ModuleSource};
+use spectral::worlds::model::{Severity, Status, WorkFrame, WorkFramePatch};
+use spectral::worlds::module::{Module, ModuleLoadError, ModuleSource};
 
 use crate::support::{
     compile, decide, decide_with, example_worlds, one_rule_world, predicates_dir, verdict,
@@ -115,12 +117,30 @@ fn batch_and_rule_by_rule_agree_on_every_case_context() {
 fn the_same_content_gives_the_same_hash() {
     let a = payments_source();
     let b = payments_source();
-    assert_eq!(a.hash(), b.hash());
-    assert_eq!(a.canonical_json(), b.canonical_json());
+    assert_eq!(a.hash().unwrap(), b.hash().unwrap());
+    assert_eq!(a.canonical_json().unwrap(), b.canonical_json().unwrap());
     // Round-tripping through the stored form keeps the hash.
     let back: ModuleSource =
-        serde_json::from_slice(&a.canonical_json()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(back.hash(), a.hash());
+        serde_json::from_slice(&a.canonical_json().unwrap()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(back.hash().unwrap(), a.hash().unwrap());
+}
+
+/// The work frames of a module are a struct with a field per status, and their canonical form
+/// is still the object keyed by status that stored modules were hashed over.
+#[test]
+fn work_frames_keep_the_canonical_form_of_a_map_by_status() {
+    let source = payments_source();
+    let by_status: BTreeMap<Status, WorkFrame> = Status::ALL
+        .into_iter()
+        .map(|s| (s, source.work_frames.of(s).clone()))
+        .collect();
+    assert_eq!(
+        serde_json::to_string(&source.work_frames).unwrap(),
+        serde_json::to_string(&by_status).unwrap()
+    );
+    let text = serde_json::to_string(&by_status).unwrap();
+    let back: spectral::worlds::model::WorkFrames = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, source.work_frames);
 }
 
 #[test]
@@ -150,8 +170,8 @@ fn any_change_gives_a_different_hash() {
     let mut c = base.clone();
     c.rules.swap(0, 1);
     changes.push(c);
-    let mut hashes: Vec<String> = changes.iter().map(ModuleSource::hash).collect();
-    hashes.push(base.hash());
+    let mut hashes: Vec<String> = changes.iter().map(|c| c.hash().unwrap()).collect();
+    hashes.push(base.hash().unwrap());
     let n = hashes.len();
     hashes.sort();
     hashes.dedup();
@@ -162,17 +182,18 @@ fn any_change_gives_a_different_hash() {
 fn a_stored_module_is_verified_before_it_is_compiled() {
     let sandbox = crate::support::sandbox();
     let source = payments_source();
-    let bytes = source.canonical_json();
-    let module =
-        Module::load(&bytes, &source.hash(), 7, &sandbox).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(module.hash(), source.hash());
+    let bytes = source.canonical_json().unwrap();
+    let hash = source.hash().unwrap();
+    let module = Module::load(&bytes, &hash, 7, &sandbox).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(module.hash(), hash);
+    assert_eq!(module.canonical_json(), bytes);
     assert_eq!(module.manifest.version, 7);
     let mut tampered = bytes.clone();
     let at = tampered.len() / 2;
     tampered[at] ^= 1;
     assert!(matches!(
-        Module::load(&tampered, &source.hash(), 7, &sandbox),
-        Err(LoadError::HashMismatch { .. })
+        Module::load(&tampered, &hash, 7, &sandbox),
+        Err(ModuleLoadError::HashMismatch { .. })
     ));
 }
 
