@@ -4,14 +4,12 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::support::example_worlds;
+use crate::support::process::command;
 
 fn spectral(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_spectral"))
-        .args(args)
-        // The deadline is tested in `hostile.rs`; here it must not fire because an
-        // unoptimized build waited for a core.
-        .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
-        .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000")
+    // The deadline is tested in `hostile.rs`; `command` sets one that an unoptimized build
+    // waiting for a core does not reach.
+    command(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run spectral: {e}"))
 }
@@ -312,8 +310,7 @@ fn decide_rejects_an_unknown_action_and_a_bad_context() {
 
 #[test]
 fn an_invalid_limit_in_the_environment_is_a_clear_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_spectral"))
-        .args(["world", "check", &payments().to_string_lossy()])
+    let out = command(&["world", "check", &payments().to_string_lossy()])
         .env("SPECTRAL_SANDBOX_DEADLINE_US", "soon")
         .output()
         .unwrap_or_else(|e| panic!("{e}"));

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::app::{green_wire, test_config, Backend, Db, TestApp, OPERATOR};
+use crate::support::eventually;
 
 /// Publish a YELLOW variant of the payments world through `app` and deploy it; return when
 /// `other` answers with version 2, and how long that took after the deploy returned.
@@ -26,18 +27,17 @@ async fn deploy_and_measure(app: &TestApp, other: &TestApp) -> Duration {
     // The deploying instance serves the new version before it answers.
     let (_, own) = app.decide(OPERATOR, &green_wire()).await;
     assert_eq!(own["decision_metadata"]["world_model_version"], 2);
-    loop {
-        let (_, d) = other.decide(OPERATOR, &green_wire()).await;
-        if d["decision_metadata"]["world_model_version"] == 2 {
-            assert_eq!(d["status"], "YELLOW");
-            return deployed.elapsed();
-        }
-        assert!(
-            deployed.elapsed() < Duration::from_secs(10),
-            "the other instance never switched"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let d = eventually(
+        Duration::from_secs(10),
+        "the other instance switching to version 2",
+        || async {
+            let (_, d) = other.decide(OPERATOR, &green_wire()).await;
+            (d["decision_metadata"]["world_model_version"] == 2).then_some(d)
+        },
+    )
+    .await;
+    assert_eq!(d["status"], "YELLOW");
+    deployed.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +148,7 @@ async fn a_retirement_reaches_another_instance_that_had_the_version_loaded() {
     let (s, _) = a.decide(OPERATOR, &pinned).await;
     assert_eq!(s, 410);
     // The other learns by notification (its poll is a minute away).
-    let d = crate::support::eventually(
+    let d = eventually(
         Duration::from_secs(5),
         "the other instance refusing the retired version",
         || async {

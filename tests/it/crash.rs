@@ -5,10 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,11 +22,14 @@ use spectral::store::{events, OutboxStatus, Store, StoreConfig};
 
 use crate::app::{green_wire, OPERATOR};
 use crate::db;
-use crate::support::predicates_dir;
+use crate::support::process::command;
+use crate::support::{eventually, predicates_dir, Process};
 
 const WORLD: &str = "acme-payments";
 /// Long enough for a delivery in hand to finish; the tests wait for much less.
 const GRACE: Duration = Duration::from_secs(10);
+/// The bound on a stop: the grace period and room for the process to exit after it.
+const STOPS_WITHIN: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // The subscriber: a real HTTP server that answers slowly, so that a worker is in the middle
@@ -123,6 +124,7 @@ impl Subscriber {
             });
             hits.len() - 1
         };
+        // The slow answer is the behaviour the test needs, not a wait for something.
         let delay = Duration::from_millis(rand::thread_rng().gen_range(300..=500));
         tokio::time::sleep(delay).await;
         self.hits.lock().expect("lock")[index].answered = true;
@@ -147,17 +149,10 @@ impl Subscriber {
 
     /// Wait (bounded) for a request [`Subscriber::in_hand`].
     async fn wait_in_hand(&self, since: Instant) -> String {
-        let started = Instant::now();
-        loop {
-            if let Some(key) = self.in_hand(since) {
-                return key;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "no delivery was in flight within a minute"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(Duration::from_secs(60), "a delivery in flight", || async {
+            self.in_hand(since)
+        })
+        .await
     }
 
     /// How often each idempotency key was received.
@@ -196,119 +191,6 @@ fn verify(secret: &str, timestamp: &str, body: &[u8], header: &str) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 // Processes.
-
-/// A `spectral` process, its output kept for the failure message; killed when dropped, so a
-/// failing test leaves nothing running.
-struct Proc {
-    name: String,
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    started: Instant,
-}
-
-impl Proc {
-    fn spawn(command: &str, env: &[(&str, String)], dir: &Path) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_spectral"));
-        cmd.arg(command)
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // Only what the test sets: nothing of the caller's configuration leaks in.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("SPECTRAL_") || k == "DATABASE_URL" {
-                cmd.env_remove(k);
-            }
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spectral starts");
-        let started = Instant::now();
-        let log: Arc<Mutex<Vec<String>>> = Arc::default();
-        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("stdout"));
-        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("stderr"));
-        for stream in [out, err] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    log.lock().expect("lock").push(line);
-                }
-            });
-        }
-        Self {
-            name: format!("spectral {command} ({})", child.id()),
-            child,
-            log,
-            started,
-        }
-    }
-
-    /// Wait (bounded) for a JSON log line with this message; return it.
-    async fn logged(&self, message: &str) -> Value {
-        let started = Instant::now();
-        loop {
-            let found = self
-                .log
-                .lock()
-                .expect("lock")
-                .iter()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|v| v["message"] == message);
-            if let Some(v) = found {
-                return v;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{} did not log '{message}' within a minute",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL sent");
-        self.child.wait().expect("reaped");
-    }
-
-    /// Send SIGTERM and wait (bounded) for the exit; its code and how long it took.
-    async fn terminate(&mut self) -> (Option<i32>, Duration) {
-        let sent = Instant::now();
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "SIGTERM sent to {}", self.name);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return (status.code(), sent.elapsed());
-            }
-            assert!(
-                sent.elapsed() < GRACE + Duration::from_secs(20),
-                "{} still runs {:?} after SIGTERM",
-                self.name,
-                sent.elapsed()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
-            eprintln!("--- last output of {} ---", self.name);
-            for line in log.iter().skip(log.len().saturating_sub(40)) {
-                eprintln!("{line}");
-            }
-        }
-    }
-}
 
 /// The environment every process of a test shares.
 fn common_env(db: &db::TestDb) -> Vec<(&'static str, String)> {
@@ -358,11 +240,10 @@ fn workers_env(db: &db::TestDb) -> Vec<(&'static str, String)> {
 }
 
 /// Start `spectral api` or `serve` and return it with its base URL.
-async fn start_api(command: &str, env: &[(&str, String)], dir: &Path) -> (Proc, String) {
-    let api = Proc::spawn(command, env, dir);
-    let listening = api.logged("spectral API listening").await;
-    let addr = listening["addr"].as_str().expect("addr").to_string();
-    (api, format!("http://{addr}"))
+async fn start_api(command: &str, env: &[(&str, String)], dir: &Path) -> (Process, String) {
+    let api = Process::spawn(&[command], env, dir);
+    let base = api.ready().await;
+    (api, base)
 }
 
 async fn test_store(db: &db::TestDb) -> Store {
@@ -535,23 +416,28 @@ async fn drain(
     expected: &BTreeSet<String>,
     decisions: i64,
 ) {
-    let started = Instant::now();
-    loop {
-        let counts = store.outbox_counts(1).await.expect("counts");
-        let seen: BTreeSet<String> = subscriber.counts().into_keys().collect();
-        let missing = expected.difference(&seen).count();
-        let stats = api.stats_total().await;
-        if counts.pending == 0 && counts.in_flight == 0 && missing == 0 && stats >= decisions {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "not drained after {:?}: {counts:?}, {missing} deliveries missing, {stats} of \
-             {decisions} decisions counted",
-            started.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = Mutex::new(String::new());
+    let drained = tokio::time::timeout(
+        Duration::from_secs(180),
+        // Past the outer bound, so that it is the one that fails, with the last state seen.
+        eventually(Duration::from_secs(190), "the outbox drained", || async {
+            let counts = store.outbox_counts(1).await.expect("counts");
+            let seen: BTreeSet<String> = subscriber.counts().into_keys().collect();
+            let missing = expected.difference(&seen).count();
+            let stats = api.stats_total().await;
+            *last.lock().expect("lock") = format!(
+                "{counts:?}, {missing} deliveries missing, {stats} of {decisions} decisions counted"
+            );
+            (counts.pending == 0 && counts.in_flight == 0 && missing == 0 && stats >= decisions)
+                .then_some(())
+        }),
+    )
+    .await;
+    assert!(
+        drained.is_ok(),
+        "not drained: {}",
+        last.lock().expect("lock")
+    );
 }
 
 /// Everything was handled once in effect: every expected delivery arrived, signed, and no
@@ -599,21 +485,19 @@ async fn killed_workers_lose_and_double_nothing() {
         base,
         client: reqwest::Client::new(),
     };
-    let mut workers = Proc::spawn("workers", &workers_env(&db), dir.path());
+    let mut workers = Process::spawn(&["workers"], &workers_env(&db), dir.path());
     // The seeded worlds' events are handled before any webhook exists, so they deliver
     // nothing and every delivery below is one this test expects.
-    let started = Instant::now();
-    loop {
-        let rows = store.outbox_list(None, Some(1), 1000).await.expect("list");
-        if !rows.is_empty() && rows.iter().all(|r| r.status == OutboxStatus::Delivered) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "seed events not handled"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(60),
+        "the seed events handled",
+        || async {
+            let rows = store.outbox_list(None, Some(1), 1000).await.expect("list");
+            (!rows.is_empty() && rows.iter().all(|r| r.status == OutboxStatus::Delivered))
+                .then_some(())
+        },
+    )
+    .await;
     let mut hooks = Vec::new();
     for (i, secret) in secrets.iter().enumerate() {
         hooks.push(api.webhook(&subscriber.url(i), secret).await);
@@ -635,10 +519,10 @@ async fn killed_workers_lose_and_double_nothing() {
     };
     let mut killed_in_hand = Vec::new();
     for _ in 0..3 {
-        let key = subscriber.wait_in_hand(workers.started).await;
-        workers.kill9();
+        let key = subscriber.wait_in_hand(workers.started()).await;
+        workers.kill();
         killed_in_hand.push(key);
-        workers = Proc::spawn("workers", &workers_env(&db), dir.path());
+        workers = Process::spawn(&["workers"], &workers_env(&db), dir.path());
     }
     let (mut produced, mut decisions) = producer.await.expect("producer");
     let mut expected = delivery_keys(&hooks, &produced);
@@ -679,7 +563,7 @@ async fn killed_workers_lose_and_double_nothing() {
     let phase = Instant::now();
     let more = api.publish_and_deploy(4).await;
     let key = subscriber.wait_in_hand(phase).await;
-    let (code, took) = workers.terminate().await;
+    let (code, took) = workers.terminate(STOPS_WITHIN).await;
     assert_eq!(code, Some(0), "a graceful stop exits 0 (took {took:?})");
     assert!(took < GRACE, "{took:?}");
     let in_flight = store
@@ -707,7 +591,7 @@ async fn killed_workers_lose_and_double_nothing() {
         "the deliveries not yet started wait for the next worker"
     );
     // The next worker delivers the rest.
-    let mut workers = Proc::spawn("workers", &workers_env(&db), dir.path());
+    let mut workers = Process::spawn(&["workers"], &workers_env(&db), dir.path());
     produced.extend(more);
     expected = delivery_keys(&hooks, &produced);
     drain(&store, &api, &subscriber, &expected, decisions).await;
@@ -724,8 +608,7 @@ async fn killed_workers_lose_and_double_nothing() {
     );
     // The operator's view agrees: nothing pending, in flight or failed.
     for status in ["pending", "in_flight", "failed"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_spectral"))
-            .args(["outbox", "list", "--status", status, "--generation", "1"])
+        let out = command(&["outbox", "list", "--status", status, "--generation", "1"])
             .env("DATABASE_URL", db.url())
             .env("SPECTRAL_LOG", "warn")
             .output()
@@ -735,11 +618,11 @@ async fn killed_workers_lose_and_double_nothing() {
         assert!(stderr.contains("0 row(s)"), "{status}: {stderr}");
     }
 
-    let (code, _) = workers.terminate().await;
+    let (code, _) = workers.terminate(STOPS_WITHIN).await;
     assert_eq!(code, Some(0));
     // The API drains its decision log on SIGTERM: every decision made is recorded.
     decisions += api.decide(40).await;
-    let (code, took) = api_proc.terminate().await;
+    let (code, took) = api_proc.terminate(STOPS_WITHIN).await;
     assert_eq!(code, Some(0), "the API exits 0 on SIGTERM (took {took:?})");
     let recorded = store.decisions(WORLD, 0, 1_000_000).await.expect("records");
     assert_eq!(
@@ -774,7 +657,7 @@ async fn serve_stops_gracefully_in_the_middle_of_a_delivery() {
         api.publish_and_deploy(revision).await;
     }
     let key = subscriber.wait_in_hand(since).await;
-    let (code, took) = serve.terminate().await;
+    let (code, took) = serve.terminate(STOPS_WITHIN).await;
     assert_eq!(code, Some(0), "a graceful stop exits 0 (took {took:?})");
     assert!(took < GRACE, "{took:?}");
     let rows = store.outbox_list(None, None, 10_000).await.expect("list");
@@ -800,8 +683,7 @@ async fn serve_stops_gracefully_in_the_middle_of_a_delivery() {
 /// Apply the migrations once, the way an operator does before starting the tiers, so the
 /// test's own store can read the outbox from the start.
 async fn test_store_after_migration(db: &db::TestDb, dir: &Path) -> Store {
-    let out = Command::new(env!("CARGO_BIN_EXE_spectral"))
-        .arg("migrate")
+    let out = command(&["migrate"])
         .current_dir(dir)
         .env("DATABASE_URL", db.url())
         .env("SPECTRAL_LOG", "warn")
@@ -863,7 +745,7 @@ async fn with_durability_commit_a_killed_process_loses_no_answered_decision() {
         .await
         .expect("300 decisions answered within a minute")
         .expect("the lanes run");
-    serve.kill9();
+    serve.kill();
     while lanes.join_next().await.is_some() {}
     let answered: BTreeSet<String> = answered.lock().expect("lock").iter().cloned().collect();
 
@@ -890,5 +772,5 @@ async fn with_durability_commit_a_killed_process_loses_no_answered_decision() {
     assert_eq!(verified.broken, None, "{verified:?}");
     assert!(verified.records >= answered.len() as u64);
     store.close().await;
-    again.terminate().await;
+    again.terminate(STOPS_WITHIN).await;
 }

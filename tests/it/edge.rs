@@ -7,6 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::app::{green_wire, test_config, Backend, Db, TestApp, OPERATOR};
+use crate::support::eventually;
 
 /// Read until the server closes the connection; return what it sent.
 async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> Option<String> {
@@ -73,23 +74,22 @@ async fn idle_connections_past_the_limit_are_shed_and_reclaimed() {
     }
     // Give the server a moment to accept them all: it accepts in order, so once a fifth
     // connection is shed, the four are being held.
-    let mut shed = None;
-    for _ in 0..50 {
-        let mut extra = TcpStream::connect(app.addr()).await.expect("connect");
-        extra
-            .write_all(b"GET /health HTTP/1.1\r\nHost: spectral\r\n\r\n")
-            .await
-            .expect("write");
-        let answer = read_to_close(&mut extra, Duration::from_secs(5))
-            .await
-            .unwrap_or_default();
-        if answer.starts_with("HTTP/1.1 503") {
-            shed = Some(answer);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let shed = shed.expect("a connection past the limit is answered 503");
+    let shed = eventually(
+        Duration::from_secs(10),
+        "a connection past the limit answered 503",
+        || async {
+            let mut extra = TcpStream::connect(app.addr()).await.expect("connect");
+            extra
+                .write_all(b"GET /health HTTP/1.1\r\nHost: spectral\r\n\r\n")
+                .await
+                .expect("write");
+            let answer = read_to_close(&mut extra, Duration::from_secs(5))
+                .await
+                .unwrap_or_default();
+            answer.starts_with("HTTP/1.1 503").then_some(answer)
+        },
+    )
+    .await;
     assert!(shed.contains("too_many_connections"), "{shed}");
     assert!(shed.contains("application/problem+json"), "{shed}");
     // The client that was already connected keeps being answered.
@@ -239,15 +239,11 @@ async fn the_decision_log_commits_what_arrives_within_its_linger_as_one_batch() 
     };
     let (_, health) = app.get(None, "/health").await;
     assert_eq!(written(&health), 0, "still lingering: {health}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(Duration::from_secs(30), "30 records written", || async {
         let (_, health) = app.get(None, "/health").await;
-        if written(&health) == 30 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never written: {health}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (written(&health) == 30).then_some(())
+    })
+    .await;
     let store = db.store().await;
     let recorded: Vec<_> = store
         .outbox_list(None, None, 1000)

@@ -5,13 +5,13 @@
 //! one batch, the lengths of what a caller sets, duplicate keys and constant folding.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spectral::worlds::{load, WorldModel};
 
 use crate::app::{green_wire, test_config, Backend, Db, TestApp, OPERATOR};
+use crate::support::process::command;
 
 crate::both_backends!(
     every_path_decides_the_fail_closed_worlds_red,
@@ -136,13 +136,9 @@ fn spectral_decide_answers_the_fail_closed_worlds_red() {
     let world = fixture();
     for (action, context, kind) in cases() {
         for explain in [false, true] {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_spectral"));
-            cmd.arg("decide")
-                .arg("--world")
-                .arg(&world)
-                .args(["--action", action, "--context", &context.to_string()])
-                .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
-                .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000");
+            let mut cmd = command(&["decide", "--world"]);
+            cmd.arg(&world)
+                .args(["--action", action, "--context", &context.to_string()]);
             if explain {
                 cmd.arg("--explain");
             }

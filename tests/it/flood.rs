@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use spectral::store::{NewEvent, Store};
 
 use crate::app::{green_wire, test_config, Backend, Db, TestApp, OPERATOR};
+use crate::support::eventually;
 
 /// Events in the flood: far more than the consumer handles while latency is measured.
 const FLOOD: usize = 20_000;
@@ -85,15 +86,13 @@ async fn a_flood_of_outbox_work_does_not_slow_decisions() {
         // Hand the flood to the consumer and wait until it is at work.
         let adopted = producer.adopt(parked, generation).await.expect("adopt");
         assert!(adopted > 0);
-        let waiting = Instant::now();
         let start = handled(&producer).await;
-        while handled(&producer).await == start {
-            assert!(
-                waiting.elapsed() < Duration::from_secs(30),
-                "the consumer never started on the flood"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(
+            Duration::from_secs(30),
+            "the consumer starting on the flood",
+            || async { (handled(&producer).await != start).then_some(()) },
+        )
+        .await;
         let before = handled(&producer).await;
         let measuring = Instant::now();
         flooded.extend(latencies(&app).await);

@@ -2,14 +2,14 @@
 //! a server that is live, one that runs another build, one that comes up late, one that stays
 //! unhealthy and one that never answers.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 
 use crate::app::{test_config, Backend, Db, TestApp};
+use crate::support::process::command;
+use crate::support::Process;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -23,11 +23,8 @@ struct Verdict {
 
 /// `spectral gate --url <url> <args>`, as a process, off the test's runtime threads.
 async fn gate(url: &str, args: &[&str]) -> Verdict {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_spectral"));
-    command
-        .args(["gate", "--url", url])
-        .args(args)
-        .env_remove("DATABASE_URL");
+    let mut command = command(&["gate", "--url", url]);
+    command.args(args);
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let out = command.output().expect("spectral gate runs");
@@ -163,29 +160,27 @@ async fn waits_through_a_server_that_comes_up_late() {
         .expect("a free port")
         .port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spectral"))
-        .args(["gate", "--url", &base, "--expect-version", VERSION])
-        .args(["--timeout", "120s", "--interval", "100ms"])
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spectral gate starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, attempts) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            all.push_str(&line);
-            all.push('\n');
-            let _ = tx.send(line);
-        }
-        all
-    });
+    let mut gate = Process::spawn(
+        &[
+            "gate",
+            "--url",
+            &base,
+            "--expect-version",
+            VERSION,
+            "--timeout",
+            "120s",
+            "--interval",
+            "100ms",
+        ],
+        &[],
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+    );
     // The gate's own report of a refused attempt is the signal that it began polling.
-    let first = attempts
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the gate reports its first attempt");
+    let first = gate
+        .printed("its first attempt", |l| {
+            l.starts_with("attempt ").then(|| l.to_string())
+        })
+        .await;
     assert!(first.starts_with("attempt 1: cannot connect"), "{first}");
 
     let db = Db::fresh(Backend::Sqlite).await;
@@ -193,16 +188,17 @@ async fn waits_through_a_server_that_comes_up_late() {
     config.server.addr = format!("127.0.0.1:{port}").parse().expect("addr");
     let app = TestApp::start(config).await;
 
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .expect("wait thread")
-        .expect("gate exits");
-    let stderr = reader.join().expect("reader");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let code = gate.exited(Duration::from_secs(120)).await;
+    let output = gate.output().join("\n");
+    assert_eq!(code, Some(0), "{output}");
+    let stdout = gate
+        .output()
+        .into_iter()
+        .find(|l| l.starts_with("live: "))
+        .unwrap_or_default();
     assert!(
         stdout.starts_with(&format!("live: version {VERSION}")),
-        "{stdout}"
+        "{output}"
     );
     // It passed on a later attempt than the refused one it reported.
     let passed_on: u32 = stdout

@@ -1,15 +1,15 @@
 //! The `spectral` binary as an operator runs it: `serve` with zero configuration, SIGTERM,
 //! `keys create`, `world push`, `migrate` and `audit verify`.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::app::green_wire;
-use crate::support::predicates_dir;
+use crate::support::process::command;
+use crate::support::{eventually, predicates_dir, Process};
 
 /// A `spectral serve` process on a free port with its own data directory.
 struct Server {
-    child: Child,
+    process: Process,
     base: String,
     operator_key: String,
     _dir: tempfile::TempDir,
@@ -19,65 +19,48 @@ impl Server {
     /// Start `spectral serve` in an empty working directory, configured only with a data
     /// directory, a port and the example worlds; read the address and the generated operator
     /// key from its output.
-    fn start(data: &std::path::Path, dir: tempfile::TempDir) -> Self {
-        Self::start_with(data, dir, &[])
+    async fn start(data: &std::path::Path, dir: tempfile::TempDir) -> Self {
+        Self::start_with(data, dir, &[]).await
     }
 
     /// [`Server::start`] with more environment variables.
-    fn start_with(data: &std::path::Path, dir: tempfile::TempDir, env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spectral"))
-            .arg("serve")
-            .envs(env.iter().copied())
-            .current_dir(dir.path())
-            .env("SPECTRAL_ADDR", "127.0.0.1:0")
-            .env("SPECTRAL_DATA_DIR", data)
-            .env("SPECTRAL_SEED_DIR", predicates_dir())
-            .env("SPECTRAL_LOG_FORMAT", "json")
-            .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
-            .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000")
-            .env_remove("DATABASE_URL")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spectral serve starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (base, operator_key) =
-            crate::app::service_address_and_key(stdout, Duration::from_secs(60));
+    async fn start_with(
+        data: &std::path::Path,
+        dir: tempfile::TempDir,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut all = vec![
+            ("SPECTRAL_ADDR", "127.0.0.1:0".to_string()),
+            ("SPECTRAL_DATA_DIR", data.display().to_string()),
+            ("SPECTRAL_SEED_DIR", predicates_dir().display().to_string()),
+            ("SPECTRAL_LOG_FORMAT", "json".to_string()),
+        ];
+        all.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+        let process = Process::spawn(&["serve"], &all, dir.path());
+        let base = process.ready().await;
+        let operator_key = process
+            .printed("the operator key", |line| {
+                line.strip_prefix("operator key (shown once, store it now): ")
+                    .map(|k| k.trim().to_string())
+            })
+            .await;
         Self {
-            child,
+            process,
             base,
             operator_key,
             _dir: dir,
         }
     }
 
-    fn terminate(&mut self) -> (Option<i32>, Duration) {
-        let started = Instant::now();
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-        let code = self.child.wait().expect("exits").code();
-        (code, started.elapsed())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    async fn terminate(&mut self) -> (Option<i32>, Duration) {
+        self.process.terminate(Duration::from_secs(60)).await
     }
 }
 
 fn spectral(args: &[&str], data: &std::path::Path) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_spectral"))
-        .args(args)
+    let out = command(args)
         .env("SPECTRAL_DATA_DIR", data)
         .env("SPECTRAL_LOG", "warn")
-        .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
-        .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000")
-        .env_remove("DATABASE_URL")
         .output()
         .expect("spectral runs");
     (
@@ -90,7 +73,7 @@ fn spectral(args: &[&str], data: &std::path::Path) -> (i32, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_with_zero_configuration_answers_and_stops_on_sigterm() {
     let data = tempfile::tempdir().expect("tempdir");
-    let mut server = Server::start(data.path(), tempfile::tempdir().expect("tempdir"));
+    let mut server = Server::start(data.path(), tempfile::tempdir().expect("tempdir")).await;
     let client = reqwest::Client::new();
     let health: serde_json::Value = client
         .get(format!("{}/health", server.base))
@@ -114,7 +97,7 @@ async fn serve_with_zero_configuration_answers_and_stops_on_sigterm() {
         .await
         .expect("decide");
     assert_eq!(resp.status().as_u16(), 200);
-    let (code, took) = server.terminate();
+    let (code, took) = server.terminate().await;
     assert_eq!(code, Some(0), "a graceful stop exits 0");
     assert!(took < Duration::from_secs(30), "{took:?}");
     // The decision was written before the process exited, and its chain verifies.
@@ -158,7 +141,7 @@ async fn keys_push_and_migrate_from_the_command_line() {
     assert!(err.contains("unknown scope 'fly'"), "{err}");
 
     // A server on the same data; the world key pushes a new version of its world.
-    let mut server = Server::start(data.path(), tempfile::tempdir().expect("tempdir"));
+    let mut server = Server::start(data.path(), tempfile::tempdir().expect("tempdir")).await;
     let (code, out, err) = spectral(
         &[
             "world",
@@ -243,7 +226,7 @@ async fn keys_push_and_migrate_from_the_command_line() {
         .await
         .expect("decide");
     assert_eq!(resp.status().as_u16(), 410);
-    server.terminate();
+    server.terminate().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,21 +324,23 @@ async fn background_threads_run_below_the_api_and_their_database_threads_too() {
         data.path(),
         tempfile::tempdir().expect("tempdir"),
         &[("SPECTRAL_BACKGROUND_NICE", "7")],
-    );
+    )
+    .await;
     // The writer and the workers open their connections after the API is up; wait for them.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let threads = loop {
-        let threads = thread_priorities(server.child.id());
-        let sqlite = threads
-            .iter()
-            .filter(|(n, _)| n == "sqlx-sqlite-wor")
-            .count();
-        let log = threads.iter().any(|(n, _)| n == "spectral-log");
-        if (log && sqlite >= 3) || Instant::now() > deadline {
-            break threads;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let threads = eventually(
+        Duration::from_secs(30),
+        "the writer's thread and three SQLite threads",
+        || async {
+            let threads = thread_priorities(server.process.id());
+            let sqlite = threads
+                .iter()
+                .filter(|(n, _)| n == "sqlx-sqlite-wor")
+                .count();
+            let log = threads.iter().any(|(n, _)| n == "spectral-log");
+            (log && sqlite >= 3).then_some(threads)
+        },
+    )
+    .await;
     let nice_of = |name: &str| -> Vec<i64> {
         threads
             .iter()

@@ -1,4 +1,9 @@
-//! Shared fixtures: a one-rule world built in code, and the example worlds.
+//! Shared fixtures: a one-rule world built in code, the example worlds, waiting for what has
+//! no signal, and the `spectral` process harness.
+
+pub mod process;
+
+pub use process::Process;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

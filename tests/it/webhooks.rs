@@ -1,6 +1,6 @@
 //! Webhooks and statistics through the running service: the outbox handlers end to end.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use spectral::outbox::handlers::signature;
@@ -150,8 +150,7 @@ async fn stats_count_every_decision_by_status_and_rule() {
     for _ in 0..2 {
         app.decide(OPERATOR, &red).await;
     }
-    let started = Instant::now();
-    let stats = loop {
+    let stats = eventually(Duration::from_secs(20), "5 decisions counted", || async {
         let (s, stats) = app
             .get(Some(OPERATOR), "/api/worlds/acme-payments/stats")
             .await;
@@ -160,12 +159,9 @@ async fn stats_count_every_decision_by_status_and_rule() {
             .as_object()
             .map(|m| m.values().filter_map(|v| v.as_i64()).sum())
             .unwrap_or(0);
-        if total == 5 {
-            break stats;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "{stats}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        (total == 5).then_some(stats)
+    })
+    .await;
     assert_eq!(stats["decisions"]["GREEN"], 3);
     assert_eq!(stats["decisions"]["RED"], 2);
     assert_eq!(stats["rules"]["sanctions-hit"]["RED"], 2);
