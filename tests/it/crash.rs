@@ -4,24 +4,18 @@
 //! finishes the delivery in hand, releases the rest and exits 0, for `workers` and `serve`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use rand::Rng;
 use serde_json::{json, Value};
 use sha2::Sha256;
 use spectral::store::{events, OutboxStatus, Store, StoreConfig};
 
 use crate::app::{green_wire, OPERATOR};
 use crate::db;
+use crate::receiver::{Delivery, Receiver};
 use crate::support::process::command;
 use crate::support::{eventually, predicates_dir, Process};
 
@@ -32,119 +26,41 @@ const GRACE: Duration = Duration::from_secs(10);
 const STOPS_WITHIN: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
-// The subscriber: a real HTTP server that answers slowly, so that a worker is in the middle
-// of a delivery much of the time.
-
-/// One request the subscriber received.
-struct Hit {
-    key: String,
-    arrived: Instant,
-    /// Set once the answer is ready; a request whose sender died may never get one.
-    answered: bool,
-    /// The signature verified against the hook's secret.
-    signed: bool,
-}
+// The subscriber: the tests' receiver, answering slowly, so that a worker is in the middle of
+// a delivery much of the time.
 
 /// Webhook `i` is `POST /hook/{i}`, signed with `secrets[i]`.
 #[derive(Clone)]
 struct Subscriber {
-    addr: SocketAddr,
+    receiver: Receiver,
     secrets: Arc<Vec<String>>,
-    hits: Arc<Mutex<Vec<Hit>>>,
 }
 
 impl Subscriber {
     async fn start(secrets: Vec<String>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the subscriber");
-        let this = Self {
-            addr: listener.local_addr().expect("addr"),
+        Self {
+            receiver: Receiver::slow(300..=500).await,
             secrets: Arc::new(secrets),
-            hits: Arc::default(),
-        };
-        let server = this.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let server = server.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        let server = server.clone();
-                        async move { Ok::<_, Infallible>(server.receive(req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        this
+        }
     }
 
     fn url(&self, hook: usize) -> String {
-        format!("http://{}/hook/{hook}", self.addr)
-    }
-
-    async fn receive(
-        &self,
-        req: hyper::Request<hyper::body::Incoming>,
-    ) -> hyper::Response<Full<Bytes>> {
-        let header = |name: &str| {
-            req.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string()
-        };
-        let (key, timestamp, signature) = (
-            header("idempotency-key"),
-            header("x-spectral-timestamp"),
-            header("x-spectral-signature"),
-        );
-        let secret = req
-            .uri()
-            .path()
-            .strip_prefix("/hook/")
-            .and_then(|i| i.parse::<usize>().ok())
-            .and_then(|i| self.secrets.get(i).cloned());
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let signed = secret.is_some_and(|s| verify(&s, &timestamp, &body, &signature));
-        let index = {
-            let mut hits = self.hits.lock().expect("lock");
-            hits.push(Hit {
-                key,
-                arrived: Instant::now(),
-                answered: false,
-                signed,
-            });
-            hits.len() - 1
-        };
-        // The slow answer is the behaviour the test needs, not a wait for something.
-        let delay = Duration::from_millis(rand::thread_rng().gen_range(300..=500));
-        tokio::time::sleep(delay).await;
-        self.hits.lock().expect("lock")[index].answered = true;
-        hyper::Response::new(Full::new(Bytes::from_static(b"ok")))
+        self.receiver.url_of(&format!("/hook/{hook}"))
     }
 
     /// A request that arrived after `since`, so recently that its answer is still at least
     /// 200 ms away: a worker that is killed now has not recorded it.
     fn in_hand(&self, since: Instant) -> Option<String> {
-        self.hits
-            .lock()
-            .expect("lock")
+        self.receiver
+            .all()
             .iter()
             .rev()
-            .find(|h| {
-                h.arrived >= since
-                    && !h.answered
-                    && h.arrived.elapsed() < Duration::from_millis(100)
+            .find(|d| {
+                d.arrived >= since
+                    && !d.answered
+                    && d.arrived.elapsed() < Duration::from_millis(100)
             })
-            .map(|h| h.key.clone())
+            .map(key)
     }
 
     /// Wait (bounded) for a request [`Subscriber::in_hand`].
@@ -158,20 +74,41 @@ impl Subscriber {
     /// How often each idempotency key was received.
     fn counts(&self) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
-        for h in self.hits.lock().expect("lock").iter() {
-            *counts.entry(h.key.clone()).or_default() += 1;
+        for d in self.receiver.all() {
+            *counts.entry(key(&d)).or_default() += 1;
         }
         counts
     }
 
+    /// Requests whose signature does not verify against their hook's secret.
     fn unsigned(&self) -> usize {
-        self.hits
-            .lock()
-            .expect("lock")
+        self.receiver
+            .all()
             .iter()
-            .filter(|h| !h.signed)
+            .filter(|d| !self.signed(d))
             .count()
     }
+
+    fn signed(&self, d: &Delivery) -> bool {
+        let secret = d
+            .path
+            .strip_prefix("/hook/")
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| self.secrets.get(i));
+        let header = |name| d.header(name).unwrap_or_default();
+        secret.is_some_and(|s| {
+            verify(
+                s,
+                header("x-spectral-timestamp"),
+                &d.body,
+                header("x-spectral-signature"),
+            )
+        })
+    }
+}
+
+fn key(d: &Delivery) -> String {
+    d.header("idempotency-key").unwrap_or_default().to_string()
 }
 
 /// Checked independently of the service's own signing code: `v1=` hex HMAC-SHA256 of
