@@ -260,25 +260,40 @@ pub fn green_wire() -> Value {
     })
 }
 
-/// Generate a `#[tokio::test]` per backend for an async test body taking a [`Backend`].
+/// The one way a case runs on both backends: a `#[tokio::test]` per backend and case,
+/// `<module>::sqlite::<case>` and `<module>::postgres::<case>`.
+///
+/// `both_backends!(a, b)` runs `async fn a(backend: Backend)` as it is. With runners,
+/// `both_backends! { one_store => [a, b], two_stores => [c] }` hands each case to a runner of
+/// the calling module, `async fn one_store(backend: Backend, case: impl FnOnce(..) -> Fut)`,
+/// which builds what the case takes (a store, two stores) on that backend.
 #[macro_export]
 macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::app::Backend::Sqlite).await
+    (@backend $module:ident, $backend:ident, $([$runner:path => $($case:ident),*])+) => {
+        mod $module {
+            $($(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    $runner($crate::app::Backend::$backend, super::$case).await
                 }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::app::Backend::Postgres).await
-                }
-            )*
+            )*)+
         }
     };
+    ($($runner:ident => [$($case:ident),* $(,)?]),+ $(,)?) => {
+        $crate::both_backends!(@backend sqlite, Sqlite, $([super::$runner => $($case),*])+);
+        $crate::both_backends!(@backend postgres, Postgres, $([super::$runner => $($case),*])+);
+    };
+    ($($case:ident),* $(,)?) => {
+        $crate::both_backends!(@backend sqlite, Sqlite, [$crate::app::as_is => $($case),*]);
+        $crate::both_backends!(@backend postgres, Postgres, [$crate::app::as_is => $($case),*]);
+    };
+}
+
+/// The runner of a case that takes the backend itself.
+pub async fn as_is<F, Fut>(backend: Backend, case: F)
+where
+    F: FnOnce(Backend) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    case(backend).await
 }

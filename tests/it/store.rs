@@ -11,44 +11,13 @@ use spectral::store::{
     StoreConfig, StoreError, GENESIS,
 };
 
-use crate::db::{fresh_postgres, fresh_sqlite_dir, TestDb};
+use crate::db::{fresh_postgres, fresh_sqlite_dir};
 
-/// Generates one `#[tokio::test]` per case and backend: `store::sqlite::<case>` and
-/// `store::postgres::<case>`. Cases in `one` get a store; cases in `two` get two stores on the
-/// same database, standing for two API instances.
-macro_rules! conformance {
-    (one: [$($one:ident),* $(,)?], two: [$($two:ident),* $(,)?] $(,)?) => {
-        conformance!(@backend sqlite, sqlite_fixture, [$($one),*], [$($two),*]);
-        conformance!(@backend postgres, postgres_fixture, [$($one),*], [$($two),*]);
-    };
-    (@backend $backend:ident, $fixture:ident, [$($one:ident),*], [$($two:ident),*]) => {
-        mod $backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $one() {
-                    let (config, _guard) = super::$fixture().await;
-                    let store = super::connect(&config).await;
-                    super::$one(store.clone()).await;
-                    store.close().await;
-                }
-            )*
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $two() {
-                    let (config, _guard) = super::$fixture().await;
-                    let store = super::connect(&config).await;
-                    let other = super::connect(&config).await;
-                    super::$two(store.clone(), other.clone()).await;
-                    store.close().await;
-                    other.close().await;
-                }
-            )*
-        }
-    };
-}
-
-conformance! {
-    one: [
+// One `#[tokio::test]` per case and backend: `store::sqlite::<case>` and
+// `store::postgres::<case>`. Cases of `one_store` get a store; cases of `two_stores` get two
+// stores on the same database, standing for two API instances.
+crate::both_backends! {
+    one_store => [
         migrate_twice_is_idempotent,
         drafts_are_stored_and_replaced,
         publish_numbers_versions_and_keeps_old_ones,
@@ -66,33 +35,61 @@ conformance! {
         deployments_are_notified,
         timestamps_round_trip_exactly,
     ],
-    two: [
+    two_stores => [
         concurrent_appends_form_one_chain,
         concurrent_publishes_get_distinct_versions,
         a_deploy_and_a_retirement_of_one_version_never_both_win,
     ],
 }
 
-async fn sqlite_fixture() -> (StoreConfig, tempfile::TempDir) {
-    let dir = fresh_sqlite_dir();
-    let config = StoreConfig {
-        database_url: None,
-        data_dir: dir.path().join("data"),
-        max_connections: 4,
-        migrate_on_start: true,
-    };
-    (config, dir)
+/// A fresh database of `backend`, and the configuration of a store on it.
+async fn fixture(backend: crate::app::Backend) -> (StoreConfig, crate::app::Db) {
+    match backend {
+        crate::app::Backend::Sqlite => {
+            let dir = fresh_sqlite_dir();
+            let config = StoreConfig {
+                database_url: None,
+                data_dir: dir.path().join("data"),
+                max_connections: 4,
+                migrate_on_start: true,
+            };
+            (config, crate::app::Db::Sqlite(dir))
+        }
+        crate::app::Backend::Postgres => {
+            let db = fresh_postgres().await;
+            let config = StoreConfig {
+                database_url: Some(db.url().to_owned()),
+                data_dir: "unused".into(),
+                max_connections: 4,
+                migrate_on_start: true,
+            };
+            (config, crate::app::Db::Postgres(db))
+        }
+    }
 }
 
-async fn postgres_fixture() -> (StoreConfig, TestDb) {
-    let db = fresh_postgres().await;
-    let config = StoreConfig {
-        database_url: Some(db.url().to_owned()),
-        data_dir: "unused".into(),
-        max_connections: 4,
-        migrate_on_start: true,
-    };
-    (config, db)
+async fn one_store<F, Fut>(backend: crate::app::Backend, case: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (config, _db) = fixture(backend).await;
+    let store = connect(&config).await;
+    case(store.clone()).await;
+    store.close().await;
+}
+
+async fn two_stores<F, Fut>(backend: crate::app::Backend, case: F)
+where
+    F: FnOnce(Store, Store) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (config, _db) = fixture(backend).await;
+    let store = connect(&config).await;
+    let other = connect(&config).await;
+    case(store.clone(), other.clone()).await;
+    store.close().await;
+    other.close().await;
 }
 
 async fn connect(config: &StoreConfig) -> Store {
