@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use spectral::config::OutboxConfig;
@@ -18,6 +18,7 @@ use spectral::store::{
 use tokio::sync::watch;
 
 use crate::app::{Backend, Db};
+use crate::support::eventually;
 
 crate::both_backends!(
     events_commit_or_roll_back_with_their_change,
@@ -55,6 +56,8 @@ struct Probe {
     terminal: AtomicBool,
     /// Held while handling, to make a run slow.
     delay: Mutex<Duration>,
+    /// Runs that returned.
+    finished: AtomicU32,
 }
 
 impl Handler for Probe {
@@ -66,7 +69,9 @@ impl Handler for Probe {
         Box::pin(async move {
             self.runs.lock().expect("lock").push(row.id);
             let delay = *self.delay.lock().expect("lock");
+            // A slow handler is the behaviour under test, not a wait for something.
             tokio::time::sleep(delay).await;
+            self.finished.fetch_add(1, Ordering::SeqCst);
             if self.terminal.load(Ordering::SeqCst) {
                 return Err(HandlerError::Terminal("the payload is refused".into()));
             }
@@ -130,16 +135,10 @@ async fn effects(store: &Store) -> i64 {
 
 /// Wait until `n` effects were applied, or fail after a generous bound.
 async fn until_effects(store: &Store, n: i64) {
-    let started = Instant::now();
-    while effects(store).await < n {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "only {} of {n} effects after {:?}",
-            effects(store).await,
-            started.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(20), &format!("{n} effects"), || async {
+        (effects(store).await >= n).then_some(())
+    })
+    .await;
 }
 
 async fn rows_of(store: &Store, event_type: &str) -> Vec<OutboxRow> {
@@ -262,17 +261,21 @@ async fn a_generation_never_claims_another_generations_rows(backend: Backend) {
     old.enqueue(&[event("a"), event("b")])
         .await
         .expect("enqueue");
-    // Generation 4 sees nothing to claim, however often it looks.
+    // Generation 4 sees nothing to claim: its consumer handles a row of its own generation,
+    // which it claims with the older rows in sight, and only that one.
     assert!(old.claim(4, "w4", 100).await.expect("claim").is_empty());
+    let own = store(&db).await;
+    own.set_generation(4);
+    own.enqueue(&[event("own")]).await.expect("enqueue");
     let probe = Arc::new(Probe::default());
     let (stop, task, _) = consume(store(&db).await, probe.clone(), config(), 4);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(probe.runs.lock().expect("lock").is_empty());
+    until_effects(&old, 1).await;
+    assert_eq!(probe.runs.lock().expect("lock").len(), 1);
     let counts = old.outbox_counts(4).await.expect("counts");
     assert_eq!((counts.pending, counts.other_generations), (0, 2));
     // Adopted deliberately, they are handled by the new generation.
     assert_eq!(old.adopt(3, 4).await.expect("adopt"), 2);
-    until_effects(&old, 2).await;
+    until_effects(&old, 3).await;
     let _ = stop.send(true);
     task.await.expect("consumer");
     assert_eq!(
@@ -314,18 +317,14 @@ async fn a_terminal_failure_is_kept_and_can_be_replayed(backend: Backend) {
     let probe = Arc::new(Probe::default());
     probe.terminal.store(true, Ordering::SeqCst);
     let (stop, task, _) = consume(store(&db).await, probe.clone(), config(), 1);
-    let started = Instant::now();
-    let failed = loop {
+    let failed = eventually(Duration::from_secs(20), "the row failed", || async {
         let failed = s
             .outbox_list(Some(OutboxStatus::Failed), Some(1), 10)
             .await
             .expect("list");
-        if !failed.is_empty() {
-            break failed;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        (!failed.is_empty()).then_some(failed)
+    })
+    .await;
     assert_eq!(failed[0].attempts, 1, "a terminal error is not retried");
     assert_eq!(
         failed[0].last_error.as_deref(),
@@ -400,15 +399,19 @@ async fn a_handler_run_twice_has_one_effect() {
     let a = consume(store(&db).await, slow.clone(), cfg.clone(), 1);
     // Let the slow worker claim the row, then start the second one: it rescues the row when
     // the lease runs out and handles it while the first is still busy.
-    let started = Instant::now();
-    while slow.runs.lock().expect("lock").is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "the slow worker's claim",
+        || async { (!slow.runs.lock().expect("lock").is_empty()).then_some(()) },
+    )
+    .await;
     let b = consume(store(&db).await, fast.clone(), cfg, 1);
     until_effects(&s, 1).await;
-    // Wait for the slow one to finish and try to record its result.
-    tokio::time::sleep(Duration::from_millis(1800)).await;
+    // Wait for the slow one to finish; stopping it then makes it try to record its result.
+    eventually(Duration::from_secs(10), "the slow run's end", || async {
+        (slow.finished.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
     for (stop, task, _) in [a, b] {
         let _ = stop.send(true);
         task.await.expect("consumer");
@@ -430,8 +433,10 @@ async fn a_lost_notification_is_handled_by_polling() {
     cfg.poll_interval = Duration::from_millis(200);
     // The consumer has a store of its own, so no in-process wake reaches it either.
     let (stop, task, state) = consume(store(&db).await, probe.clone(), cfg, 1);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(state.wiring(), Wiring::Polling);
+    eventually(Duration::from_secs(10), "the consumer polling", || async {
+        (state.wiring() == Wiring::Polling).then_some(())
+    })
+    .await;
     producer
         .enqueue(&[event("p1"), event("p2")])
         .await
@@ -457,14 +462,10 @@ async fn the_listener_reconnects_after_its_backend_is_terminated() {
     let wait_wiring = |want: Wiring| {
         let state = state.clone();
         async move {
-            let started = Instant::now();
-            while state.wiring() != want {
-                assert!(
-                    started.elapsed() < Duration::from_secs(20),
-                    "never {want:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            eventually(Duration::from_secs(20), &format!("{want:?}"), || async {
+                (state.wiring() == want).then_some(())
+            })
+            .await;
         }
     };
     wait_wiring(Wiring::Wired).await;
