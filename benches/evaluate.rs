@@ -3,8 +3,10 @@
 //!
 //! Run: `cargo bench --bench evaluate`. Figures are recorded in `bench/RESULTS.md`.
 
-// A benchmark that cannot set up has nothing to measure: failing loudly is right here.
-#![allow(clippy::panic)]
+#![expect(
+    clippy::panic,
+    reason = "a benchmark that cannot set up has nothing to measure: failing loudly is right here"
+)]
 
 use std::collections::BTreeMap;
 use std::hint::black_box;

@@ -5,8 +5,11 @@
 //! `SPECTRAL_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) and
 //! drops it at the end. Figures are recorded in `bench/RESULTS.md`.
 
-// A benchmark that cannot set up has nothing to measure: failing loudly is right here.
-#![allow(clippy::panic, clippy::expect_used)]
+#![expect(
+    clippy::panic,
+    clippy::expect_used,
+    reason = "a benchmark that cannot set up has nothing to measure: failing loudly is right here"
+)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -5,8 +5,12 @@
 //! Usage: `cargo run --release --example hello -- [ADDR | PORT]` (or `HELLO_ADDR`); default
 //! `127.0.0.1:8088`, a bare port listens on 127.0.0.1. It runs until killed.
 
-// A benchmark helper, not service code: failing to bind or start is a plain crash.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a benchmark helper, not service code: failing to bind or start is a plain crash"
+)]
 
 use std::convert::Infallible;
 use std::time::Duration;

@@ -15,8 +15,11 @@
 //! `loadgen --url http://127.0.0.1:8000/api/decide -X POST --body-file ctx.json
 //!  -H 'authorization: Bearer …' -c 32 --duration 10 --warmup 2 [--rate 20000]`
 
-// A benchmark tool, not service code: bad arguments and setup failures end it at once.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark tool, not service code: bad arguments and setup failures end it at once"
+)]
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

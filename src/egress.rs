@@ -36,7 +36,7 @@ impl Egress {
     }
 
     /// Whether a delivery may connect to this address.
-    pub fn permits(&self, ip: IpAddr) -> bool {
+    pub(crate) fn permits(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         !is_internal(ip) || self.allowed.iter().any(|n| n.contains(&ip))
     }
@@ -44,7 +44,7 @@ impl Egress {
     /// Check a webhook URL before it is stored or used: an address literal must be permitted,
     /// and `localhost` names can only mean this machine. Other names are checked when they
     /// are resolved.
-    pub fn check_url(&self, url: &reqwest::Url) -> Result<(), String> {
+    pub(crate) fn check_url(&self, url: &reqwest::Url) -> Result<(), String> {
         match url.host() {
             None => Err("the url has no host".into()),
             Some(url::Host::Ipv4(ip)) => self.check_ip(IpAddr::V4(ip)),
@@ -74,7 +74,7 @@ impl Egress {
 
     /// A resolver for the HTTP client that drops every address this policy refuses, and fails
     /// when none is left.
-    pub fn resolver(&self) -> Arc<Resolver> {
+    pub(crate) fn resolver(&self) -> Arc<Resolver> {
         Arc::new(Resolver {
             egress: self.clone(),
         })

@@ -162,7 +162,7 @@ pub enum GateError {
 }
 
 /// Judge one answer of `/health` against the expectations.
-pub fn judge(code: u16, body: &[u8], expect: &Expectations) -> Result<Live, Reason> {
+pub(crate) fn judge(code: u16, body: &[u8], expect: &Expectations) -> Result<Live, Reason> {
     let json: Option<Value> = serde_json::from_slice(body).ok();
     if code != 200 {
         return Err(Reason::Status {
@@ -274,7 +274,7 @@ fn describe_failure(code: u16, json: Option<&Value>, body: &[u8]) -> String {
 }
 
 /// Parse a duration such as `500ms`, `30s`, `5m` or `1h`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

@@ -36,8 +36,8 @@ use crate::service::DecideInput;
 use crate::worlds::context::SystemValues;
 use crate::worlds::{self, CompiledWorld};
 
-pub const LIST_ACTIONS: &str = "spectral.list_actions";
-pub const DECIDE: &str = "spectral.decide";
+pub(crate) const LIST_ACTIONS: &str = "spectral.list_actions";
+pub(crate) const DECIDE: &str = "spectral.decide";
 
 const INSTRUCTIONS: &str = "Spectral decides whether an action may proceed before you take it. \
 Call spectral.list_actions to learn the actions of your world and the evidence each one reads, \
@@ -346,7 +346,7 @@ impl Sessions {
     }
 
     /// Record the key a session was opened with.
-    pub fn set_owner(&self, id: &str, owner: &str) {
+    pub(crate) fn set_owner(&self, id: &str, owner: &str) {
         if let Some(e) = self.book().get_mut(id) {
             e.owner = Some(owner.to_string());
         }
@@ -447,7 +447,7 @@ impl SessionManager for Sessions {
 /// runs behind public names, and a browser page cannot present a key.
 pub type HttpService<B> = StreamableHttpService<Server<B>, Sessions>;
 
-pub fn http_service<B: Backend>(
+pub(crate) fn http_service<B: Backend>(
     backend: Arc<B>,
     sessions: Arc<Sessions>,
     max_body_bytes: usize,
@@ -554,7 +554,7 @@ impl Backend for Folder {
 }
 
 /// Serve the tools of a world folder on stdin and stdout until the client closes them.
-pub async fn serve_stdio(folder: Folder) -> Result<(), std::io::Error> {
+pub(crate) async fn serve_stdio(folder: Folder) -> Result<(), std::io::Error> {
     let server = Server::new(Arc::new(folder));
     let running = server
         .serve(rmcp::transport::stdio())

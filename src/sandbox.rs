@@ -23,7 +23,8 @@ use rhai::packages::{
 use rhai::{Dynamic, Engine, EvalAltResult, OptimizationLevel, ParseErrorType, Position, Scope};
 use serde::{Deserialize, Serialize};
 
-pub use check::{inputs_match, Reads};
+pub(crate) use check::inputs_match;
+pub use check::Reads;
 pub use value::{Bindings, Input};
 
 /// Limits of the predicate VM. Every one has a safe default; all are configurable through
@@ -92,7 +93,7 @@ impl Limits {
     }
 
     /// The per-decision deadline as a duration.
-    pub fn decision_deadline(&self) -> Duration {
+    pub(crate) fn decision_deadline(&self) -> Duration {
         Duration::from_micros(self.decision_deadline_us)
     }
 }
@@ -283,7 +284,7 @@ impl Program {
     }
 
     /// Bytes of config constants folded into this program, every reference counted.
-    pub fn folded_bytes(&self) -> usize {
+    pub(crate) fn folded_bytes(&self) -> usize {
         self.folded_bytes
     }
 }
@@ -581,7 +582,7 @@ impl Sandbox {
     /// its rule; the batch only ever answers where running them one by one would answer the
     /// same. It takes nothing from `budget`: the caller gives the rules run one by one a
     /// budget of their own.
-    pub fn eval_batch(
+    pub(crate) fn eval_batch(
         &self,
         batch: &Batch,
         bindings: &mut Bindings,
@@ -630,7 +631,7 @@ impl Sandbox {
     /// Evaluate a program against an input, drawing on a decision's budget. Never panics;
     /// every failure, including a non-bool result and a spent budget, comes back as a
     /// [`Failure`] for the caller to fail closed.
-    pub fn eval_within(
+    pub(crate) fn eval_within(
         &self,
         program: &Program,
         bindings: &mut Bindings,

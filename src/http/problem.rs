@@ -98,12 +98,12 @@ pub fn parts(e: &HttpError) -> (StatusCode, Value) {
     (status, document(status, code, &detail, extra))
 }
 
-pub fn from_error(e: &HttpError) -> Response<Full<Bytes>> {
+pub(crate) fn from_error(e: &HttpError) -> Response<Full<Bytes>> {
     let (status, doc) = parts(e);
     respond(status, &doc)
 }
 
-pub fn from_service(e: &ServiceError) -> Response<Full<Bytes>> {
+pub(crate) fn from_service(e: &ServiceError) -> Response<Full<Bytes>> {
     let (status, code, detail, extra) = classify_service(e);
     if status.is_server_error() {
         tracing::error!(code, error = %e, "request failed");
@@ -167,7 +167,7 @@ fn classify_service(e: &ServiceError) -> (StatusCode, &'static str, String, Opti
     }
 }
 
-pub fn from_route_error(e: RouteError) -> Response<Full<Bytes>> {
+pub(crate) fn from_route_error(e: RouteError) -> Response<Full<Bytes>> {
     match e {
         RouteError::NotFound(path) => respond(
             StatusCode::NOT_FOUND,

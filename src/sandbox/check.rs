@@ -245,7 +245,7 @@ fn not_obviously_non_bool(expr: &Expr) -> Result<(), SandboxError> {
 
 /// The declared inputs must equal the attributes read: an undeclared read is a hidden
 /// dependency, and an unread declaration is a rule that cannot react to what it says it checks.
-pub fn inputs_match(reads: &Reads, inputs: &[String]) -> Result<(), SandboxError> {
+pub(crate) fn inputs_match(reads: &Reads, inputs: &[String]) -> Result<(), SandboxError> {
     let declared: BTreeSet<&str> = inputs.iter().map(String::as_str).collect();
     let read: BTreeSet<&str> = reads.context.iter().map(String::as_str).collect();
     let undeclared: Vec<&str> = read.difference(&declared).copied().collect();

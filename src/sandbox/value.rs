@@ -31,12 +31,12 @@ impl Input {
     }
 
     /// Bind an attribute to an integer (timestamps are bound as Unix seconds).
-    pub fn insert_int(&mut self, name: &str, value: i64) {
+    pub(crate) fn insert_int(&mut self, name: &str, value: i64) {
         self.map.insert(name.into(), Dynamic::from_int(value));
     }
 
     /// Bind an attribute to a string.
-    pub fn insert_str(&mut self, name: &str, value: &str) {
+    pub(crate) fn insert_str(&mut self, name: &str, value: &str) {
         self.map.insert(
             name.into(),
             Dynamic::from(rhai::ImmutableString::from(value)),

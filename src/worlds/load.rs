@@ -15,7 +15,7 @@ use super::problem::{Locus, Problem, Which};
 use crate::sandbox::Sandbox;
 
 /// The manifest's file name inside a world folder.
-pub const MANIFEST: &str = "world.toml";
+pub(crate) const MANIFEST: &str = "world.toml";
 
 /// Loading a world folder failed; every problem found is listed.
 #[derive(Debug, thiserror::Error)]

@@ -86,7 +86,7 @@ pub enum Source {
 }
 
 /// The system attributes a version may declare with `source = "system"`.
-pub const SYSTEM_ATTRIBUTES: [(&str, AttrType); 3] = [
+pub(crate) const SYSTEM_ATTRIBUTES: [(&str, AttrType); 3] = [
     ("request_time", AttrType::Timestamp),
     ("request_id", AttrType::String),
     ("caller", AttrType::String),
@@ -325,7 +325,7 @@ pub struct WorkFrames {
 
 impl WorkFrames {
     /// The built-in frames of an action with its authored patches applied over them.
-    pub fn resolve(action: &str, patches: &BTreeMap<Status, WorkFramePatch>) -> Self {
+    pub(crate) fn resolve(action: &str, patches: &BTreeMap<Status, WorkFramePatch>) -> Self {
         let frame = |status| {
             let base = WorkFrame::default_for(status, action);
             match patches.get(&status) {
@@ -354,7 +354,7 @@ impl WorkFrames {
 
 impl WorkFrame {
     /// The built-in frame of a status for an action, before any override.
-    pub fn default_for(status: Status, action: &str) -> Self {
+    pub(crate) fn default_for(status: Status, action: &str) -> Self {
         let (mode, next, allowed, forbidden): (&str, &str, Vec<String>, Vec<String>) = match status
         {
             Status::Green => ("proceed", action, vec![action.to_string()], vec![]),
@@ -379,7 +379,7 @@ impl WorkFrame {
     }
 
     /// The frame with a patch applied over it.
-    pub fn patched(mut self, patch: &WorkFramePatch) -> Self {
+    pub(crate) fn patched(mut self, patch: &WorkFramePatch) -> Self {
         if let Some(v) = &patch.mode {
             self.mode.clone_from(v);
         }

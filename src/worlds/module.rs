@@ -341,7 +341,12 @@ impl Module {
     /// rules run one by one with the whole budget, so that each failure is attributed to its
     /// rule. The batch answers only where the rules run one by one answer the same: same
     /// trees, same order, same scope, and no error anywhere.
-    pub fn run_rules(&self, sandbox: &Sandbox, bindings: &mut Bindings, timed: bool) -> Runs {
+    pub(crate) fn run_rules(
+        &self,
+        sandbox: &Sandbox,
+        bindings: &mut Bindings,
+        timed: bool,
+    ) -> Runs {
         // The batch of a module seen to be expensive would only give way again.
         if !timed && !self.is_expensive() {
             if let Some(runs) = self.run_batch(sandbox, bindings) {
@@ -398,7 +403,7 @@ impl Module {
 
     /// Whether a decision of this module was seen to be expensive: its decisions should run
     /// off the API threads.
-    pub fn is_expensive(&self) -> bool {
+    pub(crate) fn is_expensive(&self) -> bool {
         self.expensive.load(Ordering::Relaxed)
     }
 
@@ -414,7 +419,7 @@ impl Module {
 
     /// Run one rule: `applies_when`, then the predicate, both drawing on `budget`. An error
     /// in either fails closed: the rule counts as matched.
-    pub fn run_rule_within(
+    pub(crate) fn run_rule_within(
         &self,
         sandbox: &Sandbox,
         index: usize,

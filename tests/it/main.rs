@@ -1,8 +1,12 @@
 //! The integration-test binary: everything that drives the library's public API end to end
 //! or runs the `spectral` binary as a process.
 
-// In tests a panic is how a check fails.
-#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+#![expect(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "in tests a panic is how a check fails"
+)]
 
 mod api;
 mod app;

@@ -150,8 +150,8 @@ fn strip(text: &str, strings: bool) -> String {
             while i < chars.len() && chars[i] != '"' {
                 let escaped = chars[i] == '\\';
                 let n = if escaped { 2 } else { 1 };
-                for k in i..(i + n).min(chars.len()) {
-                    out.push(if strings { chars[k] } else { blank(chars[k]) });
+                for &ch in &chars[i..(i + n).min(chars.len())] {
+                    out.push(if strings { ch } else { blank(ch) });
                 }
                 i += n;
             }
