@@ -124,7 +124,7 @@ fn is_internal(ip: IpAddr) -> bool {
 }
 
 /// The webhook client's resolver: the system's, filtered by the policy.
-pub struct Resolver {
+pub(crate) struct Resolver {
     egress: Egress,
 }
 

@@ -178,7 +178,7 @@ async fn handle(
 
 /// A request failed before reaching the service: the body.
 #[derive(Debug)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     TooLarge(usize),
     WrongType(String),
     Read(String),
@@ -369,7 +369,7 @@ struct RetireInput {
 
 /// Everything a handler can fail with.
 #[derive(Debug)]
-pub enum HttpError {
+pub(crate) enum HttpError {
     Service(ServiceError),
     Body(BodyError),
     Malformed(String),

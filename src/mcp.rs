@@ -260,7 +260,7 @@ impl<B: Backend> ServerHandler for Server<B> {
 /// Bounds on the Streamable HTTP sessions of the earlier protocol revisions (the current one
 /// has none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionLimits {
+pub(crate) struct SessionLimits {
     /// Sessions open at once; an `initialize` beyond them is refused.
     pub max_sessions: usize,
     /// A session is closed this long after it began, however busy.
@@ -271,7 +271,7 @@ pub struct SessionLimits {
 
 /// Why a session could not be made.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionsError {
+pub(crate) enum SessionsError {
     #[error("the server has its maximum of {0} MCP sessions open")]
     Full(usize),
     #[error(transparent)]
@@ -285,7 +285,7 @@ struct Entry {
 
 /// The in-memory session manager of rmcp with a bound on the number of sessions and on their
 /// age, and the key each one belongs to.
-pub struct Sessions {
+pub(crate) struct Sessions {
     inner: LocalSessionManager,
     limits: SessionLimits,
     book: Mutex<HashMap<SessionId, Entry>>,
@@ -334,11 +334,6 @@ impl Sessions {
     pub async fn full(&self) -> bool {
         self.sweep().await;
         self.book().len() >= self.limits.max_sessions
-    }
-
-    /// Sessions open now.
-    pub fn open(&self) -> usize {
-        self.book().len()
     }
 
     pub fn limits(&self) -> SessionLimits {
@@ -445,7 +440,7 @@ impl SessionManager for Sessions {
 /// The Streamable HTTP service of a backend. `http` checks Origin, the key, the body and the
 /// session bound before a request reaches it; Host is not restricted here because the service
 /// runs behind public names, and a browser page cannot present a key.
-pub type HttpService<B> = StreamableHttpService<Server<B>, Sessions>;
+pub(crate) type HttpService<B> = StreamableHttpService<Server<B>, Sessions>;
 
 pub(crate) fn http_service<B: Backend>(
     backend: Arc<B>,
@@ -464,7 +459,7 @@ pub(crate) fn http_service<B: Backend>(
 
 /// The tools offline, against a world folder, as `spectral decide` decides: no store, no
 /// keys, no decision records.
-pub struct Folder {
+pub(crate) struct Folder {
     world: CompiledWorld,
     sandbox: Sandbox,
 }

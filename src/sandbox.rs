@@ -300,7 +300,7 @@ pub struct Batch {
 /// What a batch evaluation gave: per rule, `None` when its guard did not hold or the
 /// predicate's bool, and the operations the whole batch used.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BatchOutcome {
+pub(crate) struct BatchOutcome {
     pub results: Vec<Option<bool>>,
     pub operations: u64,
 }
