@@ -13,7 +13,7 @@ use spectral::outbox::{
     Consumer, Handler, HandlerError, HandlerFuture, OutboxState, Registry, Wiring,
 };
 use spectral::store::{
-    events, Effect, NewDecision, NewEvent, OutboxRow, OutboxStatus, StatDelta, Store,
+    events, Effect, MatchedRule, NewDecision, NewEvent, OutboxRow, OutboxStatus, StatDelta, Store,
 };
 use tokio::sync::watch;
 
@@ -192,7 +192,11 @@ async fn events_commit_or_roll_back_with_their_change(backend: Backend) {
         action: "wire_transfer.release".into(),
         module_hash: "sha256:x".into(),
         status: "RED".into(),
-        matched_rules: json!([{"id": "sanctions-hit", "severity": "T1", "outcome": "RED"}]),
+        matched_rules: vec![MatchedRule {
+            id: "sanctions-hit".into(),
+            outcome: "RED".into(),
+            severity: "T1".into(),
+        }],
         caller: "key".into(),
         correlation_id: None,
         context_digest: "sha256:y".into(),
