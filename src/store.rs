@@ -26,6 +26,7 @@ mod postgres;
 mod protocol;
 mod records;
 mod sqlite;
+mod statements;
 
 pub use crate::outbox::events;
 pub use chain::{chain_hash, GENESIS};

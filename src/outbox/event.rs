@@ -235,7 +235,6 @@ impl Event {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, clippy::panic, reason = "tests fail by panicking")]
 
     use serde_json::json;
 

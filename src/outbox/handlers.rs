@@ -269,7 +269,6 @@ impl Handler for WebhookDelivery {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::panic, reason = "tests fail by panicking")]
 
     use super::*;
 
@@ -324,5 +323,68 @@ mod tests {
                                 "counts": [{"rule": "*", "status": "RED", "count": 0}]}));
         let r = counts(&zero);
         assert!(matches!(r, Err(HandlerError::Terminal(_))), "{r:?}");
+    }
+
+    fn row(event_type: &str, event_version: i32, payload: serde_json::Value) -> OutboxRow {
+        let at = chrono::DateTime::from_timestamp(0, 0).unwrap_or_default();
+        OutboxRow {
+            id: 1,
+            event_type: event_type.into(),
+            event_version,
+            occurred_at: at,
+            source: "spectral/test".into(),
+            target: None,
+            channel: "spectral_outbox".into(),
+            generation: 1,
+            world: Some("w".into()),
+            payload,
+            idempotency_key: "w:1-1".into(),
+            trace_context: None,
+            status: crate::store::OutboxStatus::InFlight,
+            attempts: 1,
+            available_at: at,
+            claimed_at: Some(at),
+            claimed_by: Some("worker".into()),
+            last_error: None,
+            failure_history: json!([]),
+            first_failed_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_newer_version_or_another_type_fails_for_good_with_a_clear_error() {
+        let payload = json!({"world": "w", "first_seq": 1, "last_seq": 1,
+                             "counts": [{"rule": "*", "status": "RED", "count": 1}]});
+        let today = DecisionStats
+            .handle(&row(
+                events::DECISION_RECORDED,
+                Event::VERSION,
+                payload.clone(),
+            ))
+            .await;
+        assert!(
+            matches!(today, Ok(Effect::Stats(ref d)) if d.len() == 1),
+            "{today:?}"
+        );
+        let newer = DecisionStats
+            .handle(&row(events::DECISION_RECORDED, Event::VERSION + 1, payload))
+            .await;
+        match newer {
+            Err(HandlerError::Terminal(e)) => assert!(
+                e.contains("version 2 is newer than this build reads"),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let deployed = json!({"world": "w", "version": 1, "seq": 1, "deployed_by": "k"});
+        match DecisionStats
+            .handle(&row(events::MODULE_DEPLOYED, 1, deployed))
+            .await
+        {
+            Err(HandlerError::Terminal(e)) => {
+                assert_eq!(e, "decision_stats does not handle 'module.deployed' events")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
-use super::records::{bigint, to_u64, truncate_micros, Time, DECISION_COLUMNS};
+use super::records::{bigint, to_u64, truncate_micros, Time};
+use super::statements::decision_columns;
 use super::{DecisionRecord, NewDecision, StoreError};
 
 /// The `prev_hash` of a world's first decision record.
@@ -118,7 +119,10 @@ where
     Time: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     let mut insert = sqlx::QueryBuilder::default();
-    insert.push(format_args!("INSERT INTO {table} ({DECISION_COLUMNS}) "));
+    insert.push(format_args!(
+        "INSERT INTO {table} ({}) ",
+        decision_columns!()
+    ));
     insert.push_values(chunk, |mut row, c| {
         let d = &c.record.decision;
         row.push_bind(c.seq)
@@ -155,7 +159,6 @@ pub(crate) fn insert_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "tests fail by panicking")]
 
     use chrono::DateTime;
 

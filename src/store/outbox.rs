@@ -134,12 +134,6 @@ pub(crate) fn source() -> String {
     format!("spectral/{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// The columns of `outbox`, in the order of [`OutboxDbRow`].
-pub(crate) const OUTBOX_COLUMNS: &str =
-    "id, event_type, event_version, occurred_at, source, target, channel, \
-     generation, world, payload, idempotency_key, trace_context, status, attempts, available_at, \
-     claimed_at, claimed_by, last_error, failure_history, first_failed_at";
-
 #[derive(sqlx::FromRow)]
 pub(crate) struct OutboxDbRow {
     id: i64,

@@ -19,6 +19,7 @@ use super::records::{
     convert, now, to_i64, to_u64, DecisionRow, DeploymentRow, KeyRow, VersionModelRow, VersionRow,
     WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
 };
+use super::statements::Sql;
 use super::{
     Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision, NewEvent, NewKey,
     NewModule, NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta,
@@ -36,6 +37,9 @@ pub(crate) type Tx<D> = sqlx::Transaction<'static, <D as Dialect>::Db>;
 /// the nearest it has); none decides what runs next.
 pub(crate) trait Dialect: Sync + Sized {
     type Db: sqlx::Database;
+
+    /// The text of the statements whose Rust side both dialects share (`statements.rs`).
+    const SQL: Sql;
 
     /// Who this store's events are stamped by.
     fn stamp(&self) -> &Stamp;

@@ -324,11 +324,6 @@ pub(crate) struct WebhookRow {
     pub created_at: Time,
 }
 
-/// The columns of `decisions`, in the order [`DecisionRow`] and the inserts use.
-pub(crate) const DECISION_COLUMNS: &str = "seq, world, decision_id, version, action, \
-     module_hash, status, matched_rules, caller, correlation_id, context_digest, decided_at, \
-     prev_hash, hash";
-
 #[derive(sqlx::FromRow)]
 pub(crate) struct DecisionRow {
     pub seq: i64,
@@ -543,7 +538,6 @@ pub(crate) fn parse_scopes<'a>(
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "tests fail by panicking")]
 
     use super::*;
 

@@ -22,12 +22,13 @@ use sqlx::sqlite::{
 use sqlx::{Decode, Encode, Sqlite, Type};
 
 use super::chain::{decisions_insert, ChainedDecision, GENESIS};
-use super::outbox::{source, OutboxDbRow, Stamp, OUTBOX_COLUMNS};
+use super::outbox::{source, OutboxDbRow, Stamp};
 use super::protocol::{Dialect, Tx};
 use super::records::{
     from_micros, DecisionRow, DeploymentRow, Json, KeyRow, ScopeList, Time, VersionModelRow,
-    VersionRow, WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow, DECISION_COLUMNS,
+    VersionRow, WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
 };
+use super::statements::{decision_columns, outbox_columns, shared_statements, Sql};
 use super::{
     NewEvent, NewKey, NewModule, OutboxCounts, Retirement, StatDelta, StoreError, Webhook,
     OUTBOX_CHANNEL,
@@ -45,12 +46,6 @@ static MIGRATOR: Migrator = {
 /// How long a writer waits for another connection's write transaction before giving up. Write
 /// transactions here last milliseconds; a few seconds absorbs a burst of them.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A version with its retirement, as `VersionRow` reads it.
-const VERSION_SELECT: &str =
-    "SELECT v.version, v.published_at, v.published_by, r.retired_at, r.retired_by, r.reason
-     FROM world_versions v
-     LEFT JOIN retired_versions r ON r.world = v.world AND r.version = v.version";
 
 /// The SQLite backend: a pool over one database file.
 #[derive(Debug, Clone)]
@@ -190,6 +185,7 @@ impl Decode<'_, Sqlite> for ScopeList {
 
 impl Dialect for SqliteStore {
     type Db = Sqlite;
+    const SQL: Sql = SQL;
 
     fn stamp(&self) -> &Stamp {
         &self.stamp
@@ -204,267 +200,9 @@ impl Dialect for SqliteStore {
         Ok(self.pool.begin().await?)
     }
 
-    async fn put_draft(
-        &self,
-        world: &str,
-        model: &serde_json::Value,
-        at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let sql = "INSERT INTO worlds (slug, draft, created_at) VALUES (?1, ?2, ?3)
-                   ON CONFLICT (slug) DO UPDATE SET draft = excluded.draft";
-        let q = sqlx::query(sql)
-            .bind(world)
-            .bind(Json(model.clone()))
-            .bind(Time(at));
-        Ok(q.execute(&self.pool).await.map(drop)?)
-    }
-
-    async fn draft(&self, world: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        let sql = "SELECT draft FROM worlds WHERE slug = ?1";
-        let q = sqlx::query_scalar::<_, Option<Json>>(sql).bind(world);
-        Ok(q.fetch_optional(&self.pool).await?.flatten().map(|j| j.0))
-    }
-
-    async fn ensure_world(
-        tx: &mut Tx<Self>,
-        world: &str,
-        at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let sql = "INSERT INTO worlds (slug, created_at) VALUES (?1, ?2)
-                   ON CONFLICT (slug) DO NOTHING";
-        let q = sqlx::query(sql).bind(world).bind(Time(at));
-        Ok(q.execute(&mut **tx).await.map(drop)?)
-    }
-
-    async fn lock_world(tx: &mut Tx<Self>, world: &str) -> Result<Option<Option<i64>>, StoreError> {
-        // The write transaction already holds the lock.
-        let sql = "SELECT deployed_version FROM worlds WHERE slug = ?1";
-        Ok(sqlx::query_scalar(sql)
-            .bind(world)
-            .fetch_optional(&mut **tx)
-            .await?)
-    }
-
-    async fn next_version(tx: &mut Tx<Self>, world: &str) -> Result<i64, StoreError> {
-        let sql = "SELECT COALESCE(MAX(version), 0) + 1 FROM world_versions WHERE world = ?1";
-        Ok(sqlx::query_scalar(sql)
-            .bind(world)
-            .fetch_one(&mut **tx)
-            .await?)
-    }
-
-    async fn insert_version(
-        tx: &mut Tx<Self>,
-        world: &str,
-        version: i64,
-        model: &serde_json::Value,
-        at: DateTime<Utc>,
-        by: &str,
-    ) -> Result<(), StoreError> {
-        let sql = "INSERT INTO world_versions (world, version, model, published_at, published_by)
-                   VALUES (?1, ?2, ?3, ?4, ?5)";
-        let q = sqlx::query(sql)
-            .bind(world)
-            .bind(version)
-            .bind(Json(model.clone()));
-        Ok(q.bind(Time(at))
-            .bind(by)
-            .execute(&mut **tx)
-            .await
-            .map(drop)?)
-    }
-
-    async fn insert_module(
-        tx: &mut Tx<Self>,
-        module: &NewModule,
-        at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let sql = "INSERT INTO modules (hash, content, created_at) VALUES (?1, ?2, ?3)
-                   ON CONFLICT (hash) DO NOTHING";
-        let q = sqlx::query(sql).bind(&module.hash).bind(&module.content);
-        Ok(q.bind(Time(at)).execute(&mut **tx).await.map(drop)?)
-    }
-
-    async fn insert_version_module(
-        tx: &mut Tx<Self>,
-        world: &str,
-        version: i64,
-        position: i32,
-        module: &NewModule,
-    ) -> Result<(), StoreError> {
-        let sql = "INSERT INTO version_modules (world, version, position, action, module_hash)
-                   VALUES (?1, ?2, ?3, ?4, ?5)";
-        let q = sqlx::query(sql).bind(world).bind(version).bind(position);
-        let q = q.bind(&module.action).bind(&module.hash);
-        Ok(q.execute(&mut **tx).await.map(drop)?)
-    }
-
-    async fn version_retired_at(
-        tx: &mut Tx<Self>,
-        world: &str,
-        version: i64,
-    ) -> Result<Option<Option<DateTime<Utc>>>, StoreError> {
-        let sql = "SELECT (SELECT r.retired_at FROM retired_versions r
-                           WHERE r.world = v.world AND r.version = v.version)
-                   FROM world_versions v WHERE v.world = ?1 AND v.version = ?2";
-        let q = sqlx::query_scalar::<_, Option<Time>>(sql)
-            .bind(world)
-            .bind(version);
-        Ok(q.fetch_optional(&mut **tx).await?.map(|t| t.map(|t| t.0)))
-    }
-
-    async fn next_deployment(tx: &mut Tx<Self>, world: &str) -> Result<i64, StoreError> {
-        let sql = "SELECT COALESCE(MAX(seq), 0) + 1 FROM world_deployments WHERE world = ?1";
-        Ok(sqlx::query_scalar(sql)
-            .bind(world)
-            .fetch_one(&mut **tx)
-            .await?)
-    }
-
-    async fn set_deployed(tx: &mut Tx<Self>, world: &str, version: i64) -> Result<(), StoreError> {
-        let sql = "UPDATE worlds SET deployed_version = ?2 WHERE slug = ?1";
-        let q = sqlx::query(sql).bind(world).bind(version);
-        Ok(q.execute(&mut **tx).await.map(drop)?)
-    }
-
-    async fn insert_deployment(
-        tx: &mut Tx<Self>,
-        world: &str,
-        seq: i64,
-        version: i64,
-        at: DateTime<Utc>,
-        by: &str,
-    ) -> Result<(), StoreError> {
-        let sql = "INSERT INTO world_deployments (world, seq, version, deployed_at, deployed_by)
-                   VALUES (?1, ?2, ?3, ?4, ?5)";
-        let q = sqlx::query(sql).bind(world).bind(seq).bind(version);
-        Ok(q.bind(Time(at))
-            .bind(by)
-            .execute(&mut **tx)
-            .await
-            .map(drop)?)
-    }
-
-    async fn insert_retirement(
-        tx: &mut Tx<Self>,
-        world: &str,
-        version: i64,
-        retired: &Retirement,
-    ) -> Result<(), StoreError> {
-        let sql = "INSERT INTO retired_versions (world, version, retired_at, retired_by, reason)
-                   VALUES (?1, ?2, ?3, ?4, ?5)";
-        let q = sqlx::query(sql)
-            .bind(world)
-            .bind(version)
-            .bind(Time(retired.retired_at));
-        let q = q.bind(&retired.retired_by).bind(&retired.reason);
-        Ok(q.execute(&mut **tx).await.map(drop)?)
-    }
-
     async fn notify_deployments(_: &mut Tx<Self>, _: &str) -> Result<(), StoreError> {
-        // SQLite cannot notify; one process serves it and polls.
+        // SQLite cannot notify; its one process polls.
         Ok(())
-    }
-
-    async fn world_head(
-        tx: &mut Tx<Self>,
-        world: &str,
-    ) -> Result<Option<WorldHeadRow>, StoreError> {
-        let sql = "SELECT deployed_version, draft IS NOT NULL AS has_draft
-                   FROM worlds WHERE slug = ?1";
-        Ok(sqlx::query_as(sql)
-            .bind(world)
-            .fetch_optional(&mut **tx)
-            .await?)
-    }
-
-    async fn versions(tx: &mut Tx<Self>, world: &str) -> Result<Vec<VersionRow>, StoreError> {
-        let sql = format!("{VERSION_SELECT} WHERE v.world = ?1 ORDER BY v.version");
-        Ok(sqlx::query_as(&sql)
-            .bind(world)
-            .fetch_all(&mut **tx)
-            .await?)
-    }
-
-    async fn deployments(tx: &mut Tx<Self>, world: &str) -> Result<Vec<DeploymentRow>, StoreError> {
-        let sql = "SELECT seq, version, deployed_at, deployed_by FROM world_deployments
-                   WHERE world = ?1 ORDER BY seq";
-        Ok(sqlx::query_as(sql).bind(world).fetch_all(&mut **tx).await?)
-    }
-
-    async fn version_row(
-        tx: &mut Tx<Self>,
-        world: &str,
-        version: i64,
-    ) -> Result<Option<VersionModelRow>, StoreError> {
-        let select = VERSION_SELECT.replacen("SELECT", "SELECT v.model,", 1);
-        let sql = format!("{select} WHERE v.world = ?1 AND v.version = ?2");
-        let q = sqlx::query_as(&sql).bind(world).bind(version);
-        Ok(q.fetch_optional(&mut **tx).await?)
-    }
-
-    async fn version_modules(
-        tx: &mut Tx<Self>,
-        world: &str,
-        version: i64,
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        let sql = "SELECT action, module_hash FROM version_modules
-                   WHERE world = ?1 AND version = ?2 ORDER BY position";
-        let q = sqlx::query_as(sql).bind(world).bind(version);
-        Ok(q.fetch_all(&mut **tx).await?)
-    }
-
-    async fn list_worlds(&self) -> Result<Vec<WorldRow>, StoreError> {
-        let sql = "SELECT w.slug AS world, w.deployed_version,
-                          (SELECT MAX(v.version) FROM world_versions v
-                           WHERE v.world = w.slug) AS latest_version
-                   FROM worlds w ORDER BY w.slug";
-        Ok(sqlx::query_as(sql).fetch_all(&self.pool).await?)
-    }
-
-    async fn retired(&self) -> Result<Vec<WorldVersionRow>, StoreError> {
-        let sql = "SELECT world, version FROM retired_versions ORDER BY world, version";
-        Ok(sqlx::query_as(sql).fetch_all(&self.pool).await?)
-    }
-
-    async fn deployed(&self) -> Result<Vec<WorldVersionRow>, StoreError> {
-        let sql = "SELECT slug AS world, deployed_version AS version FROM worlds
-                   WHERE deployed_version IS NOT NULL ORDER BY slug";
-        Ok(sqlx::query_as(sql).fetch_all(&self.pool).await?)
-    }
-
-    async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let sql = "SELECT content FROM modules WHERE hash = ?1";
-        Ok(sqlx::query_scalar(sql)
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?)
-    }
-
-    async fn create_key(&self, key: &NewKey, at: DateTime<Utc>) -> Result<(), StoreError> {
-        let sql = "INSERT INTO api_keys (id, secret_hash, world, scopes, label, created_at)
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-        let q = sqlx::query(sql)
-            .bind(&key.id)
-            .bind(&key.secret_hash)
-            .bind(&key.world);
-        let q = q
-            .bind(ScopeList::of(&key.scopes))
-            .bind(&key.label)
-            .bind(Time(at));
-        Ok(q.execute(&self.pool).await.map(drop)?)
-    }
-
-    async fn key_by_hash(&self, secret_hash: &str) -> Result<Option<KeyRow>, StoreError> {
-        let sql = "SELECT id, world, scopes, label, created_at FROM api_keys
-                   WHERE secret_hash = ?1";
-        let q = sqlx::query_as(sql).bind(secret_hash);
-        Ok(q.fetch_optional(&self.pool).await?)
-    }
-
-    async fn has_operator_key(&self) -> Result<bool, StoreError> {
-        let sql = "SELECT EXISTS (SELECT 1 FROM api_keys WHERE world IS NULL)";
-        Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
     }
 
     async fn lock_chain_head(tx: &mut Tx<Self>, world: &str) -> Result<(i64, String), StoreError> {
@@ -478,78 +216,6 @@ impl Dialect for SqliteStore {
         Ok(head.unwrap_or_else(|| (0, GENESIS.to_owned())))
     }
 
-    async fn insert_decisions(
-        tx: &mut Tx<Self>,
-        chunk: &[ChainedDecision],
-    ) -> Result<(), StoreError> {
-        let mut insert = decisions_insert::<Sqlite>("decisions", chunk);
-        Ok(insert.build().execute(&mut **tx).await.map(drop)?)
-    }
-
-    async fn set_chain_head(
-        tx: &mut Tx<Self>,
-        world: &str,
-        seq: i64,
-        hash: &str,
-    ) -> Result<(), StoreError> {
-        let sql = "INSERT INTO decision_chain_heads (world, seq, hash) VALUES (?1, ?2, ?3)
-                   ON CONFLICT (world) DO UPDATE SET seq = excluded.seq, hash = excluded.hash";
-        let q = sqlx::query(sql).bind(world).bind(seq).bind(hash);
-        Ok(q.execute(&mut **tx).await.map(drop)?)
-    }
-
-    async fn decisions(
-        &self,
-        world: &str,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<DecisionRow>, StoreError> {
-        let sql = format!(
-            "SELECT {DECISION_COLUMNS} FROM decisions
-             WHERE world = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
-        );
-        let q = sqlx::query_as(&sql).bind(world).bind(after).bind(limit);
-        Ok(q.fetch_all(&self.pool).await?)
-    }
-
-    async fn allocate_generation(
-        &self,
-        git_sha: &str,
-        note: &str,
-        at: DateTime<Utc>,
-    ) -> Result<i64, StoreError> {
-        let sql = "INSERT INTO generations (started_at, git_sha, note) VALUES (?1, ?2, ?3)
-                   RETURNING generation";
-        let q = sqlx::query_scalar(sql)
-            .bind(Time(at))
-            .bind(git_sha)
-            .bind(note);
-        Ok(q.fetch_one(&self.pool).await?)
-    }
-
-    async fn insert_event(
-        tx: &mut Tx<Self>,
-        e: &NewEvent,
-        generation: i64,
-        at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let sql = "INSERT INTO outbox (event_type, occurred_at, source, target, channel,
-                                       generation, world, payload, idempotency_key, available_at)
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?2)
-                   ON CONFLICT (event_type, idempotency_key) DO NOTHING";
-        let q = sqlx::query(sql)
-            .bind(&e.event_type)
-            .bind(Time(at))
-            .bind(source());
-        let q = q
-            .bind(&e.target)
-            .bind(OUTBOX_CHANNEL)
-            .bind(generation)
-            .bind(&e.world);
-        let q = q.bind(Json(e.payload.clone())).bind(&e.idempotency_key);
-        Ok(q.execute(&mut **tx).await.map(drop)?)
-    }
-
     async fn claim(
         &self,
         generation: i64,
@@ -557,9 +223,9 @@ impl Dialect for SqliteStore {
         limit: i64,
         at: DateTime<Utc>,
     ) -> Result<Vec<OutboxDbRow>, StoreError> {
-        // SQLite has one writer at a time: the UPDATE … RETURNING inside BEGIN IMMEDIATE is
-        // the claim, and no other claimer can interleave with it.
-        let sql = format!(
+        // One writer at a time: the UPDATE … RETURNING inside BEGIN IMMEDIATE is the claim,
+        // and no other claimer can interleave with it.
+        let sql = concat!(
             "UPDATE outbox
              SET status = 'in_flight', claimed_at = ?2, claimed_by = ?4, attempts = attempts + 1
              WHERE id IN (
@@ -567,10 +233,11 @@ impl Dialect for SqliteStore {
                  WHERE generation = ?1 AND status = 'pending' AND available_at <= ?2
                  ORDER BY id LIMIT ?3
              )
-             RETURNING {OUTBOX_COLUMNS}"
+             RETURNING ",
+            outbox_columns!()
         );
         let mut tx = self.begin_write().await?;
-        let q = sqlx::query_as(&sql)
+        let q = sqlx::query_as(sql)
             .bind(generation)
             .bind(Time(at))
             .bind(limit)
@@ -578,74 +245,6 @@ impl Dialect for SqliteStore {
         let claimed = q.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         Ok(claimed)
-    }
-
-    async fn lock_claimed(tx: &mut Tx<Self>, id: i64, worker: &str) -> Result<bool, StoreError> {
-        let sql =
-            "SELECT id FROM outbox WHERE id = ?1 AND status = 'in_flight' AND claimed_by = ?2";
-        let q = sqlx::query_scalar::<_, i64>(sql).bind(id).bind(worker);
-        Ok(q.fetch_optional(&mut **tx).await?.is_some())
-    }
-
-    async fn insert_handled(
-        tx: &mut Tx<Self>,
-        handler: &str,
-        key: &str,
-        id: i64,
-        at: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let sql = "INSERT INTO event_handled (handler, idempotency_key, outbox_id, handled_at)
-                   VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING";
-        let q = sqlx::query(sql)
-            .bind(handler)
-            .bind(key)
-            .bind(id)
-            .bind(Time(at));
-        Ok(q.execute(&mut **tx).await?.rows_affected() == 1)
-    }
-
-    async fn add_stat(tx: &mut Tx<Self>, d: &StatDelta) -> Result<(), StoreError> {
-        let sql = "INSERT INTO decision_stats (world, rule, status, count) VALUES (?1, ?2, ?3, ?4)
-                   ON CONFLICT (world, rule, status) DO UPDATE SET count = count + excluded.count";
-        let q = sqlx::query(sql)
-            .bind(&d.world)
-            .bind(&d.rule)
-            .bind(&d.status)
-            .bind(d.count);
-        Ok(q.execute(&mut **tx).await.map(drop)?)
-    }
-
-    async fn mark_delivered(tx: &mut Tx<Self>, id: i64) -> Result<(), StoreError> {
-        let sql = "UPDATE outbox SET status = 'delivered', last_error = NULL WHERE id = ?1";
-        Ok(sqlx::query(sql)
-            .bind(id)
-            .execute(&mut **tx)
-            .await
-            .map(drop)?)
-    }
-
-    async fn fail(
-        &self,
-        id: i64,
-        worker: &str,
-        error: &str,
-        retry_at: Option<DateTime<Utc>>,
-        at: DateTime<Utc>,
-    ) -> Result<Option<String>, StoreError> {
-        let sql = "UPDATE outbox SET
-                 status = CASE WHEN ?4 IS NULL THEN 'failed' ELSE 'pending' END,
-                 available_at = COALESCE(?4, available_at),
-                 last_error = ?3,
-                 failure_history = json_insert(failure_history, '$[#]', json_object(
-                     'attempt', attempts, 'at', strftime('%Y-%m-%dT%H:%M:%fZ', ?5 / 1000000.0, 'unixepoch'),
-                     'worker', ?2, 'error', ?3)),
-                 first_failed_at = COALESCE(first_failed_at, ?5),
-                 claimed_at = NULL, claimed_by = NULL
-             WHERE id = ?1 AND status = 'in_flight' AND claimed_by = ?2
-             RETURNING status";
-        let q = sqlx::query_scalar(sql).bind(id).bind(worker).bind(error);
-        let q = q.bind(retry_at.map(Time)).bind(Time(at));
-        Ok(q.fetch_optional(&self.pool).await?)
     }
 
     async fn release(&self, worker: &str, ids: &[i64]) -> Result<u64, StoreError> {
@@ -663,108 +262,126 @@ impl Dialect for SqliteStore {
         Ok(released)
     }
 
-    async fn rescue(&self, generation: i64, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
-        let sql = "UPDATE outbox SET status = 'pending',
-                       last_error = 'lease expired: ' || COALESCE(claimed_by, 'unknown worker'),
-                       claimed_at = NULL, claimed_by = NULL
-                   WHERE generation = ?1 AND status = 'in_flight' AND claimed_at < ?2";
-        let q = sqlx::query(sql).bind(generation).bind(Time(cutoff));
-        Ok(q.execute(&self.pool).await?.rows_affected())
-    }
-
-    async fn outbox_row(&self, id: i64) -> Result<Option<OutboxDbRow>, StoreError> {
-        let sql = format!("SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ?1");
-        Ok(sqlx::query_as(&sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
-    }
-
-    async fn outbox_list(
-        &self,
-        status: Option<&str>,
-        generation: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<OutboxDbRow>, StoreError> {
-        let sql = format!(
-            "SELECT {OUTBOX_COLUMNS} FROM outbox
-             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR generation = ?2)
-             ORDER BY id DESC LIMIT ?3"
-        );
-        let q = sqlx::query_as(&sql)
-            .bind(status)
-            .bind(generation)
-            .bind(limit);
-        Ok(q.fetch_all(&self.pool).await?)
-    }
-
-    async fn replay(&self, id: i64, at: DateTime<Utc>) -> Result<u64, StoreError> {
-        let sql = "UPDATE outbox SET status = 'pending', attempts = 0, available_at = ?2,
-                       last_error = NULL
-                   WHERE id = ?1 AND status = 'failed'";
-        let q = sqlx::query(sql).bind(id).bind(Time(at));
-        Ok(q.execute(&self.pool).await?.rows_affected())
-    }
-
-    async fn adopt(&self, from: i64, to: i64) -> Result<u64, StoreError> {
-        let sql = "UPDATE outbox SET generation = ?2,
-                       status = CASE WHEN status = 'in_flight' THEN 'pending' ELSE status END,
-                       claimed_at = NULL, claimed_by = NULL
-                   WHERE generation = ?1 AND status <> 'delivered'";
-        let q = sqlx::query(sql).bind(from).bind(to);
-        Ok(q.execute(&self.pool).await?.rows_affected())
-    }
-
-    async fn outbox_counts(&self, generation: i64) -> Result<OutboxCounts, StoreError> {
-        let sql = "SELECT
-                 COALESCE(SUM(generation = ?1 AND status = 'pending'), 0) AS pending,
-                 COALESCE(SUM(generation = ?1 AND status = 'in_flight'), 0) AS in_flight,
-                 COALESCE(SUM(generation = ?1 AND status = 'failed'), 0) AS failed,
-                 COALESCE(SUM(generation <> ?1), 0) AS other_generations
-             FROM outbox WHERE status <> 'delivered'";
-        Ok(sqlx::query_as(sql)
-            .bind(generation)
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    async fn stats(&self, world: &str) -> Result<Vec<StatDelta>, StoreError> {
-        let sql = "SELECT world, rule, status, count FROM decision_stats WHERE world = ?1
-                   ORDER BY rule, status";
-        Ok(sqlx::query_as(sql)
-            .bind(world)
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    async fn create_webhook(&self, hook: &Webhook) -> Result<(), StoreError> {
-        let sql = "INSERT INTO webhooks (id, world, url, secret, events, created_at)
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-        let q = sqlx::query(sql)
-            .bind(&hook.id)
-            .bind(&hook.world)
-            .bind(&hook.url);
-        let q = q
-            .bind(&hook.secret)
-            .bind(hook.events.join(","))
-            .bind(Time(hook.created_at));
-        Ok(q.execute(&self.pool).await.map(drop)?)
-    }
-
-    async fn webhooks(&self, world: &str) -> Result<Vec<WebhookRow>, StoreError> {
-        let sql = "SELECT id, world, url, secret, events, created_at FROM webhooks
-                   WHERE world = ?1 ORDER BY id";
-        Ok(sqlx::query_as(sql)
-            .bind(world)
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    async fn webhook(&self, id: &str) -> Result<Option<WebhookRow>, StoreError> {
-        let sql = "SELECT id, world, url, secret, events, created_at FROM webhooks WHERE id = ?1";
-        Ok(sqlx::query_as(sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
-    }
+    shared_statements!();
 }
+
+/// The shared statements in SQLite. The write transaction (`BEGIN IMMEDIATE`) already holds
+/// the database's lock, so reads that precede a write need no lock of their own.
+const SQL: Sql = Sql {
+    put_draft: "INSERT INTO worlds (slug, draft, created_at) VALUES (?1, ?2, ?3)
+                ON CONFLICT (slug) DO UPDATE SET draft = excluded.draft",
+    draft: "SELECT draft FROM worlds WHERE slug = ?1",
+    ensure_world: "INSERT INTO worlds (slug, created_at) VALUES (?1, ?2)
+                   ON CONFLICT (slug) DO NOTHING",
+    lock_world: "SELECT deployed_version FROM worlds WHERE slug = ?1",
+    next_version: "SELECT COALESCE(MAX(version), 0) + 1 FROM world_versions WHERE world = ?1",
+    insert_version: "INSERT INTO world_versions (world, version, model, published_at, published_by)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+    insert_module: "INSERT INTO modules (hash, content, created_at) VALUES (?1, ?2, ?3)
+                    ON CONFLICT (hash) DO NOTHING",
+    insert_version_module:
+        "INSERT INTO version_modules (world, version, position, action, module_hash)
+                            VALUES (?1, ?2, ?3, ?4, ?5)",
+    version_retired_at: "SELECT (SELECT r.retired_at FROM retired_versions r
+                                 WHERE r.world = v.world AND r.version = v.version)
+                         FROM world_versions v WHERE v.world = ?1 AND v.version = ?2",
+    next_deployment: "SELECT COALESCE(MAX(seq), 0) + 1 FROM world_deployments WHERE world = ?1",
+    set_deployed: "UPDATE worlds SET deployed_version = ?2 WHERE slug = ?1",
+    insert_deployment:
+        "INSERT INTO world_deployments (world, seq, version, deployed_at, deployed_by)
+                        VALUES (?1, ?2, ?3, ?4, ?5)",
+    insert_retirement:
+        "INSERT INTO retired_versions (world, version, retired_at, retired_by, reason)
+                        VALUES (?1, ?2, ?3, ?4, ?5)",
+    world_head: "SELECT deployed_version, draft IS NOT NULL AS has_draft FROM worlds
+                 WHERE slug = ?1",
+    versions:
+        "SELECT v.version, v.published_at, v.published_by, r.retired_at, r.retired_by, r.reason
+               FROM world_versions v
+               LEFT JOIN retired_versions r ON r.world = v.world AND r.version = v.version
+               WHERE v.world = ?1 ORDER BY v.version",
+    deployments: "SELECT seq, version, deployed_at, deployed_by FROM world_deployments
+                  WHERE world = ?1 ORDER BY seq",
+    version_row: "SELECT v.model, v.version, v.published_at, v.published_by, r.retired_at,
+                         r.retired_by, r.reason
+                  FROM world_versions v
+                  LEFT JOIN retired_versions r ON r.world = v.world AND r.version = v.version
+                  WHERE v.world = ?1 AND v.version = ?2",
+    version_modules: "SELECT action, module_hash FROM version_modules
+                      WHERE world = ?1 AND version = ?2 ORDER BY position",
+    list_worlds: "SELECT w.slug AS world, w.deployed_version,
+                         (SELECT MAX(v.version) FROM world_versions v WHERE v.world = w.slug)
+                             AS latest_version
+                  FROM worlds w ORDER BY w.slug",
+    retired: "SELECT world, version FROM retired_versions ORDER BY world, version",
+    deployed: "SELECT slug AS world, deployed_version AS version FROM worlds
+               WHERE deployed_version IS NOT NULL ORDER BY slug",
+    module: "SELECT content FROM modules WHERE hash = ?1",
+    create_key: "INSERT INTO api_keys (id, secret_hash, world, scopes, label, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    key_by_hash: "SELECT id, world, scopes, label, created_at FROM api_keys WHERE secret_hash = ?1",
+    has_operator_key: "SELECT EXISTS (SELECT 1 FROM api_keys WHERE world IS NULL)",
+    decisions_table: "decisions",
+    set_chain_head: "INSERT INTO decision_chain_heads (world, seq, hash) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (world) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+    decisions: concat!(
+        "SELECT ",
+        decision_columns!(),
+        " FROM decisions WHERE world = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+    ),
+    allocate_generation: "INSERT INTO generations (started_at, git_sha, note) VALUES (?1, ?2, ?3)
+                          RETURNING generation",
+    insert_event: "INSERT INTO outbox (event_type, occurred_at, source, target, channel,
+                                       generation, world, payload, idempotency_key, available_at)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?2)
+                   ON CONFLICT (event_type, idempotency_key) DO NOTHING",
+    lock_claimed:
+        "SELECT id FROM outbox WHERE id = ?1 AND status = 'in_flight' AND claimed_by = ?2",
+    insert_handled: "INSERT INTO event_handled (handler, idempotency_key, outbox_id, handled_at)
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+    add_stat: "INSERT INTO decision_stats (world, rule, status, count) VALUES (?1, ?2, ?3, ?4)
+               ON CONFLICT (world, rule, status) DO UPDATE SET count = count + excluded.count",
+    mark_delivered: "UPDATE outbox SET status = 'delivered', last_error = NULL WHERE id = ?1",
+    fail: "UPDATE outbox SET
+               status = CASE WHEN ?4 IS NULL THEN 'failed' ELSE 'pending' END,
+               available_at = COALESCE(?4, available_at),
+               last_error = ?3,
+               failure_history = json_insert(failure_history, '$[#]', json_object(
+                   'attempt', attempts,
+                   'at', strftime('%Y-%m-%dT%H:%M:%fZ', ?5 / 1000000.0, 'unixepoch'),
+                   'worker', ?2, 'error', ?3)),
+               first_failed_at = COALESCE(first_failed_at, ?5),
+               claimed_at = NULL, claimed_by = NULL
+           WHERE id = ?1 AND status = 'in_flight' AND claimed_by = ?2
+           RETURNING status",
+    rescue: "UPDATE outbox SET status = 'pending',
+                 last_error = 'lease expired: ' || COALESCE(claimed_by, 'unknown worker'),
+                 claimed_at = NULL, claimed_by = NULL
+             WHERE generation = ?1 AND status = 'in_flight' AND claimed_at < ?2",
+    outbox_row: concat!("SELECT ", outbox_columns!(), " FROM outbox WHERE id = ?1"),
+    outbox_list: concat!(
+        "SELECT ",
+        outbox_columns!(),
+        " FROM outbox WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR generation = ?2)
+          ORDER BY id DESC LIMIT ?3"
+    ),
+    replay:
+        "UPDATE outbox SET status = 'pending', attempts = 0, available_at = ?2, last_error = NULL
+             WHERE id = ?1 AND status = 'failed'",
+    adopt: "UPDATE outbox SET generation = ?2,
+                status = CASE WHEN status = 'in_flight' THEN 'pending' ELSE status END,
+                claimed_at = NULL, claimed_by = NULL
+            WHERE generation = ?1 AND status <> 'delivered'",
+    outbox_counts: "SELECT COALESCE(SUM(generation = ?1 AND status = 'pending'), 0) AS pending,
+                           COALESCE(SUM(generation = ?1 AND status = 'in_flight'), 0) AS in_flight,
+                           COALESCE(SUM(generation = ?1 AND status = 'failed'), 0) AS failed,
+                           COALESCE(SUM(generation <> ?1), 0) AS other_generations
+                    FROM outbox WHERE status <> 'delivered'",
+    stats: "SELECT world, rule, status, count FROM decision_stats WHERE world = ?1
+            ORDER BY rule, status",
+    create_webhook: "INSERT INTO webhooks (id, world, url, secret, events, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    webhooks: "SELECT id, world, url, secret, events, created_at FROM webhooks
+               WHERE world = ?1 ORDER BY id",
+    webhook: "SELECT id, world, url, secret, events, created_at FROM webhooks WHERE id = ?1",
+};
