@@ -32,9 +32,8 @@ pub use crate::outbox::events;
 pub use chain::{chain_hash, GENESIS};
 pub use dispatch::{Backend, Notifications, Store, StoreConfig};
 pub use error::StoreError;
-pub use outbox::{
-    Completion, Effect, NewEvent, OutboxCounts, OutboxRow, OutboxStatus, OUTBOX_CHANNEL,
-};
+pub(crate) use outbox::OUTBOX_CHANNEL;
+pub use outbox::{Completion, Effect, NewEvent, OutboxCounts, OutboxRow, OutboxStatus};
 pub use protocol::decision_recorded;
 pub use records::{
     DecisionRecord, Deployment, KeyRecord, MatchedRule, NewDecision, NewKey, NewModule, NewVersion,

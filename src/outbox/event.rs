@@ -152,7 +152,7 @@ pub enum EventError {
 
 impl Event {
     /// Every event type this build knows; each is at layout version [`Event::VERSION`].
-    pub const TYPES: [&'static str; 5] = [
+    pub(crate) const TYPES: [&'static str; 5] = [
         events::VERSION_PUBLISHED,
         events::MODULE_DEPLOYED,
         events::VERSION_RETIRED,

@@ -108,7 +108,7 @@ fn counts(batch: &RecordedBatch) -> Result<Counts, HandlerError> {
 
 /// `worldmodel.version.published`, `module.deployed` and `world.version.retired` → one
 /// `webhook.delivery` per subscriber of the world, so each delivery is retried on its own.
-pub struct WebhookFanout {
+pub(crate) struct WebhookFanout {
     store: Store,
 }
 
@@ -160,7 +160,7 @@ impl Handler for WebhookFanout {
 }
 
 /// `webhook.delivery` → an HTTP POST signed with HMAC-SHA256 over the timestamp and body.
-pub struct WebhookDelivery {
+pub(crate) struct WebhookDelivery {
     store: Store,
     client: reqwest::Client,
     egress: Egress,
@@ -169,7 +169,7 @@ pub struct WebhookDelivery {
 impl WebhookDelivery {
     /// A client that follows no redirects and connects only where `egress` permits: its
     /// resolver drops internal addresses, so a name cannot be rebound to one.
-    pub fn new(store: Store, timeout: Duration, egress: &Egress) -> Self {
+    pub(crate) fn new(store: Store, timeout: Duration, egress: &Egress) -> Self {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())

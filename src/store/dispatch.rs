@@ -283,7 +283,7 @@ impl Store {
     }
 
     /// Woken after this process commits events; a consumer in the same process waits on it.
-    pub fn local_wake(&self) -> &tokio::sync::Notify {
+    pub(crate) fn local_wake(&self) -> &tokio::sync::Notify {
         dispatch!(self, s => &s.stamp().wake)
     }
 

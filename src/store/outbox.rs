@@ -9,7 +9,7 @@ use super::records::{Json, Time};
 use super::{StatDelta, StoreError};
 
 /// The NOTIFY channel outbox rows signal on insert.
-pub const OUTBOX_CHANNEL: &str = "spectral_outbox";
+pub(crate) const OUTBOX_CHANNEL: &str = "spectral_outbox";
 
 /// An event to append to the outbox, in the transaction of the change it describes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
