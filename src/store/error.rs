@@ -20,9 +20,16 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// A unique violation is the caller's conflict; anything else is the server's.
+/// A unique violation is the caller's conflict; a column that does not decode is corrupt
+/// stored data; anything else is the server's.
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+                return StoreError::Corrupt(e.to_string());
+            }
+            _ => {}
+        }
         match e.as_database_error() {
             Some(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_lowercase()),
             _ => StoreError::Database(Box::new(e)),
@@ -44,5 +51,25 @@ impl StoreError {
             StoreError::Conflict(_) => StoreError::Conflict(message()),
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_column_that_does_not_decode_is_corrupt_data() {
+        let e = sqlx::Error::ColumnDecode {
+            index: "payload".into(),
+            source: "expected value at line 1 column 1".into(),
+        };
+        let e = StoreError::from(e);
+        assert!(
+            matches!(&e, StoreError::Corrupt(m) if m.contains("payload")),
+            "{e:?}"
+        );
+        let e = StoreError::from(sqlx::Error::PoolTimedOut);
+        assert!(matches!(e, StoreError::Database(_)), "{e:?}");
     }
 }
