@@ -7,6 +7,7 @@
 //! `store/sqlite.rs` hold each dialect's single statements. Callers never see which backend
 //! they talk to, except through [`Store::backend`] for reporting.
 //!
+//! - `statements.rs`: the Rust side of the statements whose text is all that differs;
 //! - `records.rs`: what is stored (versions, keys, decisions, …) and the rows it decodes from;
 //! - `outbox.rs`: outbox rows and the effects a handled row commits with;
 //! - `chain.rs`: the decision records' hash chain;
