@@ -107,6 +107,7 @@ fn recorded(tag: &str, i: usize, worlds: usize) -> NewEvent {
         // Unique across the samples of a run, which reuse `i`.
         idempotency_key: format!("{tag}:{i}"),
         ..spectral::store::decision_recorded(&world, i as i64, i as i64, counts)
+            .expect("a decision.recorded event")
     }
 }
 

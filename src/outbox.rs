@@ -10,6 +10,7 @@
 //! claims rows of its own generation.
 
 mod consumer;
+mod event;
 pub mod handlers;
 
 use std::collections::HashMap;
@@ -21,6 +22,10 @@ use std::time::Duration;
 use rand::Rng;
 
 pub use consumer::{Consumer, OutboxState, Wiring};
+pub use event::{
+    events, DecisionRecorded, Delivery, Event, EventError, ListedDecision, ModuleDeployed,
+    PublishedModule, RecordedBatch, RuleCount, VersionPublished, VersionRetired,
+};
 
 use crate::store::{Effect, OutboxRow};
 

@@ -24,8 +24,8 @@ use sha2::{Digest, Sha256};
 
 use crate::sandbox::Sandbox;
 use crate::store::{
-    Deployment, NewDecision, NewModule, NewVersion, Scope, Store, StoreError, VersionRecord,
-    WorldDetail, WorldSummary,
+    Deployment, MatchedRule, NewDecision, NewModule, NewVersion, Scope, Store, StoreError,
+    VersionRecord, WorldDetail, WorldSummary,
 };
 use crate::telemetry::Metrics;
 use crate::worlds::cases::run_cases;
@@ -356,7 +356,15 @@ impl App {
                 action: meta.action.clone(),
                 module_hash: meta.module_hash.clone(),
                 status: decision.status.as_str().to_string(),
-                matched_rules: serde_json::to_value(&meta.matched_rules).unwrap_or_default(),
+                matched_rules: meta
+                    .matched_rules
+                    .iter()
+                    .map(|r| MatchedRule {
+                        id: r.id.clone(),
+                        outcome: r.outcome.as_str().to_owned(),
+                        severity: r.severity.as_str().to_owned(),
+                    })
+                    .collect(),
                 caller: caller.key_id.clone(),
                 correlation_id: meta.correlation_id.clone(),
                 context_digest: digest(input.context.get().as_bytes()),

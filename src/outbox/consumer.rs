@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::{HandlerError, Registry, RetryPolicy};
 use crate::config::OutboxConfig;
-use crate::store::{Completion, Listener, OutboxRow, Store};
+use crate::store::{Completion, Notifications, OutboxRow, Store};
 
 /// How the consumer learns of new rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -287,7 +287,9 @@ const DRAIN_AT_MOST: usize = 4096;
 /// have already arrived are consumed with the first, so that a burst of N inserts costs one
 /// claim rather than N. The bound keeps a steady stream of notifications from starving the
 /// claim.
-async fn wait_listener(listener: &mut Option<Listener>) -> Result<(), crate::store::StoreError> {
+async fn wait_listener(
+    listener: &mut Option<Notifications>,
+) -> Result<(), crate::store::StoreError> {
     let Some(l) = listener.as_mut() else {
         return std::future::pending().await;
     };

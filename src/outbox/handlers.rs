@@ -8,9 +8,10 @@ use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::Sha256;
 
+use super::{events, Delivery, Event, RecordedBatch};
 use super::{Handler, HandlerError, HandlerFuture, Registry};
 use crate::egress::Egress;
-use crate::store::{events, Effect, NewEvent, OutboxRow, StatDelta, Store};
+use crate::store::{Effect, OutboxRow, StatDelta, Store};
 
 /// The handlers the service runs, by event type.
 pub fn registry(store: Store, webhook_timeout: Duration, egress: &Egress) -> Registry {
@@ -29,6 +30,20 @@ pub fn registry(store: Store, webhook_timeout: Duration, egress: &Egress) -> Reg
     r
 }
 
+/// A row's event, or the terminal failure that sends a row this build cannot read to the
+/// dead-letter queue.
+fn event(row: &OutboxRow) -> Result<Event, HandlerError> {
+    Event::from_row(row).map_err(|e| HandlerError::Terminal(e.to_string()))
+}
+
+/// The failure of a handler given an event of a type it does not handle.
+fn unexpected(handler: &str, event: &Event) -> HandlerError {
+    HandlerError::Terminal(format!(
+        "{handler} does not handle '{}' events",
+        event.event_type()
+    ))
+}
+
 /// `decision.recorded` → per-world counts by status, and per rule by status.
 pub struct DecisionStats;
 
@@ -39,19 +54,16 @@ impl Handler for DecisionStats {
 
     fn handle<'a>(&'a self, row: &'a OutboxRow) -> HandlerFuture<'a> {
         Box::pin(async move {
-            let world = row.payload["world"]
-                .as_str()
-                .ok_or_else(|| HandlerError::Terminal("payload has no world".into()))?;
-            let counts = match row.payload.get("counts") {
-                Some(counts) => counted(counts)?,
-                // Events written by earlier builds list the decisions instead.
-                None => count_listed(&row.payload["decisions"])?,
+            let recorded = match event(row)? {
+                Event::DecisionRecorded(recorded) => recorded,
+                other => return Err(unexpected(self.name(), &other)),
             };
+            let world = recorded.world;
             Ok(Effect::Stats(
-                counts
+                counts(&recorded.batch)?
                     .into_iter()
                     .map(|((rule, status), count)| StatDelta {
-                        world: world.to_string(),
+                        world: world.clone(),
                         rule,
                         status,
                         count,
@@ -64,40 +76,30 @@ impl Handler for DecisionStats {
 
 type Counts = BTreeMap<(String, String), i64>;
 
-/// `counts: [{rule, status, count}]`, as the decision log writes them.
-fn counted(counts: &serde_json::Value) -> Result<Counts, HandlerError> {
-    let bad = |what: &str| HandlerError::Terminal(format!("payload counts: {what}"));
+/// The statistics of a batch, whether it came counted or (from earlier builds) listed.
+fn counts(batch: &RecordedBatch) -> Result<Counts, HandlerError> {
     let mut out = Counts::new();
-    for c in counts.as_array().ok_or_else(|| bad("not a list"))? {
-        let rule = c["rule"]
-            .as_str()
-            .ok_or_else(|| bad("an entry has no rule"))?;
-        let status = c["status"]
-            .as_str()
-            .ok_or_else(|| bad("an entry has no status"))?;
-        let count = c["count"]
-            .as_i64()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| bad("an entry has no positive count"))?;
-        *out.entry((rule.into(), status.into())).or_default() += count;
-    }
-    Ok(out)
-}
-
-/// `decisions: [{status, rules}]`, as earlier builds wrote them.
-fn count_listed(decisions: &serde_json::Value) -> Result<Counts, HandlerError> {
-    let decisions = decisions
-        .as_array()
-        .ok_or_else(|| HandlerError::Terminal("payload has neither counts nor decisions".into()))?;
-    let mut out = Counts::new();
-    for d in decisions {
-        let status = d["status"]
-            .as_str()
-            .ok_or_else(|| HandlerError::Terminal("a decision has no status".into()))?;
-        *out.entry(("*".into(), status.into())).or_default() += 1;
-        for rule in d["rules"].as_array().into_iter().flatten() {
-            if let Some(rule) = rule.as_str() {
-                *out.entry((rule.into(), status.into())).or_default() += 1;
+    match batch {
+        RecordedBatch::Counted { counts, .. } => {
+            for c in counts {
+                let count = i64::try_from(c.count)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        HandlerError::Terminal(format!(
+                            "payload counts: {} for rule '{}' is not a positive count",
+                            c.count, c.rule
+                        ))
+                    })?;
+                *out.entry((c.rule.clone(), c.status.clone())).or_default() += count;
+            }
+        }
+        RecordedBatch::Listed { decisions } => {
+            for d in decisions {
+                *out.entry(("*".into(), d.status.clone())).or_default() += 1;
+                for rule in &d.rules {
+                    *out.entry((rule.clone(), d.status.clone())).or_default() += 1;
+                }
             }
         }
     }
@@ -106,7 +108,7 @@ fn count_listed(decisions: &serde_json::Value) -> Result<Counts, HandlerError> {
 
 /// `worldmodel.version.published`, `module.deployed` and `world.version.retired` → one
 /// `webhook.delivery` per subscriber of the world, so each delivery is retried on its own.
-pub struct WebhookFanout {
+pub(crate) struct WebhookFanout {
     store: Store,
 }
 
@@ -117,6 +119,14 @@ impl Handler for WebhookFanout {
 
     fn handle<'a>(&'a self, row: &'a OutboxRow) -> HandlerFuture<'a> {
         Box::pin(async move {
+            // Read to refuse what this build cannot read; the subscribers get the payload
+            // as it was stored.
+            match event(row)? {
+                Event::VersionPublished(_)
+                | Event::ModuleDeployed(_)
+                | Event::VersionRetired(_) => {}
+                other => return Err(unexpected(self.name(), &other)),
+            }
             let Some(world) = row.world.as_deref() else {
                 return Ok(Effect::None);
             };
@@ -128,19 +138,18 @@ impl Handler for WebhookFanout {
             let deliveries = hooks
                 .into_iter()
                 .filter(|h| h.events.iter().any(|e| e == &row.event_type || e == "*"))
-                .map(|h| NewEvent {
-                    event_type: events::WEBHOOK_DELIVERY.into(),
-                    world: Some(world.to_string()),
-                    payload: json!({
-                        "webhook_id": h.id,
-                        "event_type": row.event_type,
-                        "event_key": row.idempotency_key,
-                        "body": row.payload,
-                    }),
-                    idempotency_key: format!("{}:{}:{}", h.id, row.event_type, row.idempotency_key),
-                    target: None,
+                .map(|h| {
+                    let key = format!("{}:{}:{}", h.id, row.event_type, row.idempotency_key);
+                    Event::WebhookDelivery(Delivery {
+                        webhook_id: h.id,
+                        event_type: row.event_type.clone(),
+                        event_key: row.idempotency_key.clone(),
+                        body: row.payload.clone(),
+                    })
+                    .into_new(Some(world), key)
                 })
-                .collect::<Vec<_>>();
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| HandlerError::Terminal(e.to_string()))?;
             Ok(if deliveries.is_empty() {
                 Effect::None
             } else {
@@ -151,7 +160,7 @@ impl Handler for WebhookFanout {
 }
 
 /// `webhook.delivery` → an HTTP POST signed with HMAC-SHA256 over the timestamp and body.
-pub struct WebhookDelivery {
+pub(crate) struct WebhookDelivery {
     store: Store,
     client: reqwest::Client,
     egress: Egress,
@@ -160,7 +169,7 @@ pub struct WebhookDelivery {
 impl WebhookDelivery {
     /// A client that follows no redirects and connects only where `egress` permits: its
     /// resolver drops internal addresses, so a name cannot be rebound to one.
-    pub fn new(store: Store, timeout: Duration, egress: &Egress) -> Self {
+    pub(crate) fn new(store: Store, timeout: Duration, egress: &Egress) -> Self {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -195,9 +204,11 @@ impl Handler for WebhookDelivery {
 
     fn handle<'a>(&'a self, row: &'a OutboxRow) -> HandlerFuture<'a> {
         Box::pin(async move {
-            let id = row.payload["webhook_id"]
-                .as_str()
-                .ok_or_else(|| HandlerError::Terminal("payload has no webhook_id".into()))?;
+            let delivery = match event(row)? {
+                Event::WebhookDelivery(delivery) => delivery,
+                other => return Err(unexpected(self.name(), &other)),
+            };
+            let id = delivery.webhook_id.as_str();
             let hook = self
                 .store
                 .webhook(id)
@@ -212,11 +223,11 @@ impl Handler for WebhookDelivery {
             self.egress.check_url(&url).map_err(|why| {
                 HandlerError::Terminal(format!("not delivered to {}: {why}", hook.url))
             })?;
-            let event_type = row.payload["event_type"].as_str().unwrap_or_default();
+            let event_type = delivery.event_type.as_str();
             let body = serde_json::to_vec(&json!({
                 "event_type": event_type,
                 "world": hook.world,
-                "data": row.payload["body"],
+                "data": delivery.body,
             }))
             .map_err(|e| HandlerError::Terminal(e.to_string()))?;
             let timestamp = chrono::Utc::now().timestamp();
@@ -258,6 +269,7 @@ impl Handler for WebhookDelivery {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
 
     #[test]
@@ -274,40 +286,105 @@ mod tests {
         (rule.into(), status.into())
     }
 
+    fn batch(payload: serde_json::Value) -> RecordedBatch {
+        match Event::decode(events::DECISION_RECORDED, Event::VERSION, &payload) {
+            Ok(Event::DecisionRecorded(r)) => r.batch,
+            other => panic!("{payload}: {other:?}"),
+        }
+    }
+
     #[test]
     fn counts_and_listed_decisions_give_the_same_statistics() {
-        let counts = counted(&json!([
-            {"rule": "*", "status": "RED", "count": 2},
-            {"rule": "*", "status": "GREEN", "count": 1},
-            {"rule": "sanctions-hit", "status": "RED", "count": 2},
-        ]));
-        let listed = count_listed(&json!([
+        let counted = counts(&batch(
+            json!({"world": "w", "first_seq": 1, "last_seq": 3, "counts": [
+                {"rule": "*", "status": "RED", "count": 2},
+                {"rule": "*", "status": "GREEN", "count": 1},
+                {"rule": "sanctions-hit", "status": "RED", "count": 2},
+            ]}),
+        ));
+        let listed = counts(&batch(json!({"world": "w", "decisions": [
             {"decision_id": "a", "action": "x", "status": "RED", "rules": ["sanctions-hit"]},
             {"decision_id": "b", "action": "x", "status": "GREEN", "rules": []},
             {"decision_id": "c", "action": "x", "status": "RED", "rules": ["sanctions-hit"]},
-        ]));
+        ]})));
         let expected: Counts = [
             (key("*", "GREEN"), 1),
             (key("*", "RED"), 2),
             (key("sanctions-hit", "RED"), 2),
         ]
         .into();
-        assert!(matches!(&counts, Ok(c) if *c == expected), "{counts:?}");
+        assert!(matches!(&counted, Ok(c) if *c == expected), "{counted:?}");
         assert!(matches!(&listed, Ok(c) if *c == expected), "{listed:?}");
     }
 
     #[test]
-    fn malformed_counts_fail_for_good() {
-        for bad in [
-            json!({"rule": "*"}),
-            json!([{"status": "RED", "count": 1}]),
-            json!([{"rule": "*", "status": "RED", "count": 0}]),
-            json!([{"rule": "*", "status": "RED", "count": "2"}]),
-        ] {
-            let r = counted(&bad);
-            assert!(matches!(r, Err(HandlerError::Terminal(_))), "{bad}: {r:?}");
-        }
-        let r = count_listed(&serde_json::Value::Null);
+    fn a_zero_count_fails_for_good() {
+        let zero = batch(json!({"world": "w", "first_seq": 1, "last_seq": 1,
+                                "counts": [{"rule": "*", "status": "RED", "count": 0}]}));
+        let r = counts(&zero);
         assert!(matches!(r, Err(HandlerError::Terminal(_))), "{r:?}");
+    }
+
+    fn row(event_type: &str, event_version: i32, payload: serde_json::Value) -> OutboxRow {
+        let at = chrono::DateTime::from_timestamp(0, 0).unwrap_or_default();
+        OutboxRow {
+            id: 1,
+            event_type: event_type.into(),
+            event_version,
+            occurred_at: at,
+            source: "spectral/test".into(),
+            target: None,
+            channel: "spectral_outbox".into(),
+            generation: 1,
+            world: Some("w".into()),
+            payload,
+            idempotency_key: "w:1-1".into(),
+            trace_context: None,
+            status: crate::store::OutboxStatus::InFlight,
+            attempts: 1,
+            available_at: at,
+            claimed_at: Some(at),
+            claimed_by: Some("worker".into()),
+            last_error: None,
+            failure_history: json!([]),
+            first_failed_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_newer_version_or_another_type_fails_for_good_with_a_clear_error() {
+        let payload = json!({"world": "w", "first_seq": 1, "last_seq": 1,
+                             "counts": [{"rule": "*", "status": "RED", "count": 1}]});
+        let today = DecisionStats
+            .handle(&row(
+                events::DECISION_RECORDED,
+                Event::VERSION,
+                payload.clone(),
+            ))
+            .await;
+        assert!(
+            matches!(today, Ok(Effect::Stats(ref d)) if d.len() == 1),
+            "{today:?}"
+        );
+        let newer = DecisionStats
+            .handle(&row(events::DECISION_RECORDED, Event::VERSION + 1, payload))
+            .await;
+        match newer {
+            Err(HandlerError::Terminal(e)) => assert!(
+                e.contains("version 2 is newer than this build reads"),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let deployed = json!({"world": "w", "version": 1, "seq": 1, "deployed_by": "k"});
+        match DecisionStats
+            .handle(&row(events::MODULE_DEPLOYED, 1, deployed))
+            .await
+        {
+            Err(HandlerError::Terminal(e)) => {
+                assert_eq!(e, "decision_stats does not handle 'module.deployed' events")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

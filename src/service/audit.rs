@@ -54,7 +54,7 @@ pub async fn verify(store: &Store, world: &str) -> Result<Verification, StoreErr
                     r.prev_hash
                 )))
             } else {
-                let computed = chain_hash(&r.prev_hash, r.seq, &r.decision);
+                let computed = chain_hash(&r.prev_hash, r.seq, &r.decision)?;
                 (computed != r.hash).then(|| {
                     broken(format!(
                         "stored hash {} does not match the record's content ({computed})",

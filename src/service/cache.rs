@@ -20,7 +20,7 @@ use tokio::sync::{watch, OnceCell};
 
 use crate::config::CacheConfig;
 use crate::sandbox::Sandbox;
-use crate::store::{Listener, Store};
+use crate::store::{Notifications, Store};
 use crate::telemetry::Metrics;
 use crate::worlds::model::WorldModel;
 use crate::worlds::Module;
@@ -310,7 +310,7 @@ impl Cache {
     /// Start listening for deployment notifications, if the store has them and listening is
     /// enabled. Done before the instance reports ready, so that no deployment made after
     /// that moment waits for a poll.
-    pub async fn listen(&self) -> Option<Listener> {
+    pub async fn listen(&self) -> Option<Notifications> {
         if !self.config.listen {
             return None;
         }
@@ -332,7 +332,7 @@ impl Cache {
     /// `poll_interval` regardless, because a notification can be lost.
     pub async fn watch(
         self: Arc<Self>,
-        mut listener: Option<Listener>,
+        mut listener: Option<Notifications>,
         mut stop: watch::Receiver<bool>,
     ) {
         let poll = self.config.poll_interval;

@@ -33,7 +33,7 @@ struct Queued {
 fn record_bytes(d: &NewDecision) -> u32 {
     const FIXED: usize = 256;
     const PER_MATCHED_RULE: usize = 96;
-    let matched = d.matched_rules.as_array().map_or(0, Vec::len);
+    let matched = d.matched_rules.len();
     let bytes = FIXED
         + d.decision_id.len()
         + d.world.len()

@@ -37,7 +37,7 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
 
 /// A `decision.recorded` event like the decision log's: five statistics upserts to handle.
 fn recorded(i: usize) -> NewEvent {
-    spectral::store::decision_recorded("flood", i as i64, i as i64, TWO_DECISIONS)
+    spectral::store::decision_recorded("flood", i as i64, i as i64, TWO_DECISIONS).unwrap()
 }
 
 /// The counts of two decisions: a GREEN one matching r1 and r2, a RED one matching r3.

@@ -13,7 +13,7 @@ use spectral::outbox::{
     Consumer, Handler, HandlerError, HandlerFuture, OutboxState, Registry, Wiring,
 };
 use spectral::store::{
-    events, Effect, NewDecision, NewEvent, OutboxRow, OutboxStatus, StatDelta, Store,
+    events, Effect, MatchedRule, NewDecision, NewEvent, OutboxRow, OutboxStatus, StatDelta, Store,
 };
 use tokio::sync::watch;
 
@@ -27,6 +27,7 @@ crate::both_backends!(
     retries_back_off_then_succeed,
     a_terminal_failure_is_kept_and_can_be_replayed,
     a_dead_workers_rows_are_rescued_and_handled_once,
+    stored_rows_are_read_as_typed_events_or_dead_lettered,
 );
 
 /// A fresh store on its own pool.
@@ -191,7 +192,11 @@ async fn events_commit_or_roll_back_with_their_change(backend: Backend) {
         action: "wire_transfer.release".into(),
         module_hash: "sha256:x".into(),
         status: "RED".into(),
-        matched_rules: json!([{"id": "sanctions-hit", "severity": "T1", "outcome": "RED"}]),
+        matched_rules: vec![MatchedRule {
+            id: "sanctions-hit".into(),
+            outcome: "RED".into(),
+            severity: "T1".into(),
+        }],
         caller: "key".into(),
         correlation_id: None,
         context_digest: "sha256:y".into(),
@@ -519,4 +524,100 @@ async fn a_slow_batch_releases_what_it_has_not_started() {
         assert_eq!(row.attempts, 1, "a released row's attempt is undone");
         assert!(row.last_error.is_none());
     }
+}
+
+/// Rows as the current build and earlier ones wrote them are handled through the typed
+/// events; rows this build cannot read (an unknown type, a payload that does not decode)
+/// go to the dead-letter queue, with an error that says why, and nothing else is changed.
+async fn stored_rows_are_read_as_typed_events_or_dead_lettered(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let s = store(&db).await;
+    s.set_generation(1);
+    let row = |event_type: &str, key: &str, payload: serde_json::Value| NewEvent {
+        event_type: event_type.into(),
+        world: Some("w".into()),
+        payload,
+        idempotency_key: key.into(),
+        target: None,
+    };
+    s.enqueue(&[
+        // The layout the decision log writes today.
+        row(
+            events::DECISION_RECORDED,
+            "w:1-2",
+            json!({"world": "w", "first_seq": 1, "last_seq": 2,
+                   "counts": [{"rule": "*", "status": "GREEN", "count": 2}]}),
+        ),
+        // The layout of earlier builds, which may still be pending after a deploy.
+        row(
+            events::DECISION_RECORDED,
+            "w:listed",
+            json!({"world": "w", "decisions": [
+                {"decision_id": "a", "action": "pay", "status": "RED", "rules": ["r1"]}]}),
+        ),
+        row(events::DECISION_RECORDED, "w:bad", json!({"world": "w"})),
+        row("thing.happened", "w:unknown", json!({"world": "w"})),
+    ])
+    .await
+    .expect("enqueue");
+    let mut registry = Registry::new();
+    registry.register(
+        events::DECISION_RECORDED,
+        Arc::new(spectral::outbox::handlers::DecisionStats),
+    );
+    let state = Arc::new(OutboxState::default());
+    let consumer = Consumer::new(store(&db).await, registry, config(), 1, state);
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(consumer.run(stopped));
+    let failed = crate::support::eventually(Duration::from_secs(20), "two dead letters", || {
+        let s = s.clone();
+        async move {
+            let failed = s
+                .outbox_list(Some(OutboxStatus::Failed), Some(1), 10)
+                .await
+                .expect("list");
+            let pending = s.outbox_counts(1).await.expect("counts");
+            (failed.len() == 2 && pending.pending == 0 && pending.in_flight == 0).then_some(failed)
+        }
+    })
+    .await;
+    let _ = stop.send(true);
+    task.await.expect("consumer");
+    let errors: BTreeSet<(String, String)> = failed
+        .iter()
+        .map(|r| {
+            let error = r.last_error.clone().unwrap_or_default();
+            (r.idempotency_key.clone(), error)
+        })
+        .collect();
+    let error_of = |key: &str| {
+        errors
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, e)| e.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        error_of("w:bad").starts_with("malformed 'decision.recorded' payload"),
+        "{errors:?}"
+    );
+    assert_eq!(
+        error_of("w:unknown"),
+        "no handler for event type 'thing.happened'"
+    );
+    let stats: Vec<(String, String, i64)> = s
+        .stats("w")
+        .await
+        .expect("stats")
+        .into_iter()
+        .map(|d| (d.rule, d.status, d.count))
+        .collect();
+    assert_eq!(
+        stats,
+        vec![
+            ("*".into(), "GREEN".into(), 2),
+            ("*".into(), "RED".into(), 1),
+            ("r1".into(), "RED".into(), 1),
+        ]
+    );
 }

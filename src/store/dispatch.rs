@@ -1,0 +1,414 @@
+//! The store the rest of the service holds: one enum over the two backends, each call
+//! running the operation's protocol (`protocol.rs`) over that backend's dialect.
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::protocol::{self, Dialect};
+use super::{postgres, sqlite, OUTBOX_CHANNEL};
+use super::{
+    Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision, NewEvent, NewKey,
+    NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta, StoreError,
+    VersionRecord, Webhook, WorldDetail, WorldSummary,
+};
+
+/// How to reach the store.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// `postgres://…` to use PostgreSQL; `None` for SQLite under `data_dir`.
+    pub database_url: Option<String>,
+    /// Where the SQLite database lives (`spectral.db` inside it).
+    pub data_dir: PathBuf,
+    /// Connections in the pool.
+    pub max_connections: u32,
+    /// Apply pending migrations when connecting.
+    pub migrate_on_start: bool,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    // The URL may carry a password: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field(
+                "database_url",
+                &self.database_url.as_ref().map(|_| "<redacted>"),
+            )
+            .field("data_dir", &self.data_dir)
+            .field("max_connections", &self.max_connections)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            data_dir: PathBuf::from("data"),
+            max_connections: 8,
+            migrate_on_start: true,
+        }
+    }
+}
+
+/// Which backend a store uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Notifications pushed by Postgres `LISTEN`: of deployments (payload: the world's slug) or
+/// of outbox inserts (payload: the row id).
+pub struct Notifications {
+    inner: postgres::PgNotifications,
+}
+
+impl Notifications {
+    /// Wait for the next notification's payload. An error means the connection was lost:
+    /// callers fall back to polling and listen again later.
+    pub async fn next(&mut self) -> Result<String, StoreError> {
+        self.inner.next().await
+    }
+
+    /// Check the listening connection is alive; a silently dead connection would otherwise
+    /// leave the caller waiting for notifications that never come.
+    pub async fn ping(&mut self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
+
+/// The store: a pool for one backend.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+/// Run `$body` with `$s` bound to the backend, whichever it is.
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $body:expr) => {
+        match $self {
+            Store::Sqlite($s) => $body,
+            Store::Postgres($s) => $body,
+        }
+    };
+}
+
+impl Store {
+    /// Connect as configured (and migrate when `migrate_on_start`).
+    pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
+        let store = match &config.database_url {
+            Some(url) => {
+                Store::Postgres(postgres::PgStore::connect(url, config.max_connections).await?)
+            }
+            None => Store::Sqlite(
+                sqlite::SqliteStore::open(&config.data_dir, config.max_connections).await?,
+            ),
+        };
+        if config.migrate_on_start {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Store::Sqlite(_) => Backend::Sqlite,
+            Store::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// The decision-log writer's store: one connection of its own to the same database,
+    /// producing events under this store's generation. Open it on the writer's own
+    /// runtime and thread. On SQLite its commits are durable against a crash of the process,
+    /// not always against a power cut (`synchronous=NORMAL`).
+    pub async fn log_writer(&self) -> Result<Self, StoreError> {
+        Ok(match self {
+            Store::Sqlite(s) => Store::Sqlite(s.log_writer().await?),
+            Store::Postgres(s) => Store::Postgres(s.log_writer().await?),
+        })
+    }
+
+    /// Apply pending forward-only migrations.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.migrate().await)
+    }
+
+    /// Check the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    /// Close the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        dispatch!(self, s => s.close().await)
+    }
+
+    /// Wake a consumer in this process after a commit that appended events (SQLite has no
+    /// NOTIFY), and pass the operation's result on.
+    fn woke<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.local_wake().notify_waiters();
+        r
+    }
+
+    /// Replace a world's draft (creating the world on first use).
+    pub async fn put_draft(
+        &self,
+        world: &str,
+        model: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => protocol::put_draft(s, world, model).await)
+    }
+
+    pub async fn draft(&self, world: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        dispatch!(self, s => s.draft(world).await)
+    }
+
+    /// Store a new version as the world's latest number + 1, with its modules (write-once:
+    /// a module already stored under its hash is kept as it is), in one transaction. Returns
+    /// the new version number.
+    pub async fn publish(&self, version: &NewVersion) -> Result<u64, StoreError> {
+        self.woke(dispatch!(self, s => protocol::publish(s, version).await))
+    }
+
+    /// Make `version` the deployed version of `world` and append it to the history, in one
+    /// transaction; on Postgres, `NOTIFY` every instance. `NotFound` when the version does not
+    /// exist, `Conflict` when it is retired.
+    pub async fn deploy(
+        &self,
+        world: &str,
+        version: u64,
+        deployed_by: &str,
+    ) -> Result<Deployment, StoreError> {
+        self.woke(dispatch!(self, s => protocol::deploy(s, world, version, deployed_by).await))
+    }
+
+    /// Retire a version for good, with an outbox event, in one transaction; on Postgres,
+    /// `NOTIFY` every instance on the deployments channel so that their caches stop serving it.
+    /// `NotFound` when the version does not exist; `Conflict` when it is the deployed version
+    /// or already retired.
+    pub async fn retire(
+        &self,
+        world: &str,
+        version: u64,
+        retired_by: &str,
+        reason: Option<&str>,
+    ) -> Result<Retirement, StoreError> {
+        let r = dispatch!(self, s => protocol::retire(s, world, version, retired_by, reason).await);
+        self.woke(r)
+    }
+
+    /// Every retired version, as `(world, version)`.
+    pub async fn retired(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        dispatch!(self, s => protocol::retired(s).await)
+    }
+
+    pub async fn list_worlds(&self) -> Result<Vec<WorldSummary>, StoreError> {
+        dispatch!(self, s => protocol::list_worlds(s).await)
+    }
+
+    pub async fn world(&self, world: &str) -> Result<Option<WorldDetail>, StoreError> {
+        dispatch!(self, s => protocol::world(s, world).await)
+    }
+
+    pub async fn version(
+        &self,
+        world: &str,
+        version: u64,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        dispatch!(self, s => protocol::version(s, world, version).await)
+    }
+
+    /// A module's canonical content by its hash.
+    pub async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        dispatch!(self, s => s.module(hash).await)
+    }
+
+    /// Every world's deployed version.
+    pub async fn deployed(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        dispatch!(self, s => protocol::deployed(s).await)
+    }
+
+    /// Listen for deployment notifications; `None` on SQLite, which has no such channel.
+    pub async fn listen_deployments(&self) -> Result<Option<Notifications>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => Ok(Some(Notifications {
+                inner: s.listen(postgres::DEPLOYMENTS_CHANNEL).await?,
+            })),
+        }
+    }
+
+    /// `Conflict` when the id is taken.
+    pub async fn create_key(&self, key: &NewKey) -> Result<(), StoreError> {
+        dispatch!(self, s => protocol::create_key(s, key).await)
+    }
+
+    pub async fn key_by_hash(&self, secret_hash: &str) -> Result<Option<KeyRecord>, StoreError> {
+        dispatch!(self, s => protocol::key_by_hash(s, secret_hash).await)
+    }
+
+    pub async fn has_operator_key(&self) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.has_operator_key().await)
+    }
+
+    /// Append decisions to their worlds' chains in one transaction (group commit). Each
+    /// world's chain head is locked for the transaction, so concurrent writers serialize.
+    pub async fn append_decisions(&self, decisions: &[NewDecision]) -> Result<(), StoreError> {
+        self.woke(dispatch!(self, s => protocol::append_decisions(s, decisions).await))
+    }
+
+    /// A world's decision records with `seq > after`, in order, at most `limit`.
+    pub async fn decisions(
+        &self,
+        world: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<DecisionRecord>, StoreError> {
+        dispatch!(self, s => protocol::decisions(s, world, after, limit).await)
+    }
+
+    /// The generation stamped on events this store produces.
+    pub fn generation(&self) -> i64 {
+        dispatch!(self, s => s.stamp().generation.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Set the generation stamped on events this store (and its clones) produce.
+    pub fn set_generation(&self, generation: i64) {
+        dispatch!(self, s => s.stamp().generation.store(generation, std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Woken after this process commits events; a consumer in the same process waits on it.
+    pub(crate) fn local_wake(&self) -> &tokio::sync::Notify {
+        dispatch!(self, s => &s.stamp().wake)
+    }
+
+    /// Allocate a new deploy generation.
+    pub async fn allocate_generation(&self, git_sha: &str, note: &str) -> Result<i64, StoreError> {
+        dispatch!(self, s => protocol::allocate_generation(s, git_sha, note).await)
+    }
+
+    /// Append events outside any other change (tests, and producers with no change of
+    /// their own).
+    pub async fn enqueue(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        self.woke(dispatch!(self, s => protocol::enqueue(s, events).await))
+    }
+
+    /// Claim up to `limit` pending rows of `generation` that are due, oldest first, for
+    /// `worker`. Concurrent claimers never get the same row.
+    pub async fn claim(
+        &self,
+        generation: i64,
+        worker: &str,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        dispatch!(self, s => protocol::claim(s, generation, worker, limit).await)
+    }
+
+    /// Record that `handler` handled the row, apply its effect and mark the row delivered,
+    /// all in one transaction.
+    pub async fn complete(
+        &self,
+        row: &OutboxRow,
+        worker: &str,
+        handler: &str,
+        effect: &Effect,
+    ) -> Result<Completion, StoreError> {
+        let r = dispatch!(self, s => protocol::complete(s, row, worker, handler, effect).await);
+        if matches!(effect, Effect::Enqueue(_)) {
+            self.local_wake().notify_waiters();
+        }
+        r
+    }
+
+    /// Record a failed attempt: back to pending at `retry_at`, or failed when `terminal`.
+    /// Returns the row's new status (`None` when the row was no longer this worker's).
+    pub async fn fail(
+        &self,
+        row: &OutboxRow,
+        worker: &str,
+        error: &str,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<OutboxStatus>, StoreError> {
+        dispatch!(self, s => protocol::fail(s, row, worker, error, retry_at).await)
+    }
+
+    /// Return rows claimed by `worker` but not started to pending, undoing their attempt.
+    pub async fn release(&self, worker: &str, ids: &[i64]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        dispatch!(self, s => s.release(worker, ids).await)
+    }
+
+    /// Return rows of `generation` whose claim is older than `lease` to pending: their
+    /// worker died.
+    pub async fn rescue(
+        &self,
+        generation: i64,
+        lease: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, s => protocol::rescue(s, generation, lease).await)
+    }
+
+    pub async fn outbox_row(&self, id: i64) -> Result<Option<OutboxRow>, StoreError> {
+        dispatch!(self, s => protocol::outbox_row(s, id).await)
+    }
+
+    /// Rows by status (and generation), newest first, at most `limit`.
+    pub async fn outbox_list(
+        &self,
+        status: Option<OutboxStatus>,
+        generation: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        dispatch!(self, s => protocol::outbox_list(s, status, generation, limit).await)
+    }
+
+    /// Put a failed row back to pending, keeping its failure history. `NotFound` unless the
+    /// row exists and has failed.
+    pub async fn replay(&self, id: i64) -> Result<(), StoreError> {
+        self.woke(dispatch!(self, s => protocol::replay(s, id).await))
+    }
+
+    /// Move every undelivered row of generation `from` to generation `to`; in-flight rows
+    /// (their worker is gone with its generation) become pending. Returns the count.
+    pub async fn adopt(&self, from: i64, to: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.adopt(from, to).await)
+    }
+
+    pub async fn outbox_counts(&self, generation: i64) -> Result<OutboxCounts, StoreError> {
+        dispatch!(self, s => s.outbox_counts(generation).await)
+    }
+
+    /// Listen for outbox inserts; `None` on SQLite.
+    pub async fn listen_outbox(&self) -> Result<Option<Notifications>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => Ok(Some(Notifications {
+                inner: s.listen(OUTBOX_CHANNEL).await?,
+            })),
+        }
+    }
+
+    /// A world's decision statistics: `(rule, status, count)`, rule `*` for decisions.
+    pub async fn stats(&self, world: &str) -> Result<Vec<StatDelta>, StoreError> {
+        dispatch!(self, s => s.stats(world).await)
+    }
+
+    pub async fn create_webhook(&self, hook: &Webhook) -> Result<(), StoreError> {
+        dispatch!(self, s => protocol::create_webhook(s, hook).await)
+    }
+
+    pub async fn webhooks(&self, world: &str) -> Result<Vec<Webhook>, StoreError> {
+        dispatch!(self, s => protocol::webhooks(s, world).await)
+    }
+
+    pub async fn webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
+        dispatch!(self, s => protocol::webhook(s, id).await)
+    }
+}

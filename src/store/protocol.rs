@@ -1,0 +1,717 @@
+//! Every store operation written once, over a [`Dialect`]: which statements run, in which
+//! transaction and in which order, which outbox rows go with them, and how rows become
+//! records. The dialects (`postgres.rs`, `sqlite.rs`) hold single statements and say only how
+//! their database spells them and how it takes a lock.
+//!
+//! Locks: a write that reads first (the next version, the next deployment, a chain head)
+//! begins with [`Dialect::begin_write`] and then takes the row lock its dialect offers
+//! ([`Dialect::lock_world`], [`Dialect::lock_chain_head`]). On PostgreSQL those are row locks
+//! under READ COMMITTED, so a writer that waited reads what the previous holder committed; on
+//! SQLite `begin_write` already holds the database's one write lock. Chain heads are locked in
+//! sorted world order, and modules inserted in hash order, so that two writers never wait on
+//! each other in a cycle.
+
+use chrono::{DateTime, Utc};
+
+use super::chain::{extend_chain, group_by_world, insert_chunks, ChainedDecision};
+use super::outbox::{OutboxDbRow, Stamp};
+use super::records::{
+    convert, now, to_i64, to_u64, DecisionRow, DeploymentRow, KeyRow, VersionModelRow, VersionRow,
+    WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
+};
+use super::statements::Sql;
+use super::{
+    Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision, NewEvent, NewKey,
+    NewModule, NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta,
+    StoreError, VersionRecord, VersionSummary, Webhook, WorldDetail, WorldSummary,
+};
+use crate::outbox::{
+    DecisionRecorded, Event, ModuleDeployed, PublishedModule, RecordedBatch, RuleCount,
+    VersionPublished, VersionRetired,
+};
+
+/// A transaction of dialect `D`.
+pub(crate) type Tx<D> = sqlx::Transaction<'static, <D as Dialect>::Db>;
+
+/// One database's statements. Each method is one statement (or, where a dialect lacks one,
+/// the nearest it has); none decides what runs next.
+pub(crate) trait Dialect: Sync + Sized {
+    type Db: sqlx::Database;
+
+    /// The text of the statements whose Rust side both dialects share (`statements.rs`).
+    const SQL: Sql;
+
+    /// Who this store's events are stamped by.
+    fn stamp(&self) -> &Stamp;
+
+    /// A transaction for a write that reads before it writes.
+    async fn begin_write(&self) -> Result<Tx<Self>, StoreError>;
+    /// A read-only transaction whose reads see one snapshot.
+    async fn begin_read(&self) -> Result<Tx<Self>, StoreError>;
+
+    // Worlds and versions.
+    async fn put_draft(
+        &self,
+        world: &str,
+        model: &serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    async fn draft(&self, world: &str) -> Result<Option<serde_json::Value>, StoreError>;
+    async fn ensure_world(
+        tx: &mut Tx<Self>,
+        world: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Lock the world's row until commit; its deployed version, `None` when there is no world.
+    async fn lock_world(tx: &mut Tx<Self>, world: &str) -> Result<Option<Option<i64>>, StoreError>;
+    async fn next_version(tx: &mut Tx<Self>, world: &str) -> Result<i64, StoreError>;
+    async fn insert_version(
+        tx: &mut Tx<Self>,
+        world: &str,
+        version: i64,
+        model: &serde_json::Value,
+        at: DateTime<Utc>,
+        by: &str,
+    ) -> Result<(), StoreError>;
+    /// Store a module unless one is stored under its hash (modules are write-once).
+    async fn insert_module(
+        tx: &mut Tx<Self>,
+        module: &NewModule,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    async fn insert_version_module(
+        tx: &mut Tx<Self>,
+        world: &str,
+        version: i64,
+        position: i32,
+        module: &NewModule,
+    ) -> Result<(), StoreError>;
+    /// `None` when the version does not exist, else when it was retired.
+    async fn version_retired_at(
+        tx: &mut Tx<Self>,
+        world: &str,
+        version: i64,
+    ) -> Result<Option<Option<DateTime<Utc>>>, StoreError>;
+    async fn next_deployment(tx: &mut Tx<Self>, world: &str) -> Result<i64, StoreError>;
+    async fn set_deployed(tx: &mut Tx<Self>, world: &str, version: i64) -> Result<(), StoreError>;
+    async fn insert_deployment(
+        tx: &mut Tx<Self>,
+        world: &str,
+        seq: i64,
+        version: i64,
+        at: DateTime<Utc>,
+        by: &str,
+    ) -> Result<(), StoreError>;
+    async fn insert_retirement(
+        tx: &mut Tx<Self>,
+        world: &str,
+        version: i64,
+        retired: &Retirement,
+    ) -> Result<(), StoreError>;
+    /// Tell every instance, on commit, that `world`'s deployed or servable versions changed
+    /// (nothing where the database cannot notify).
+    async fn notify_deployments(tx: &mut Tx<Self>, world: &str) -> Result<(), StoreError>;
+    async fn world_head(tx: &mut Tx<Self>, world: &str)
+        -> Result<Option<WorldHeadRow>, StoreError>;
+    async fn versions(tx: &mut Tx<Self>, world: &str) -> Result<Vec<VersionRow>, StoreError>;
+    async fn deployments(tx: &mut Tx<Self>, world: &str) -> Result<Vec<DeploymentRow>, StoreError>;
+    async fn version_row(
+        tx: &mut Tx<Self>,
+        world: &str,
+        version: i64,
+    ) -> Result<Option<VersionModelRow>, StoreError>;
+    /// `(action, module hash)` in the model's action order.
+    async fn version_modules(
+        tx: &mut Tx<Self>,
+        world: &str,
+        version: i64,
+    ) -> Result<Vec<(String, String)>, StoreError>;
+    async fn list_worlds(&self) -> Result<Vec<WorldRow>, StoreError>;
+    async fn retired(&self) -> Result<Vec<WorldVersionRow>, StoreError>;
+    async fn deployed(&self) -> Result<Vec<WorldVersionRow>, StoreError>;
+    async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    // Keys.
+    async fn create_key(&self, key: &NewKey, at: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn key_by_hash(&self, secret_hash: &str) -> Result<Option<KeyRow>, StoreError>;
+    async fn has_operator_key(&self) -> Result<bool, StoreError>;
+
+    // Decisions.
+    /// Lock the world's chain head until commit and read it (`(0, GENESIS)` when empty).
+    async fn lock_chain_head(tx: &mut Tx<Self>, world: &str) -> Result<(i64, String), StoreError>;
+    async fn insert_decisions(
+        tx: &mut Tx<Self>,
+        chunk: &[ChainedDecision],
+    ) -> Result<(), StoreError>;
+    async fn set_chain_head(
+        tx: &mut Tx<Self>,
+        world: &str,
+        seq: i64,
+        hash: &str,
+    ) -> Result<(), StoreError>;
+    async fn decisions(
+        &self,
+        world: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<DecisionRow>, StoreError>;
+
+    // The outbox.
+    async fn allocate_generation(
+        &self,
+        git_sha: &str,
+        note: &str,
+        at: DateTime<Utc>,
+    ) -> Result<i64, StoreError>;
+    async fn insert_event(
+        tx: &mut Tx<Self>,
+        event: &NewEvent,
+        generation: i64,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Claim due pending rows of `generation`, oldest first; concurrent claimers never get
+    /// one row twice.
+    async fn claim(
+        &self,
+        generation: i64,
+        worker: &str,
+        limit: i64,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<OutboxDbRow>, StoreError>;
+    /// Lock row `id` if it is still in flight under `worker`; whether it was.
+    async fn lock_claimed(tx: &mut Tx<Self>, id: i64, worker: &str) -> Result<bool, StoreError>;
+    /// Record that `handler` handled `key`; whether this was the first time.
+    async fn insert_handled(
+        tx: &mut Tx<Self>,
+        handler: &str,
+        key: &str,
+        id: i64,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    async fn add_stat(tx: &mut Tx<Self>, delta: &StatDelta) -> Result<(), StoreError>;
+    async fn mark_delivered(tx: &mut Tx<Self>, id: i64) -> Result<(), StoreError>;
+    /// Record a failed attempt; the row's new status, `None` when it was not `worker`'s.
+    async fn fail(
+        &self,
+        id: i64,
+        worker: &str,
+        error: &str,
+        retry_at: Option<DateTime<Utc>>,
+        at: DateTime<Utc>,
+    ) -> Result<Option<String>, StoreError>;
+    async fn release(&self, worker: &str, ids: &[i64]) -> Result<u64, StoreError>;
+    async fn rescue(&self, generation: i64, cutoff: DateTime<Utc>) -> Result<u64, StoreError>;
+    async fn outbox_row(&self, id: i64) -> Result<Option<OutboxDbRow>, StoreError>;
+    async fn outbox_list(
+        &self,
+        status: Option<&str>,
+        generation: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<OutboxDbRow>, StoreError>;
+    async fn replay(&self, id: i64, at: DateTime<Utc>) -> Result<u64, StoreError>;
+    async fn adopt(&self, from: i64, to: i64) -> Result<u64, StoreError>;
+    async fn outbox_counts(&self, generation: i64) -> Result<OutboxCounts, StoreError>;
+    async fn stats(&self, world: &str) -> Result<Vec<StatDelta>, StoreError>;
+    async fn create_webhook(&self, hook: &Webhook) -> Result<(), StoreError>;
+    async fn webhooks(&self, world: &str) -> Result<Vec<WebhookRow>, StoreError>;
+    async fn webhook(&self, id: &str) -> Result<Option<WebhookRow>, StoreError>;
+}
+
+fn generation<D: Dialect>(db: &D) -> i64 {
+    db.stamp()
+        .generation
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn missing(world: &str, version: u64) -> StoreError {
+    StoreError::NotFound(format!("world '{world}' version {version}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worlds and versions.
+
+pub(crate) async fn put_draft<D: Dialect>(
+    db: &D,
+    world: &str,
+    model: &serde_json::Value,
+) -> Result<(), StoreError> {
+    db.put_draft(world, model, now()).await
+}
+
+pub(crate) async fn publish<D: Dialect>(db: &D, version: &NewVersion) -> Result<u64, StoreError> {
+    let world = version.world.as_str();
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    D::ensure_world(&mut tx, world, at).await?;
+    // The world's lock serializes publishers of one world, so no two read the same latest
+    // version.
+    D::lock_world(&mut tx, world).await?;
+    let next = D::next_version(&mut tx, world).await?;
+    D::insert_version(
+        &mut tx,
+        world,
+        next,
+        &version.model,
+        at,
+        &version.published_by,
+    )
+    .await?;
+    for module in unique_modules(&version.modules) {
+        D::insert_module(&mut tx, module, at).await?;
+    }
+    for (position, module) in (0_i32..).zip(&version.modules) {
+        D::insert_version_module(&mut tx, world, next, position, module)
+            .await
+            .map_err(|e| {
+                e.conflict_as(|| {
+                    format!(
+                        "action '{}' appears twice in the new version of world '{world}'",
+                        module.action
+                    )
+                })
+            })?;
+    }
+    let number = to_u64(next, "version")?;
+    let event = Event::VersionPublished(VersionPublished {
+        world: world.to_owned(),
+        version: number,
+        modules: version
+            .modules
+            .iter()
+            .map(|m| PublishedModule {
+                action: m.action.clone(),
+                hash: m.hash.clone(),
+            })
+            .collect(),
+        published_by: version.published_by.clone(),
+    });
+    let event = event.into_new(Some(world), format!("{world}:{number}"))?;
+    D::insert_event(&mut tx, &event, generation(db), at).await?;
+    tx.commit().await?;
+    Ok(number)
+}
+
+/// The modules of a version once each, in hash order: publishers insert shared modules in the
+/// same order, so two concurrent publishes never wait on each other in a cycle.
+fn unique_modules(modules: &[NewModule]) -> Vec<&NewModule> {
+    let mut unique: Vec<&NewModule> = modules.iter().collect();
+    unique.sort_by(|a, b| a.hash.cmp(&b.hash));
+    unique.dedup_by(|a, b| a.hash == b.hash);
+    unique
+}
+
+pub(crate) async fn deploy<D: Dialect>(
+    db: &D,
+    world: &str,
+    version: u64,
+    deployed_by: &str,
+) -> Result<Deployment, StoreError> {
+    let v = to_i64(version).ok_or_else(|| missing(world, version))?;
+    let deployed_at = now();
+    let mut tx = db.begin_write().await?;
+    // The world's lock serializes deployers (and retirers) of one world, so each deployment
+    // gets the next seq, the last committed deployment is the deployed version, and this reads
+    // the last committed retirement.
+    let locked = D::lock_world(&mut tx, world).await?;
+    let retired = D::version_retired_at(&mut tx, world, v).await?;
+    let (Some(_), Some(retired)) = (locked, retired) else {
+        return Err(missing(world, version));
+    };
+    if retired.is_some() {
+        return Err(StoreError::Conflict(format!(
+            "world '{world}' version {version} is retired and cannot be deployed"
+        )));
+    }
+    let seq = D::next_deployment(&mut tx, world).await?;
+    D::set_deployed(&mut tx, world, v).await?;
+    D::insert_deployment(&mut tx, world, seq, v, deployed_at, deployed_by).await?;
+    let deployment = Deployment {
+        seq: to_u64(seq, "deployment seq")?,
+        version,
+        deployed_at,
+        deployed_by: deployed_by.to_owned(),
+    };
+    let event = Event::ModuleDeployed(ModuleDeployed {
+        world: world.to_owned(),
+        version,
+        seq: deployment.seq,
+        deployed_by: deployment.deployed_by.clone(),
+    });
+    let event = event.into_new(Some(world), format!("{world}:{}", deployment.seq))?;
+    D::insert_event(&mut tx, &event, generation(db), deployed_at).await?;
+    D::notify_deployments(&mut tx, world).await?;
+    tx.commit().await?;
+    Ok(deployment)
+}
+
+pub(crate) async fn retire<D: Dialect>(
+    db: &D,
+    world: &str,
+    version: u64,
+    retired_by: &str,
+    reason: Option<&str>,
+) -> Result<Retirement, StoreError> {
+    let v = to_i64(version).ok_or_else(|| missing(world, version))?;
+    let retired = Retirement {
+        retired_at: now(),
+        retired_by: retired_by.to_owned(),
+        reason: reason.map(str::to_owned),
+    };
+    let mut tx = db.begin_write().await?;
+    // The world's lock, as deploy takes it: no deployment commits between the check of the
+    // deployed version and the insert.
+    let locked = D::lock_world(&mut tx, world).await?;
+    let already = D::version_retired_at(&mut tx, world, v).await?;
+    let (Some(deployed), Some(already)) = (locked, already) else {
+        return Err(missing(world, version));
+    };
+    if deployed == Some(v) {
+        return Err(StoreError::Conflict(format!(
+            "world '{world}' version {version} is the deployed version; deploy another \
+             version before retiring it"
+        )));
+    }
+    if already.is_some() {
+        return Err(StoreError::Conflict(format!(
+            "world '{world}' version {version} is already retired"
+        )));
+    }
+    D::insert_retirement(&mut tx, world, v, &retired).await?;
+    let event = Event::VersionRetired(VersionRetired {
+        world: world.to_owned(),
+        version,
+        retired_at: retired.retired_at,
+        retired_by: retired.retired_by.clone(),
+        reason: retired.reason.clone(),
+    });
+    let event = event.into_new(Some(world), format!("{world}:{version}"))?;
+    D::insert_event(&mut tx, &event, generation(db), retired.retired_at).await?;
+    // Every instance refreshes on this, as on a deployment, and stops serving the version.
+    D::notify_deployments(&mut tx, world).await?;
+    tx.commit().await?;
+    Ok(retired)
+}
+
+pub(crate) async fn world<D: Dialect>(
+    db: &D,
+    world: &str,
+) -> Result<Option<WorldDetail>, StoreError> {
+    // One snapshot for the three reads.
+    let mut tx = db.begin_read().await?;
+    let Some(head) = D::world_head(&mut tx, world).await? else {
+        return Ok(None);
+    };
+    let versions = D::versions(&mut tx, world).await?;
+    let deployments = D::deployments(&mut tx, world).await?;
+    tx.commit().await?;
+    Ok(Some(WorldDetail {
+        world: world.to_owned(),
+        deployed_version: head
+            .deployed_version
+            .map(|v| to_u64(v, "version"))
+            .transpose()?,
+        has_draft: head.has_draft,
+        versions: convert::<_, VersionSummary>(versions)?,
+        deployments: convert(deployments)?,
+    }))
+}
+
+pub(crate) async fn version<D: Dialect>(
+    db: &D,
+    world: &str,
+    version: u64,
+) -> Result<Option<VersionRecord>, StoreError> {
+    let Some(v) = to_i64(version) else {
+        return Ok(None);
+    };
+    let mut tx = db.begin_read().await?;
+    let Some(row) = D::version_row(&mut tx, world, v).await? else {
+        return Ok(None);
+    };
+    let modules = D::version_modules(&mut tx, world, v).await?;
+    tx.commit().await?;
+    VersionRecord::from_rows(world, row, modules).map(Some)
+}
+
+pub(crate) async fn list_worlds<D: Dialect>(db: &D) -> Result<Vec<WorldSummary>, StoreError> {
+    convert(db.list_worlds().await?)
+}
+
+pub(crate) async fn retired<D: Dialect>(db: &D) -> Result<Vec<(String, u64)>, StoreError> {
+    convert(db.retired().await?)
+}
+
+pub(crate) async fn deployed<D: Dialect>(db: &D) -> Result<Vec<(String, u64)>, StoreError> {
+    convert(db.deployed().await?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys.
+
+pub(crate) async fn create_key<D: Dialect>(db: &D, key: &NewKey) -> Result<(), StoreError> {
+    db.create_key(key, now())
+        .await
+        .map_err(|e| e.conflict_as(|| format!("api key '{}' or its secret already exists", key.id)))
+}
+
+pub(crate) async fn key_by_hash<D: Dialect>(
+    db: &D,
+    secret_hash: &str,
+) -> Result<Option<KeyRecord>, StoreError> {
+    db.key_by_hash(secret_hash)
+        .await?
+        .map(KeyRecord::try_from)
+        .transpose()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decisions.
+
+pub(crate) async fn append_decisions<D: Dialect>(
+    db: &D,
+    decisions: &[NewDecision],
+) -> Result<(), StoreError> {
+    if decisions.is_empty() {
+        return Ok(());
+    }
+    let worlds = group_by_world(decisions)?;
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    for (world, batch) in worlds {
+        // A writer on any instance that reaches this point for the same world waits here,
+        // and then reads the head this transaction committed.
+        let head = D::lock_chain_head(&mut tx, world).await?;
+        let chained = extend_chain(head, batch)?;
+        for chunk in insert_chunks(&chained) {
+            D::insert_decisions(&mut tx, chunk).await.map_err(|e| {
+                e.conflict_as(|| {
+                    format!("a decision id in the batch for world '{world}' is already recorded")
+                })
+            })?;
+        }
+        if let Some(event) = recorded_event(world, &chained)? {
+            D::insert_event(&mut tx, &event, generation(db), at).await?;
+        }
+        if let Some(last) = chained.last() {
+            D::set_chain_head(&mut tx, world, last.seq, &last.record.hash).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// One `decision.recorded` event per world per group commit: a handler then updates the
+/// statistics once per batch rather than once per decision, which keeps the outbox from
+/// growing as fast as the decision log. The event names the range of records and counts
+/// them by status, overall (rule `*`) and per matched rule; the records themselves are in
+/// the log.
+fn recorded_event(
+    world: &str,
+    chained: &[ChainedDecision],
+) -> Result<Option<NewEvent>, StoreError> {
+    let (Some(first), Some(last)) = (chained.first(), chained.last()) else {
+        return Ok(None);
+    };
+    let mut counts: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+    for c in chained {
+        let d = &c.record.decision;
+        *counts.entry(("*", d.status.as_str())).or_default() += 1;
+        for rule in &d.matched_rules {
+            *counts
+                .entry((rule.id.as_str(), d.status.as_str()))
+                .or_default() += 1;
+        }
+    }
+    let counts = counts
+        .into_iter()
+        .map(|((rule, status), n)| (rule, status, n));
+    decision_recorded(world, first.seq, last.seq, counts).map(Some)
+}
+
+/// A `decision.recorded` event for records `first_seq..=last_seq` of `world`, with their
+/// counts as `(rule, status, count)`, rule `*` counting every decision.
+pub fn decision_recorded<'a>(
+    world: &str,
+    first_seq: i64,
+    last_seq: i64,
+    counts: impl IntoIterator<Item = (&'a str, &'a str, u64)>,
+) -> Result<NewEvent, StoreError> {
+    let counts = counts
+        .into_iter()
+        .map(|(rule, status, count)| RuleCount {
+            rule: rule.to_owned(),
+            status: status.to_owned(),
+            count,
+        })
+        .collect();
+    let event = Event::DecisionRecorded(DecisionRecorded {
+        world: world.to_owned(),
+        batch: RecordedBatch::Counted {
+            first_seq,
+            last_seq,
+            counts,
+        },
+    });
+    event.into_new(Some(world), format!("{world}:{first_seq}-{last_seq}"))
+}
+
+pub(crate) async fn decisions<D: Dialect>(
+    db: &D,
+    world: &str,
+    after: u64,
+    limit: u32,
+) -> Result<Vec<DecisionRecord>, StoreError> {
+    // Nothing lies beyond the largest storable seq.
+    let Some(after) = to_i64(after) else {
+        return Ok(Vec::new());
+    };
+    convert(db.decisions(world, after, i64::from(limit)).await?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The outbox.
+
+pub(crate) async fn allocate_generation<D: Dialect>(
+    db: &D,
+    git_sha: &str,
+    note: &str,
+) -> Result<i64, StoreError> {
+    db.allocate_generation(git_sha, note, now()).await
+}
+
+pub(crate) async fn enqueue<D: Dialect>(db: &D, events: &[NewEvent]) -> Result<(), StoreError> {
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    for event in events {
+        D::insert_event(&mut tx, event, generation(db), at).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(crate) async fn claim<D: Dialect>(
+    db: &D,
+    generation: i64,
+    worker: &str,
+    limit: u32,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    let claimed = db
+        .claim(generation, worker, i64::from(limit), now())
+        .await?;
+    let mut claimed: Vec<OutboxRow> = convert(claimed)?;
+    claimed.sort_by_key(|r| r.id);
+    Ok(claimed)
+}
+
+pub(crate) async fn complete<D: Dialect>(
+    db: &D,
+    row: &OutboxRow,
+    worker: &str,
+    handler: &str,
+    effect: &Effect,
+) -> Result<Completion, StoreError> {
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    // Still ours? A lease that expired gave the row to someone else.
+    if !D::lock_claimed(&mut tx, row.id, worker).await? {
+        return Ok(Completion::Lost);
+    }
+    let key = format!("{}:{}", row.event_type, row.idempotency_key);
+    let first = D::insert_handled(&mut tx, handler, &key, row.id, at).await?;
+    if first {
+        match effect {
+            Effect::None => {}
+            Effect::Stats(deltas) => {
+                let mut sorted: Vec<&StatDelta> = deltas.iter().collect();
+                // One order for every writer, so concurrent upserts cannot deadlock.
+                sorted.sort_by(|a, b| {
+                    (&a.world, &a.rule, &a.status).cmp(&(&b.world, &b.rule, &b.status))
+                });
+                for delta in sorted {
+                    D::add_stat(&mut tx, delta).await?;
+                }
+            }
+            Effect::Enqueue(events) => {
+                for event in events {
+                    D::insert_event(&mut tx, event, row.generation, at).await?;
+                }
+            }
+        }
+    }
+    D::mark_delivered(&mut tx, row.id).await?;
+    tx.commit().await?;
+    Ok(if first {
+        Completion::Applied
+    } else {
+        Completion::Duplicate
+    })
+}
+
+pub(crate) async fn fail<D: Dialect>(
+    db: &D,
+    row: &OutboxRow,
+    worker: &str,
+    error: &str,
+    retry_at: Option<DateTime<Utc>>,
+) -> Result<Option<OutboxStatus>, StoreError> {
+    let status = db.fail(row.id, worker, error, retry_at, now()).await?;
+    Ok(status.as_deref().and_then(OutboxStatus::parse))
+}
+
+pub(crate) async fn rescue<D: Dialect>(
+    db: &D,
+    generation: i64,
+    lease: std::time::Duration,
+) -> Result<u64, StoreError> {
+    let cutoff = chrono::Duration::from_std(lease)
+        .ok()
+        .and_then(|lease| now().checked_sub_signed(lease))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    db.rescue(generation, cutoff).await
+}
+
+pub(crate) async fn outbox_row<D: Dialect>(
+    db: &D,
+    id: i64,
+) -> Result<Option<OutboxRow>, StoreError> {
+    db.outbox_row(id)
+        .await?
+        .map(OutboxRow::try_from)
+        .transpose()
+}
+
+pub(crate) async fn outbox_list<D: Dialect>(
+    db: &D,
+    status: Option<OutboxStatus>,
+    generation: Option<i64>,
+    limit: u32,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    let status = status.map(OutboxStatus::as_str);
+    convert(db.outbox_list(status, generation, i64::from(limit)).await?)
+}
+
+pub(crate) async fn replay<D: Dialect>(db: &D, id: i64) -> Result<(), StoreError> {
+    if db.replay(id, now()).await? == 0 {
+        return Err(StoreError::NotFound(format!("failed outbox row {id}")));
+    }
+    Ok(())
+}
+
+pub(crate) async fn create_webhook<D: Dialect>(db: &D, hook: &Webhook) -> Result<(), StoreError> {
+    db.create_webhook(hook)
+        .await
+        .map_err(|e| e.conflict_as(|| format!("webhook id '{}' is taken", hook.id)))
+}
+
+pub(crate) async fn webhooks<D: Dialect>(db: &D, world: &str) -> Result<Vec<Webhook>, StoreError> {
+    Ok(db
+        .webhooks(world)
+        .await?
+        .into_iter()
+        .map(Webhook::from)
+        .collect())
+}
+
+pub(crate) async fn webhook<D: Dialect>(db: &D, id: &str) -> Result<Option<Webhook>, StoreError> {
+    Ok(db.webhook(id).await?.map(Webhook::from))
+}

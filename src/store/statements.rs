@@ -1,0 +1,492 @@
+//! The Rust side of the statements whose text is all that differs between the dialects: each
+//! binds its values and decodes its rows the same way on both databases, so it is written
+//! once, here, and each dialect gives only its text ([`Sql`]). A statement a dialect must run
+//! differently (a lock, a notification, an array bind) is written in that dialect's file.
+
+/// The text of the shared statements in one dialect; the parameters are numbered in the
+/// order of the method's arguments (see `shared_statements!`).
+pub(crate) struct Sql {
+    pub put_draft: &'static str,
+    pub draft: &'static str,
+    pub ensure_world: &'static str,
+    pub lock_world: &'static str,
+    pub next_version: &'static str,
+    pub insert_version: &'static str,
+    pub insert_module: &'static str,
+    pub insert_version_module: &'static str,
+    pub version_retired_at: &'static str,
+    pub next_deployment: &'static str,
+    pub set_deployed: &'static str,
+    pub insert_deployment: &'static str,
+    pub insert_retirement: &'static str,
+    pub world_head: &'static str,
+    pub versions: &'static str,
+    pub deployments: &'static str,
+    pub version_row: &'static str,
+    pub version_modules: &'static str,
+    pub list_worlds: &'static str,
+    pub retired: &'static str,
+    pub deployed: &'static str,
+    pub module: &'static str,
+    pub create_key: &'static str,
+    pub key_by_hash: &'static str,
+    pub has_operator_key: &'static str,
+    /// The table decisions are inserted into.
+    pub decisions_table: &'static str,
+    pub set_chain_head: &'static str,
+    pub decisions: &'static str,
+    pub allocate_generation: &'static str,
+    pub insert_event: &'static str,
+    pub lock_claimed: &'static str,
+    pub insert_handled: &'static str,
+    pub add_stat: &'static str,
+    pub mark_delivered: &'static str,
+    pub fail: &'static str,
+    pub rescue: &'static str,
+    pub outbox_row: &'static str,
+    pub outbox_list: &'static str,
+    pub replay: &'static str,
+    pub adopt: &'static str,
+    pub outbox_counts: &'static str,
+    pub stats: &'static str,
+    pub create_webhook: &'static str,
+    pub webhooks: &'static str,
+    pub webhook: &'static str,
+}
+
+/// The columns of `decisions`, in the order of `DecisionRow` and of the inserts.
+macro_rules! decision_columns {
+    () => {
+        "seq, world, decision_id, version, action, module_hash, status, matched_rules, caller, \
+         correlation_id, context_digest, decided_at, prev_hash, hash"
+    };
+}
+
+/// The columns of `outbox`, in the order of `OutboxDbRow`.
+macro_rules! outbox_columns {
+    () => {
+        "id, event_type, event_version, occurred_at, source, target, channel, generation, \
+         world, payload, idempotency_key, trace_context, status, attempts, available_at, \
+         claimed_at, claimed_by, last_error, failure_history, first_failed_at"
+    };
+}
+
+/// The shared statements' methods of `impl Dialect for …`, over `Self::SQL` and a `pool`
+/// field. A macro rather than default methods, so that each expands with its dialect's
+/// concrete sqlx types.
+macro_rules! shared_statements {
+    () => {
+        async fn put_draft(
+            &self,
+            world: &str,
+            model: &serde_json::Value,
+            at: DateTime<Utc>,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.put_draft).bind(world);
+            let q = q.bind(Json(model.clone())).bind(Time(at));
+            Ok(q.execute(&self.pool).await.map(drop)?)
+        }
+
+        async fn draft(&self, world: &str) -> Result<Option<serde_json::Value>, StoreError> {
+            let q = sqlx::query_scalar::<_, Option<Json>>(Self::SQL.draft).bind(world);
+            Ok(q.fetch_optional(&self.pool).await?.flatten().map(|j| j.0))
+        }
+
+        async fn ensure_world(
+            tx: &mut Tx<Self>,
+            world: &str,
+            at: DateTime<Utc>,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.ensure_world)
+                .bind(world)
+                .bind(Time(at));
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn lock_world(
+            tx: &mut Tx<Self>,
+            world: &str,
+        ) -> Result<Option<Option<i64>>, StoreError> {
+            let q = sqlx::query_scalar(Self::SQL.lock_world).bind(world);
+            Ok(q.fetch_optional(&mut **tx).await?)
+        }
+
+        async fn next_version(tx: &mut Tx<Self>, world: &str) -> Result<i64, StoreError> {
+            let q = sqlx::query_scalar(Self::SQL.next_version).bind(world);
+            Ok(q.fetch_one(&mut **tx).await?)
+        }
+
+        async fn insert_version(
+            tx: &mut Tx<Self>,
+            world: &str,
+            version: i64,
+            model: &serde_json::Value,
+            at: DateTime<Utc>,
+            by: &str,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.insert_version)
+                .bind(world)
+                .bind(version);
+            let q = q.bind(Json(model.clone())).bind(Time(at)).bind(by);
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn insert_module(
+            tx: &mut Tx<Self>,
+            module: &NewModule,
+            at: DateTime<Utc>,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.insert_module).bind(&module.hash);
+            let q = q.bind(&module.content).bind(Time(at));
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn insert_version_module(
+            tx: &mut Tx<Self>,
+            world: &str,
+            version: i64,
+            position: i32,
+            module: &NewModule,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.insert_version_module)
+                .bind(world)
+                .bind(version);
+            let q = q.bind(position).bind(&module.action).bind(&module.hash);
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn version_retired_at(
+            tx: &mut Tx<Self>,
+            world: &str,
+            version: i64,
+        ) -> Result<Option<Option<DateTime<Utc>>>, StoreError> {
+            let q = sqlx::query_scalar::<_, Option<Time>>(Self::SQL.version_retired_at);
+            let found = q
+                .bind(world)
+                .bind(version)
+                .fetch_optional(&mut **tx)
+                .await?;
+            Ok(found.map(|t| t.map(|t| t.0)))
+        }
+
+        async fn next_deployment(tx: &mut Tx<Self>, world: &str) -> Result<i64, StoreError> {
+            let q = sqlx::query_scalar(Self::SQL.next_deployment).bind(world);
+            Ok(q.fetch_one(&mut **tx).await?)
+        }
+
+        async fn set_deployed(
+            tx: &mut Tx<Self>,
+            world: &str,
+            version: i64,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.set_deployed)
+                .bind(world)
+                .bind(version);
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn insert_deployment(
+            tx: &mut Tx<Self>,
+            world: &str,
+            seq: i64,
+            version: i64,
+            at: DateTime<Utc>,
+            by: &str,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.insert_deployment)
+                .bind(world)
+                .bind(seq);
+            let q = q.bind(version).bind(Time(at)).bind(by);
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn insert_retirement(
+            tx: &mut Tx<Self>,
+            world: &str,
+            version: i64,
+            retired: &Retirement,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.insert_retirement)
+                .bind(world)
+                .bind(version);
+            let q = q.bind(Time(retired.retired_at)).bind(&retired.retired_by);
+            Ok(q.bind(&retired.reason).execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn world_head(
+            tx: &mut Tx<Self>,
+            world: &str,
+        ) -> Result<Option<WorldHeadRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.world_head).bind(world);
+            Ok(q.fetch_optional(&mut **tx).await?)
+        }
+
+        async fn versions(tx: &mut Tx<Self>, world: &str) -> Result<Vec<VersionRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.versions).bind(world);
+            Ok(q.fetch_all(&mut **tx).await?)
+        }
+
+        async fn deployments(
+            tx: &mut Tx<Self>,
+            world: &str,
+        ) -> Result<Vec<DeploymentRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.deployments).bind(world);
+            Ok(q.fetch_all(&mut **tx).await?)
+        }
+
+        async fn version_row(
+            tx: &mut Tx<Self>,
+            world: &str,
+            version: i64,
+        ) -> Result<Option<VersionModelRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.version_row)
+                .bind(world)
+                .bind(version);
+            Ok(q.fetch_optional(&mut **tx).await?)
+        }
+
+        async fn version_modules(
+            tx: &mut Tx<Self>,
+            world: &str,
+            version: i64,
+        ) -> Result<Vec<(String, String)>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.version_modules)
+                .bind(world)
+                .bind(version);
+            Ok(q.fetch_all(&mut **tx).await?)
+        }
+
+        async fn list_worlds(&self) -> Result<Vec<WorldRow>, StoreError> {
+            Ok(sqlx::query_as(Self::SQL.list_worlds)
+                .fetch_all(&self.pool)
+                .await?)
+        }
+
+        async fn retired(&self) -> Result<Vec<WorldVersionRow>, StoreError> {
+            Ok(sqlx::query_as(Self::SQL.retired)
+                .fetch_all(&self.pool)
+                .await?)
+        }
+
+        async fn deployed(&self) -> Result<Vec<WorldVersionRow>, StoreError> {
+            Ok(sqlx::query_as(Self::SQL.deployed)
+                .fetch_all(&self.pool)
+                .await?)
+        }
+
+        async fn module(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            let q = sqlx::query_scalar(Self::SQL.module).bind(hash);
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn create_key(&self, key: &NewKey, at: DateTime<Utc>) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.create_key)
+                .bind(&key.id)
+                .bind(&key.secret_hash);
+            let q = q.bind(&key.world).bind(ScopeList::of(&key.scopes));
+            Ok(q.bind(&key.label)
+                .bind(Time(at))
+                .execute(&self.pool)
+                .await
+                .map(drop)?)
+        }
+
+        async fn key_by_hash(&self, secret_hash: &str) -> Result<Option<KeyRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.key_by_hash).bind(secret_hash);
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn has_operator_key(&self) -> Result<bool, StoreError> {
+            Ok(sqlx::query_scalar(Self::SQL.has_operator_key)
+                .fetch_one(&self.pool)
+                .await?)
+        }
+
+        async fn insert_decisions(
+            tx: &mut Tx<Self>,
+            chunk: &[ChainedDecision],
+        ) -> Result<(), StoreError> {
+            let mut insert = decisions_insert::<Self::Db>(Self::SQL.decisions_table, chunk);
+            Ok(insert.build().execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn set_chain_head(
+            tx: &mut Tx<Self>,
+            world: &str,
+            seq: i64,
+            hash: &str,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.set_chain_head)
+                .bind(world)
+                .bind(seq)
+                .bind(hash);
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn decisions(
+            &self,
+            world: &str,
+            after: i64,
+            limit: i64,
+        ) -> Result<Vec<DecisionRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.decisions)
+                .bind(world)
+                .bind(after)
+                .bind(limit);
+            Ok(q.fetch_all(&self.pool).await?)
+        }
+
+        async fn allocate_generation(
+            &self,
+            git_sha: &str,
+            note: &str,
+            at: DateTime<Utc>,
+        ) -> Result<i64, StoreError> {
+            let q = sqlx::query_scalar(Self::SQL.allocate_generation).bind(Time(at));
+            Ok(q.bind(git_sha).bind(note).fetch_one(&self.pool).await?)
+        }
+
+        async fn insert_event(
+            tx: &mut Tx<Self>,
+            e: &NewEvent,
+            generation: i64,
+            at: DateTime<Utc>,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.insert_event)
+                .bind(&e.event_type)
+                .bind(Time(at));
+            let q = q
+                .bind(source())
+                .bind(&e.target)
+                .bind(OUTBOX_CHANNEL)
+                .bind(generation);
+            let q = q
+                .bind(&e.world)
+                .bind(Json(e.payload.clone()))
+                .bind(&e.idempotency_key);
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn lock_claimed(
+            tx: &mut Tx<Self>,
+            id: i64,
+            worker: &str,
+        ) -> Result<bool, StoreError> {
+            let q = sqlx::query_scalar::<_, i64>(Self::SQL.lock_claimed)
+                .bind(id)
+                .bind(worker);
+            Ok(q.fetch_optional(&mut **tx).await?.is_some())
+        }
+
+        async fn insert_handled(
+            tx: &mut Tx<Self>,
+            handler: &str,
+            key: &str,
+            id: i64,
+            at: DateTime<Utc>,
+        ) -> Result<bool, StoreError> {
+            let q = sqlx::query(Self::SQL.insert_handled)
+                .bind(handler)
+                .bind(key);
+            let q = q.bind(id).bind(Time(at));
+            Ok(q.execute(&mut **tx).await?.rows_affected() == 1)
+        }
+
+        async fn add_stat(tx: &mut Tx<Self>, d: &StatDelta) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.add_stat).bind(&d.world).bind(&d.rule);
+            let q = q.bind(&d.status).bind(d.count);
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn mark_delivered(tx: &mut Tx<Self>, id: i64) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.mark_delivered).bind(id);
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn fail(
+            &self,
+            id: i64,
+            worker: &str,
+            error: &str,
+            retry_at: Option<DateTime<Utc>>,
+            at: DateTime<Utc>,
+        ) -> Result<Option<String>, StoreError> {
+            let q = sqlx::query_scalar(Self::SQL.fail)
+                .bind(id)
+                .bind(worker)
+                .bind(error);
+            let q = q.bind(retry_at.map(Time)).bind(Time(at));
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn rescue(&self, generation: i64, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+            let q = sqlx::query(Self::SQL.rescue)
+                .bind(generation)
+                .bind(Time(cutoff));
+            Ok(q.execute(&self.pool).await?.rows_affected())
+        }
+
+        async fn outbox_row(&self, id: i64) -> Result<Option<OutboxDbRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.outbox_row).bind(id);
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn outbox_list(
+            &self,
+            status: Option<&str>,
+            generation: Option<i64>,
+            limit: i64,
+        ) -> Result<Vec<OutboxDbRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.outbox_list)
+                .bind(status)
+                .bind(generation);
+            Ok(q.bind(limit).fetch_all(&self.pool).await?)
+        }
+
+        async fn replay(&self, id: i64, at: DateTime<Utc>) -> Result<u64, StoreError> {
+            let q = sqlx::query(Self::SQL.replay).bind(id).bind(Time(at));
+            Ok(q.execute(&self.pool).await?.rows_affected())
+        }
+
+        async fn adopt(&self, from: i64, to: i64) -> Result<u64, StoreError> {
+            let q = sqlx::query(Self::SQL.adopt).bind(from).bind(to);
+            Ok(q.execute(&self.pool).await?.rows_affected())
+        }
+
+        async fn outbox_counts(&self, generation: i64) -> Result<OutboxCounts, StoreError> {
+            let q = sqlx::query_as(Self::SQL.outbox_counts).bind(generation);
+            Ok(q.fetch_one(&self.pool).await?)
+        }
+
+        async fn stats(&self, world: &str) -> Result<Vec<StatDelta>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.stats).bind(world);
+            Ok(q.fetch_all(&self.pool).await?)
+        }
+
+        async fn create_webhook(&self, hook: &Webhook) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.create_webhook)
+                .bind(&hook.id)
+                .bind(&hook.world);
+            let q = q
+                .bind(&hook.url)
+                .bind(&hook.secret)
+                .bind(hook.events.join(","));
+            Ok(q.bind(Time(hook.created_at))
+                .execute(&self.pool)
+                .await
+                .map(drop)?)
+        }
+
+        async fn webhooks(&self, world: &str) -> Result<Vec<WebhookRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.webhooks).bind(world);
+            Ok(q.fetch_all(&self.pool).await?)
+        }
+
+        async fn webhook(&self, id: &str) -> Result<Option<WebhookRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.webhook).bind(id);
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+    };
+}
+
+pub(crate) use {decision_columns, outbox_columns, shared_statements};
