@@ -24,6 +24,7 @@ mod outbox;
 mod properties;
 mod receiver;
 mod serve;
+mod shutdown;
 mod store;
 mod support;
 mod webhooks;
