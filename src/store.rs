@@ -346,7 +346,9 @@ impl Store {
         if let Some(url) = config.database_url.as_mut() {
             if let Ok(mut parsed) = url::Url::parse(url) {
                 if !parsed.query_pairs().any(|(k, _)| k == "application_name") {
-                    parsed.query_pairs_mut().append_pair("application_name", name);
+                    parsed
+                        .query_pairs_mut()
+                        .append_pair("application_name", name);
                     *url = parsed.to_string();
                 }
             }

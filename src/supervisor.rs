@@ -102,7 +102,8 @@ impl Workers {
         let mut store_config = config.store.clone();
         store_config.migrate_on_start = false;
         let outbox = config.outbox.clone();
-        let (thread_state, thread_stop, thread_ended) = (state.clone(), stop.clone(), ended.clone());
+        let (thread_state, thread_stop, thread_ended) =
+            (state.clone(), stop.clone(), ended.clone());
         let nice = config.background.nice;
         crate::background::spawn("spectral-workers", nice, move || {
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -174,8 +175,11 @@ fn run_workers(
             .is_some_and(|api| std::ptr::eq(api.local_wake(), store.local_wake()));
         drop(beside);
         store.set_generation(generation);
-        let registry =
-            handlers::registry(store.clone(), outbox.webhook_timeout, &outbox.webhook_egress);
+        let registry = handlers::registry(
+            store.clone(),
+            outbox.webhook_timeout,
+            &outbox.webhook_egress,
+        );
         let result = Consumer::new(store.clone(), registry, outbox, generation, state)
             .woken_in_process(woken)
             .run(stop)
@@ -342,7 +346,10 @@ pub async fn start_mode(
         app.ready.store(false, Ordering::Release);
         root.cancel();
         // The server drains within the deadline minus the reserve, and returns.
-        if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("the server did not return within the shutdown deadline");
         }
         // The workers finish the row in hand, leaving half the reserve to the decision log.

@@ -166,7 +166,11 @@ impl OutboxMetrics {
 
     /// Show the store's counts of this generation's rows.
     pub fn set_rows(&self, pending: i64, in_flight: i64, failed: i64) {
-        for (status, n) in [("pending", pending), ("in_flight", in_flight), ("failed", failed)] {
+        for (status, n) in [
+            ("pending", pending),
+            ("in_flight", in_flight),
+            ("failed", failed),
+        ] {
             self.rows.with_label_values(&[status]).set(n);
         }
     }
@@ -206,18 +210,30 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 
 /// A counter family. Names, help texts and labels are constants of this file, which the unit
 /// test below builds, so a refusal cannot reach a running service.
-#[expect(clippy::expect_used, reason = "constant names, help and labels of this file")]
+#[expect(
+    clippy::expect_used,
+    reason = "constant names, help and labels of this file"
+)]
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    register(registry, IntCounterVec::new(Opts::new(name, help), labels).expect("a valid family"))
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("a valid family"),
+    )
 }
 
 #[expect(clippy::expect_used, reason = "constant names and help of this file")]
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    register(registry, IntCounter::new(name, help).expect("a valid counter"))
+    register(
+        registry,
+        IntCounter::new(name, help).expect("a valid counter"),
+    )
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    #[expect(clippy::expect_used, reason = "constant names, help and labels of this file")]
+    #[expect(
+        clippy::expect_used,
+        reason = "constant names, help and labels of this file"
+    )]
     let vec = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid family");
     register(registry, vec)
 }
@@ -226,7 +242,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
-        #[expect(clippy::expect_used, reason = "constant names, help, buckets and labels")]
+        #[expect(
+            clippy::expect_used,
+            reason = "constant names, help, buckets and labels"
+        )]
         let latency = HistogramVec::new(
             HistogramOpts::new(
                 "spectral_http_request_duration_seconds",
@@ -247,7 +266,8 @@ impl Metrics {
             .iter()
             .map(|route| RouteMetrics {
                 latency: latency.with_label_values(&[route.as_str()]),
-                responses: CLASSES.map(|class| responses.with_label_values(&[route.as_str(), class])),
+                responses: CLASSES
+                    .map(|class| responses.with_label_values(&[route.as_str(), class])),
             })
             .collect();
         let cache_loads = counter_vec(
@@ -270,7 +290,10 @@ impl Metrics {
         ))
         .expect("a valid gauge");
         let outbox = OutboxMetrics {
-            claimed: outbox_vec("spectral_outbox_claimed_total", "Outbox rows claimed, by event type."),
+            claimed: outbox_vec(
+                "spectral_outbox_claimed_total",
+                "Outbox rows claimed, by event type.",
+            ),
             handled: outbox_vec(
                 "spectral_outbox_handled_total",
                 "Outbox rows handled and recorded, by event type.",
@@ -409,7 +432,10 @@ mod tests {
         acme.add(3);
         m.sandbox_error("deadline_exceeded");
         m.cache_load(true);
-        m.outbox.claimed.with_label_values(&["world.published"]).inc();
+        m.outbox
+            .claimed
+            .with_label_values(&["world.published"])
+            .inc();
         m.outbox.set_state(0);
         let text = m.render(7);
         for line in [

@@ -378,7 +378,9 @@ impl Consumer {
         match self.store.fail(row, &self.worker, error, retry_at).await {
             Ok(Some(status)) => {
                 match status {
-                    OutboxStatus::Failed => outbox.dead_lettered.with_label_values(event_type).inc(),
+                    OutboxStatus::Failed => {
+                        outbox.dead_lettered.with_label_values(event_type).inc()
+                    }
                     _ => outbox.retried.with_label_values(event_type).inc(),
                 }
                 tracing::warn!(error, status = status.as_str(), "handler failed")

@@ -108,7 +108,9 @@ async fn a_graceful_stop_with_a_slow_client_in_flight_loses_no_decision() {
     // A client that sends its headers and part of its body, then waits: in flight until the
     // process exits.
     let addr = server.base.trim_start_matches("http://").to_string();
-    let mut slow = tokio::net::TcpStream::connect(&addr).await.expect("connects");
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connects");
     let head = format!(
         "POST /api/decide HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 4096\r\n\r\n{{\"world\":",
         server.key
@@ -167,7 +169,9 @@ async fn a_graceful_stop_with_a_slow_client_in_flight_loses_no_decision() {
     config.database_url = None;
     config.data_dir = data.path().to_path_buf();
     config.migrate_on_start = false;
-    let store = spectral::store::Store::connect(&config).await.expect("store");
+    let store = spectral::store::Store::connect(&config)
+        .await
+        .expect("store");
     let written: HashSet<String> = store
         .decisions("acme-payments", 0, 1_000_000)
         .await
@@ -178,7 +182,10 @@ async fn a_graceful_stop_with_a_slow_client_in_flight_loses_no_decision() {
     store.close().await;
     let answered = answered.lock().expect("lock").clone();
     assert!(answered.len() >= 50);
-    let lost: Vec<&String> = answered.iter().filter(|id| !written.contains(*id)).collect();
+    let lost: Vec<&String> = answered
+        .iter()
+        .filter(|id| !written.contains(*id))
+        .collect();
     assert!(
         lost.is_empty(),
         "{} of {} decisions answered 200 have no record, e.g. {:?}",
@@ -211,7 +218,12 @@ async fn on_sqlite_the_apis_commit_wakes_the_workers_consumer() {
         }
     };
     // The seed's events first, so that only the next one is measured.
-    eventually(Duration::from_secs(10), "the seed's events handled", undelivered).await;
+    eventually(
+        Duration::from_secs(10),
+        "the seed's events handled",
+        undelivered,
+    )
+    .await;
     let started = Instant::now();
     app.publish_yellow_variant().await;
     eventually(
@@ -228,12 +240,13 @@ async fn on_sqlite_the_apis_commit_wakes_the_workers_consumer() {
     let (_, metrics) = app.get(None, "/metrics").await;
     let text = metrics.as_str().unwrap_or_default();
     assert!(
-        text.contains(
-            "spectral_outbox_handled_total{event_type=\"worldmodel.version.published\"}"
-        ),
+        text.contains("spectral_outbox_handled_total{event_type=\"worldmodel.version.published\"}"),
         "{text}"
     );
-    assert!(text.contains("spectral_outbox_consumer_state{state=\"wired\"} 1"), "{text}");
+    assert!(
+        text.contains("spectral_outbox_consumer_state{state=\"wired\"} 1"),
+        "{text}"
+    );
     app.stop().await;
 }
 
@@ -259,10 +272,14 @@ async fn a_dead_workers_runtime_fails_readiness_and_the_exit_code() {
     let (ready, _) = running.app.health().await;
     assert!(ready);
     cut_off_the_workers(&url).await;
-    eventually(Duration::from_secs(30), "the workers runtime failed", || {
-        let failed = state.wiring() == spectral::outbox::Wiring::Failed;
-        async move { failed.then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the workers runtime failed",
+        || {
+            let failed = state.wiring() == spectral::outbox::Wiring::Failed;
+            async move { failed.then_some(()) }
+        },
+    )
     .await;
     let (ready, health) = running.app.health().await;
     assert!(!ready, "{health}");
@@ -317,5 +334,8 @@ async fn cut_off_the_workers(url: &str) {
     .fetch_all(&mut *admin)
     .await
     .expect("terminate");
-    assert!(!ended.is_empty(), "the workers have connections of their own");
+    assert!(
+        !ended.is_empty(),
+        "the workers have connections of their own"
+    );
 }
