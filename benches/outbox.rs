@@ -23,7 +23,8 @@ use spectral::outbox::{Consumer, Handler, HandlerFuture, OutboxState, Registry};
 use spectral::store::{events, Effect, NewEvent, OutboxRow, Store, StoreConfig};
 use sqlx::{Connection, PgConnection};
 use tokio::runtime::Runtime;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// Events handled per measured iteration.
@@ -206,7 +207,7 @@ impl Bench {
             listen: false,
             ..OutboxConfig::default()
         };
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
         let started = Instant::now();
         let tasks: Vec<_> = self.consumers[..consumers]
             .iter()
@@ -218,7 +219,7 @@ impl Bench {
                     generation,
                     Arc::new(OutboxState::default()),
                 );
-                tokio::spawn(consumer.run(stopped.clone()))
+                tokio::spawn(consumer.run(stop.clone()))
             })
             .collect();
         // The last row is in hand once the handler saw them all; then wait for its commit.
@@ -235,9 +236,9 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let took = started.elapsed();
-        let _ = stop.send(true);
+        stop.cancel();
         for t in tasks {
-            t.await.expect("consumer");
+            t.await.expect("consumer").expect("the consumer ran");
         }
         took
     }

@@ -210,8 +210,9 @@ enum AuditCommand {
     },
 }
 
-/// Run the command line; the exit code is 0 on success, 1 when a check or test fails, and 2
-/// when the command could not run.
+/// Run the command line; the exit code is 0 on success, 1 when a check or test fails (and
+/// for `serve`/`api`, when the service stopped on a failure: a dead workers runtime, a stop
+/// past its deadline), and 2 when the command could not run.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -263,8 +264,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 crate::supervisor::Mode::Api
             };
             crate::telemetry::init_tracing(config.log.json, &config.log.filter);
-            runtime()?.block_on(crate::supervisor::run_until_signal(config, mode))?;
-            return Ok(ExitCode::SUCCESS);
+            let stopped = runtime()?.block_on(crate::supervisor::run_until_signal(config, mode))?;
+            // A service that stopped on a failure (its workers runtime died, a step of the
+            // stop ran past the deadline) exits 1, so that whatever restarts it knows.
+            return Ok(match stopped {
+                crate::supervisor::Stopped::Clean => ExitCode::SUCCESS,
+                _ => ExitCode::FAILURE,
+            });
         }
         Command::Workers => {
             crate::telemetry::init_tracing(config.log.json, &config.log.filter);

@@ -11,7 +11,7 @@ mod unique;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
@@ -26,7 +26,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
 use crate::service::auth::Caller;
@@ -36,13 +37,16 @@ use router::Endpoint;
 
 type Body = Full<Bytes>;
 
-/// Serve HTTP on `listener` until `stop` turns true, then stop accepting, let in-flight
-/// requests finish within the grace period, and return.
+/// Serve HTTP on `listener` until `stop` is cancelled, then stop accepting, let in-flight
+/// requests finish for at most `drain`, and return. The supervisor gives the drain its share
+/// of the one shutdown deadline; connections still open after it are left to end with the
+/// process, and their decisions, recorded or refused, never answered unrecorded.
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     config: ServerConfig,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
+    drain: Duration,
 ) {
     let config = Arc::new(config);
     // Each connection holds a permit while it is open; with none left, new connections are
@@ -78,7 +82,7 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    app.metrics.connections_shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    app.metrics.connections_shed.inc();
                     tokio::spawn(shed(stream));
                     continue;
                 };
@@ -103,7 +107,7 @@ pub async fn serve(
                     drop(permit);
                 });
             }
-            _ = stop.changed() => break,
+            _ = stop.cancelled() => break,
         }
     }
     drop(listener);
@@ -111,8 +115,8 @@ pub async fn serve(
     tracing::info!("HTTP server draining");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("HTTP server drained"),
-        _ = tokio::time::sleep(config.shutdown_grace) => {
-            tracing::warn!("grace period ended with connections still open");
+        _ = tokio::time::sleep(drain) => {
+            tracing::warn!(drain_ms = drain.as_millis() as u64, "the drain's share of the shutdown deadline ended with connections still open");
         }
     }
 }

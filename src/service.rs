@@ -346,7 +346,7 @@ impl App {
             worlds::evaluate(&self.sandbox, &module, &request)
         }
         .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
-        self.observe(&decision);
+        self.observe(&loaded.counters, &decision);
         let meta = &decision.decision_metadata;
         self.log
             .record(NewDecision {
@@ -482,13 +482,12 @@ impl App {
             })
     }
 
-    fn observe(&self, decision: &Decision) {
+    fn observe(&self, counters: &crate::telemetry::WorldCounters, decision: &Decision) {
         let index = Status::ALL
             .iter()
             .position(|s| *s == decision.status)
             .unwrap_or(0);
-        self.metrics
-            .decision(&decision.decision_metadata.world, index);
+        counters.add(index);
         for e in &decision.decision_metadata.errors {
             if e.rule.is_some() {
                 self.metrics.sandbox_error(&e.kind);
@@ -900,7 +899,10 @@ impl App {
         let store_ok = self.store.ping().await.is_ok();
         let loaded = self.cache.loaded();
         let failed = self.cache.failures();
-        let ready = self.ready.load(Ordering::Acquire) && store_ok && failed.is_empty();
+        // A workers runtime that died leaves this process's events unhandled: not ready.
+        let workers_ok = self.outbox.wiring() != crate::outbox::Wiring::Failed;
+        let ready =
+            self.ready.load(Ordering::Acquire) && store_ok && failed.is_empty() && workers_ok;
         let rows = self.store.outbox_counts(self.generation).await.ok();
         let body = serde_json::json!({
             "status": if ready { "ok" } else { "unavailable" },

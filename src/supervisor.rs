@@ -1,5 +1,7 @@
 //! The composition root: builds the store, sandbox, cache, decision log and service, runs
-//! bootstrap, serves HTTP, and shuts everything down in order under one grace period.
+//! bootstrap, serves HTTP, and shuts everything down in order within one deadline: not
+//! ready, drain HTTP (the deadline less a reserve), stop the workers, write the decision
+//! log, close the pools.
 //!
 //! **Boundary:** nothing depends on this module but the CLI. It is the only place that knows
 //! every other module.
@@ -10,17 +12,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::outbox::{handlers, Consumer, OutboxState};
+use crate::config::{Config, OutboxConfig};
+use crate::outbox::{handlers, Consumer, OutboxState, Wiring};
 use crate::sandbox::Sandbox;
 use crate::service::auth::{self, Keys};
 use crate::service::cache::Cache;
 use crate::service::decision_log::DecisionLog;
 use crate::service::{App, BuildInfo, ServiceError};
-use crate::store::{NewKey, Scope, Store, StoreError};
+use crate::store::{NewKey, Scope, Store, StoreConfig, StoreError};
 use crate::telemetry::Metrics;
 
 /// Starting the service failed.
@@ -67,70 +70,134 @@ async fn generation(store: &Store, config: &Config) -> Result<i64, StartError> {
     }
 }
 
+/// The share of the shutdown deadline kept, after the HTTP drain, for what follows it:
+/// stopping the workers, writing the decision log, closing the pools.
+pub fn reserve(grace: Duration) -> Duration {
+    (grace / 4).min(Duration::from_secs(5))
+}
+
 /// The workers runtime: its own tokio runtime on its own OS thread, with its own pool, so
 /// that a burst of background work never takes the API's threads or connections.
 pub struct Workers {
-    /// Signalled once to stop; the consumer finishes the row in hand and returns.
-    stop: watch::Sender<bool>,
-    /// Completed by the thread when the runtime has shut down.
-    done: tokio::sync::oneshot::Receiver<()>,
+    /// Cancelled once to stop; the consumer finishes the row in hand and returns.
+    stop: CancellationToken,
+    /// Cancelled by the thread when the runtime has ended, asked to or not.
+    ended: CancellationToken,
     pub state: Arc<OutboxState>,
 }
 
 impl Workers {
-    /// Start the consumer of `generation` on a new thread.
-    pub fn spawn(config: &Config, generation: i64) -> Result<Self, StartError> {
-        let state = Arc::new(OutboxState::default());
-        let (stop, stopped) = watch::channel(false);
-        let (finished, done) = tokio::sync::oneshot::channel();
+    /// Start the consumer of `generation` on a new thread, counting in `metrics`. `beside`
+    /// is the API's store when the API runs in this process: the workers' store then shares
+    /// its in-process wake, so that the API's commits wake the consumer at once.
+    pub fn spawn(
+        config: &Config,
+        generation: i64,
+        beside: Option<Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StartError> {
+        let state = Arc::new(OutboxState::new(metrics));
+        let stop = CancellationToken::new();
+        let ended = CancellationToken::new();
         let mut store_config = config.store.clone();
         store_config.migrate_on_start = false;
         let outbox = config.outbox.clone();
-        let thread_state = state.clone();
+        let (thread_state, thread_stop, thread_ended) =
+            (state.clone(), stop.clone(), ended.clone());
         let nice = config.background.nice;
         crate::background::spawn("spectral-workers", nice, move || {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("spectral-worker")
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the workers runtime");
-                    return;
-                }
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_workers(
+                    &store_config,
+                    beside,
+                    outbox,
+                    generation,
+                    thread_state.clone(),
+                    thread_stop,
+                )
+            }));
+            let failure = match run {
+                Ok(Ok(())) => None,
+                Ok(Err(reason)) => Some(reason),
+                Err(_) => Some("the workers runtime panicked".to_string()),
             };
-            runtime.block_on(async move {
-                let store = match Store::connect(&store_config).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "workers cannot reach the store");
-                        return;
-                    }
-                };
-                store.set_generation(generation);
-                let registry = handlers::registry(
-                    store.clone(),
-                    outbox.webhook_timeout,
-                    &outbox.webhook_egress,
-                );
-                Consumer::new(store.clone(), registry, outbox, generation, thread_state)
-                    .run(stopped)
-                    .await;
-                store.close().await;
-            });
-            let _ = finished.send(());
+            if let Some(reason) = failure {
+                tracing::error!(error = %reason, "the workers runtime failed; this process is not ready");
+                thread_state.set(Wiring::Failed);
+            }
+            thread_ended.cancel();
         })
         .map_err(|e| StartError::Workers(e.to_string()))?;
-        Ok(Self { stop, done, state })
+        Ok(Self { stop, ended, state })
+    }
+
+    /// Resolves once the runtime has ended, asked to or not.
+    pub async fn ended(&self) {
+        self.ended.cancelled().await;
+    }
+
+    /// Whether the runtime ended on a failure.
+    pub fn failed(&self) -> bool {
+        self.state.wiring() == Wiring::Failed
     }
 
     /// Stop and wait for the runtime to finish.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.done.await;
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        self.ended.cancelled().await;
     }
+}
+
+/// The body of the workers thread: a runtime, a store, the consumer until `stop`.
+fn run_workers(
+    config: &StoreConfig,
+    beside: Option<Store>,
+    outbox: OutboxConfig,
+    generation: i64,
+    state: Arc<OutboxState>,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("spectral-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the workers runtime: {e}"))?;
+    runtime.block_on(async move {
+        let store = match &beside {
+            Some(api) => Store::connect_beside(config, api, "spectral-workers").await,
+            None => Store::connect(config).await,
+        }
+        .map_err(|e| format!("the workers cannot reach the store: {e}"))?;
+        // The API's commits reach this consumer only if the two stores share one wake.
+        let woken = beside
+            .as_ref()
+            .is_some_and(|api| std::ptr::eq(api.local_wake(), store.local_wake()));
+        drop(beside);
+        store.set_generation(generation);
+        let registry = handlers::registry(
+            store.clone(),
+            outbox.webhook_timeout,
+            &outbox.webhook_egress,
+        );
+        let result = Consumer::new(store.clone(), registry, outbox, generation, state)
+            .woken_in_process(woken)
+            .run(stop)
+            .await;
+        store.close().await;
+        result.map_err(|e| format!("the outbox consumer cannot reach the store: {e}"))
+    })
+}
+
+/// How a service stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Asked to, and every step finished within the deadline.
+    Clean,
+    /// The workers runtime failed; the service stopped itself.
+    WorkersFailed,
+    /// A step did not finish within the shutdown deadline and was abandoned.
+    DeadlineExceeded,
 }
 
 /// A running service.
@@ -140,26 +207,27 @@ pub struct Running {
     pub app: Arc<App>,
     /// The operator key generated at this start, if one was (it is shown once).
     pub generated_operator_key: Option<String>,
-    /// The supervisor signals it once to begin shutdown; the server, the cache watcher and
-    /// the shutdown sequence wait on it.
-    stop: watch::Sender<bool>,
-    done: JoinHandle<()>,
+    /// The root of the shutdown tree: cancelling it begins the stop, which cancels the
+    /// server and the cache watcher with it.
+    stop: CancellationToken,
+    done: JoinHandle<Stopped>,
 }
 
 impl Running {
     /// Begin a graceful shutdown and wait for it to finish.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        let _ = self.done.await;
+    pub async fn shutdown(self) -> Stopped {
+        self.stop.cancel();
+        self.wait().await
     }
 
-    /// Wait until the service stops (after [`Running::trigger`] or a fatal error).
-    pub async fn wait(self) {
-        let _ = self.done.await;
+    /// Wait until the service stops (after [`Running::trigger`] or a failure).
+    pub async fn wait(self) -> Stopped {
+        self.done.await.unwrap_or(Stopped::DeadlineExceeded)
     }
 
-    /// A handle that begins shutdown when sent `true`.
-    pub fn trigger(&self) -> watch::Sender<bool> {
+    /// The token that begins shutdown when cancelled; it is cancelled as well when the
+    /// service stops itself.
+    pub fn trigger(&self) -> CancellationToken {
         self.stop.clone()
     }
 }
@@ -198,7 +266,12 @@ pub async fn start_mode(
     )
     .map_err(|e| StartError::DecisionLog(format!("cannot start its thread: {e}")))?;
     let workers = match mode {
-        Mode::Both => Some(Workers::spawn(&config, generation)?),
+        Mode::Both => Some(Workers::spawn(
+            &config,
+            generation,
+            Some(store.clone()),
+            metrics.clone(),
+        )?),
         Mode::Api => None,
     };
     let app = Arc::new(App {
@@ -207,15 +280,16 @@ pub async fn start_mode(
         cache: cache.clone(),
         keys: Keys::new(store.clone()),
         log,
+        // The health of this process shows the consumer of its own workers runtime.
+        outbox: workers.as_ref().map_or_else(
+            || Arc::new(OutboxState::new(metrics.clone())),
+            |w| w.state.clone(),
+        ),
         metrics,
         build: BuildInfo::current(),
         started: Instant::now(),
         ready: Default::default(),
         generation,
-        // The health of this process shows the consumer of its own workers runtime.
-        outbox: workers
-            .as_ref()
-            .map_or_else(|| Arc::new(OutboxState::default()), |w| w.state.clone()),
         evaluation: crate::service::Evaluation::new(&config.evaluation),
         egress: config.outbox.webhook_egress.clone(),
     });
@@ -230,37 +304,84 @@ pub async fn start_mode(
     let notifications = cache.listen().await;
     cache.refresh().await?;
 
-    let (stop, stopped) = watch::channel(false);
-    let watcher = tokio::spawn(cache.clone().watch(notifications, stopped.clone()));
+    // The shutdown tree: one root token; the server and the cache watcher end with it, and
+    // the tracker says when both have.
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(cache.clone().watch(notifications, stop.child_token()));
+    let grace = config.server.shutdown_grace;
+    let reserve = reserve(grace);
+    tasks.spawn(crate::http::serve(
+        listener,
+        app.clone(),
+        config.server.clone(),
+        stop.child_token(),
+        grace.saturating_sub(reserve),
+    ));
+    tasks.close();
     app.ready.store(true, Ordering::Release);
     tracing::info!(%addr, backend = ?store.backend(), generation, "spectral API listening");
 
-    let server_app = app.clone();
-    let server_config = config.server.clone();
-    let mut stop_seen = stopped.clone();
+    let stop_app = app.clone();
+    let root = stop.clone();
     let done = tokio::spawn(async move {
-        let server = tokio::spawn(crate::http::serve(
-            listener,
-            server_app.clone(),
-            server_config,
-            stopped,
-        ));
-        let _ = stop_seen.changed().await;
-        // Not ready first, so that health checks steer traffic away while we drain.
-        server_app.ready.store(false, Ordering::Release);
-        // The API drains while the workers finish the row in hand; both within the grace.
-        let stop_workers = async {
-            if let Some(w) = workers {
-                w.stop().await;
+        let app = stop_app;
+        let mut outcome = Stopped::Clean;
+        let workers_ended = async {
+            match &workers {
+                Some(w) => w.ended().await,
+                None => std::future::pending().await,
             }
         };
-        let _ = tokio::join!(server, stop_workers);
+        tokio::select! {
+            _ = root.cancelled() => {}
+            _ = workers_ended => {
+                tracing::error!("the workers runtime ended on its own; stopping the service");
+                outcome = Stopped::WorkersFailed;
+            }
+        }
+        // One deadline for the whole stop (ARCHITECTURE.md, "Supervisor").
+        let deadline = tokio::time::Instant::now() + grace;
+        // Not ready first, so that health checks steer traffic away while we drain.
+        app.ready.store(false, Ordering::Release);
+        root.cancel();
+        // The server drains within the deadline minus the reserve, and returns.
+        if tokio::time::timeout_at(deadline, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the server did not return within the shutdown deadline");
+        }
+        // The workers finish the row in hand, leaving half the reserve to the decision log.
+        if let Some(w) = &workers {
+            if tokio::time::timeout_at(deadline - reserve / 2, w.stop())
+                .await
+                .is_err()
+            {
+                tracing::warn!("the workers did not stop within their share of the deadline");
+                outcome = outcome.or(Stopped::DeadlineExceeded);
+            }
+            if w.failed() {
+                outcome = Stopped::WorkersFailed;
+            }
+        }
         // Requests are done: write what the decision log still holds, then close the pool.
-        server_app.log.stop();
-        let _ = writer.await;
-        let _ = watcher.await;
-        server_app.store.close().await;
-        tracing::info!("spectral stopped");
+        app.log.stop();
+        if tokio::time::timeout_at(deadline, writer).await.is_err() {
+            tracing::error!(
+                queued = app.log.depth(),
+                "the decision log was not written within the shutdown deadline; its queued records are lost"
+            );
+            outcome = outcome.or(Stopped::DeadlineExceeded);
+        }
+        if tokio::time::timeout_at(deadline, app.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the store's pool did not close within the shutdown deadline");
+        }
+        tracing::info!(outcome = ?outcome, "spectral stopped");
+        outcome
     });
     Ok(Running {
         addr,
@@ -269,6 +390,16 @@ pub async fn start_mode(
         stop,
         done,
     })
+}
+
+impl Stopped {
+    /// The first failure seen wins.
+    fn or(self, other: Stopped) -> Stopped {
+        match self {
+            Stopped::Clean => other,
+            failed => failed,
+        }
+    }
 }
 
 /// Make sure an operator key exists: the configured one, or a new one that is returned so
@@ -306,7 +437,8 @@ async fn ensure_operator_key(store: &Store, config: &Config) -> Result<Option<St
     Ok(Some(secret))
 }
 
-/// Run the workers alone until SIGTERM or SIGINT (`spectral workers`).
+/// Run the workers alone until SIGTERM or SIGINT (`spectral workers`); `Err` when the
+/// workers runtime fails.
 pub async fn run_workers_until_signal(config: Config) -> Result<(), StartError> {
     let generation = config.outbox.generation.ok_or_else(|| {
         StartError::Config(
@@ -318,33 +450,42 @@ pub async fn run_workers_until_signal(config: Config) -> Result<(), StartError> 
     let store = Store::connect(&config.store).await?;
     store.close().await;
     let grace = config.server.shutdown_grace;
-    let workers = Workers::spawn(&config, generation)?;
+    // No API in this process: nothing wakes the consumer but notifications and its poll.
+    let workers = Workers::spawn(&config, generation, None, Arc::new(Metrics::default()))?;
     tracing::info!(generation, "spectral workers running");
-    signal().await;
-    tracing::info!("shutdown signal received; finishing the row in hand");
-    finish_within(grace, workers.stop()).await;
+    tokio::select! {
+        _ = signal() => {
+            tracing::info!("shutdown signal received; finishing the row in hand");
+            finish_within(grace, workers.stop()).await;
+        }
+        _ = workers.ended() => {}
+    }
+    if workers.failed() {
+        return Err(StartError::Workers("the workers runtime failed".into()));
+    }
     Ok(())
 }
 
-/// Wait for a shutdown to finish; a second signal, or the grace period running out, ends the
-/// process at once.
-async fn finish_within(grace: Duration, shutdown: impl std::future::Future) {
+/// Wait for a shutdown to finish; a second signal, or `limit` running out, ends the process
+/// at once.
+async fn finish_within<T>(limit: Duration, shutdown: impl std::future::Future<Output = T>) -> T {
     tokio::select! {
-        _ = shutdown => {}
+        out = shutdown => out,
         _ = signal() => {
             tracing::warn!("second signal: exiting now");
             std::process::exit(130);
         }
-        _ = tokio::time::sleep(grace) => {
-            tracing::error!("shutdown exceeded the grace period: exiting now");
+        _ = tokio::time::sleep(limit) => {
+            tracing::error!("shutdown exceeded its deadline: exiting now");
             std::process::exit(1);
         }
     }
 }
 
-/// Run until SIGTERM or SIGINT, then shut down gracefully. A second signal, or the grace
-/// period running out, ends the process at once.
-pub async fn run_until_signal(config: Config, mode: Mode) -> Result<(), StartError> {
+/// Run until SIGTERM or SIGINT, or until the service stops itself (its workers runtime
+/// failed), then shut down gracefully within the one deadline. A second signal ends the
+/// process at once. Returns how the service stopped.
+pub async fn run_until_signal(config: Config, mode: Mode) -> Result<Stopped, StartError> {
     let grace = config.server.shutdown_grace;
     let addr = config.server.addr;
     let listener = TcpListener::bind(addr)
@@ -356,12 +497,19 @@ pub async fn run_until_signal(config: Config, mode: Mode) -> Result<(), StartErr
         println!("operator key (shown once, store it now): {key}");
     }
     let trigger = running.trigger();
-    let waiting = tokio::spawn(running.wait());
-    signal().await;
-    tracing::info!("shutdown signal received; draining");
-    let _ = trigger.send(true);
-    finish_within(grace, waiting).await;
-    Ok(())
+    let waiting = running.wait();
+    tokio::pin!(waiting);
+    tokio::select! {
+        _ = signal() => {
+            tracing::info!("shutdown signal received; draining");
+            trigger.cancel();
+        }
+        // The service stops itself when its workers runtime fails.
+        _ = trigger.cancelled() => {}
+    }
+    // Every step inside keeps to the deadline; this backstop ends a step that hangs past it
+    // (the margin lets the stop report its outcome first).
+    Ok(finish_within(grace + Duration::from_millis(500), waiting).await)
 }
 
 /// Wait for SIGTERM or SIGINT.

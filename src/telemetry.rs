@@ -1,13 +1,15 @@
-//! Logs and metrics: tracing set-up, and a small Prometheus registry whose hot-path updates
-//! are single atomic adds.
+//! Logs and metrics: tracing set-up, and the process's `prometheus` registry. Every label
+//! handle the decide path touches is resolved before the first request (per route at start,
+//! per world when its version is loaded), so a decision costs atomic adds and no lookup.
 //!
 //! **Boundary:** depends on nothing else in the crate; everything may depend on it.
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::RwLock;
 use std::time::Duration;
+
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Install the global tracing subscriber: JSON lines in production, readable text otherwise.
 /// Safe to call more than once (later calls are ignored).
@@ -93,7 +95,7 @@ impl Route {
     }
 
     fn index(self) -> usize {
-        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+        self as usize
     }
 }
 
@@ -103,211 +105,316 @@ const BUCKETS: [f64; 14] = [
     5.0,
 ];
 
-#[derive(Default)]
-struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_ns: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Relaxed);
-        }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
-    }
-}
-
-/// Counters keyed by one dynamic label, added to on the hot path with a read lock.
-#[derive(Default)]
-struct Family<const N: usize> {
-    by_key: RwLock<HashMap<String, [AtomicU64; N]>>,
-}
-
-impl<const N: usize> Family<N> {
-    fn add(&self, key: &str, index: usize) {
-        if let Ok(map) = self.by_key.read() {
-            if let Some(counters) = map.get(key) {
-                counters[index % N].fetch_add(1, Relaxed);
-                return;
-            }
-        }
-        if let Ok(mut map) = self.by_key.write() {
-            map.entry(key.to_string())
-                .or_insert_with(|| std::array::from_fn(|_| AtomicU64::new(0)))[index % N]
-                .fetch_add(1, Relaxed);
-        }
-    }
-
-    fn snapshot(&self) -> Vec<(String, [u64; N])> {
-        let mut out: Vec<(String, [u64; N])> = self
-            .by_key
-            .read()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), std::array::from_fn(|i| v[i].load(Relaxed))))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
-    }
-}
-
 /// Names of the decision statuses, in the order of the per-world counters.
 pub const STATUSES: [&str; 4] = ["GREEN", "GREEN-SKIP", "YELLOW", "RED"];
 
-/// The process's metrics.
-#[derive(Default)]
+/// The status classes of responses, in the order of the per-route counters.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The states of the outbox consumer, as the values of `spectral_outbox_consumer_state`'s
+/// `state` label.
+pub const CONSUMER_STATES: [&str; 4] = ["wired", "polling", "off", "failed"];
+
+/// One route's handles: its latency histogram and its counter per status class.
+struct RouteMetrics {
+    latency: Histogram,
+    responses: [IntCounter; 5],
+}
+
+/// One world's decision counters, one per status in the order of [`STATUSES`]; resolved when
+/// a version of the world is loaded, so that counting a decision is one atomic add.
+#[derive(Clone)]
+pub struct WorldCounters([IntCounter; 4]);
+
+impl std::fmt::Debug for WorldCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("WorldCounters")
+            .field(&self.0.each_ref().map(IntCounter::get))
+            .finish()
+    }
+}
+
+impl WorldCounters {
+    /// Count a decision; `status` is an index into [`STATUSES`].
+    pub fn add(&self, status: usize) {
+        self.0[status % STATUSES.len()].inc();
+    }
+}
+
+/// The workers runtime's metrics, by event type.
+pub struct OutboxMetrics {
+    pub claimed: IntCounterVec,
+    pub handled: IntCounterVec,
+    pub failed: IntCounterVec,
+    pub retried: IntCounterVec,
+    pub dead_lettered: IntCounterVec,
+    /// One gauge per consumer state, 1 for the current one.
+    state: [IntGauge; 4],
+    /// How long the oldest event due at the last claim had waited since it occurred.
+    pub oldest_due_age: Gauge,
+    /// This generation's rows by status, as the store last counted them.
+    rows: IntGaugeVec,
+}
+
+impl OutboxMetrics {
+    /// Show `state` (an index into [`CONSUMER_STATES`]) as the consumer's state.
+    pub fn set_state(&self, state: usize) {
+        for (i, gauge) in self.state.iter().enumerate() {
+            gauge.set(i64::from(i == state));
+        }
+    }
+
+    /// Show the store's counts of this generation's rows.
+    pub fn set_rows(&self, pending: i64, in_flight: i64, failed: i64) {
+        for (status, n) in [
+            ("pending", pending),
+            ("in_flight", in_flight),
+            ("failed", failed),
+        ] {
+            self.rows.with_label_values(&[status]).set(n);
+        }
+    }
+}
+
+/// The process's metrics, in a registry of their own (one per running service, so that
+/// several services in one test process do not share counters).
 pub struct Metrics {
-    latency: [Histogram; Route::ALL.len()],
-    responses: Family<5>,
-    decisions: Family<4>,
-    sandbox_errors: Family<1>,
-    cache_loads: Family<1>,
-    pub decision_log_dropped: AtomicU64,
-    pub decision_log_refused: AtomicU64,
-    pub decision_log_written: AtomicU64,
-    pub decision_log_write_errors: AtomicU64,
-    pub connections_shed: AtomicU64,
+    registry: Registry,
+    routes: Vec<RouteMetrics>,
+    decisions: IntCounterVec,
+    sandbox_errors: IntCounterVec,
+    cache_loads: [IntCounter; 2],
+    queue_depth: IntGauge,
+    pub decision_log_dropped: IntCounter,
+    pub decision_log_refused: IntCounter,
+    pub decision_log_written: IntCounter,
+    pub decision_log_write_errors: IntCounter,
+    pub connections_shed: IntCounter,
+    pub outbox: OutboxMetrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Register a collector. A refusal (a name registered twice) is a bug that the unit test
+/// below catches; the metric then goes unexposed.
+fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    if let Err(e) = registry.register(Box::new(c.clone())) {
+        tracing::error!(error = %e, "a metric could not be registered");
+    }
+    c
+}
+
+/// A counter family. Names, help texts and labels are constants of this file, which the unit
+/// test below builds, so a refusal cannot reach a running service.
+#[expect(
+    clippy::expect_used,
+    reason = "constant names, help and labels of this file"
+)]
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("a valid family"),
+    )
+}
+
+#[expect(clippy::expect_used, reason = "constant names and help of this file")]
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(
+        registry,
+        IntCounter::new(name, help).expect("a valid counter"),
+    )
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    #[expect(
+        clippy::expect_used,
+        reason = "constant names, help and labels of this file"
+    )]
+    let vec = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid family");
+    register(registry, vec)
 }
 
 impl Metrics {
-    /// A request finished on a route with a status code.
-    pub fn request(&self, route: Route, code: u16, took: Duration) {
-        self.latency[route.index()].observe(took);
-        let class = usize::from(code / 100).clamp(1, 5) - 1;
-        self.responses.add(route.as_str(), class);
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        #[expect(
+            clippy::expect_used,
+            reason = "constant names, help, buckets and labels"
+        )]
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "spectral_http_request_duration_seconds",
+                "Time from request to response, by route.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("a valid histogram");
+        let latency = register(r, latency);
+        let responses = counter_vec(
+            r,
+            "spectral_http_responses_total",
+            "Responses by route and status class.",
+            &["route", "class"],
+        );
+        let routes = Route::ALL
+            .iter()
+            .map(|route| RouteMetrics {
+                latency: latency.with_label_values(&[route.as_str()]),
+                responses: CLASSES
+                    .map(|class| responses.with_label_values(&[route.as_str(), class])),
+            })
+            .collect();
+        let cache_loads = counter_vec(
+            r,
+            "spectral_cache_loads_total",
+            "World versions loaded into the module cache.",
+            &["result"],
+        );
+        let outbox_vec = |name: &str, help: &str| counter_vec(r, name, help, &["event_type"]);
+        let state = gauge_vec(
+            r,
+            "spectral_outbox_consumer_state",
+            "The outbox consumer's state in this process: 1 for the current one.",
+            &["state"],
+        );
+        #[expect(clippy::expect_used, reason = "a constant name and help")]
+        let oldest_due_age = Gauge::with_opts(Opts::new(
+            "spectral_outbox_oldest_due_age_seconds",
+            "Age of the oldest event due at the consumer's last claim (0 when none was due).",
+        ))
+        .expect("a valid gauge");
+        let outbox = OutboxMetrics {
+            claimed: outbox_vec(
+                "spectral_outbox_claimed_total",
+                "Outbox rows claimed, by event type.",
+            ),
+            handled: outbox_vec(
+                "spectral_outbox_handled_total",
+                "Outbox rows handled and recorded, by event type.",
+            ),
+            failed: outbox_vec(
+                "spectral_outbox_failed_total",
+                "Handler failures, retried or not, by event type.",
+            ),
+            retried: outbox_vec(
+                "spectral_outbox_retried_total",
+                "Failures scheduled for another attempt, by event type.",
+            ),
+            dead_lettered: outbox_vec(
+                "spectral_outbox_dead_lettered_total",
+                "Rows failed for good (the dead-letter queue), by event type.",
+            ),
+            state: CONSUMER_STATES.map(|s| state.with_label_values(&[s])),
+            oldest_due_age: register(r, oldest_due_age),
+            rows: gauge_vec(
+                r,
+                "spectral_outbox_rows",
+                "This generation's undelivered outbox rows by status, as last counted.",
+                &["status"],
+            ),
+        };
+        // No consumer until one starts.
+        outbox.set_state(2);
+        #[expect(clippy::expect_used, reason = "a constant name and help")]
+        let queue_depth = IntGauge::new(
+            "spectral_decision_log_queue_depth",
+            "Decision records waiting to be written.",
+        )
+        .expect("a valid gauge");
+        #[cfg(target_os = "linux")]
+        if let Err(e) = r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )) {
+            tracing::error!(error = %e, "the process metrics could not be registered");
+        }
+        Self {
+            routes,
+            decisions: counter_vec(
+                r,
+                "spectral_decisions_total",
+                "Decisions by world and status.",
+                &["world", "status"],
+            ),
+            sandbox_errors: counter_vec(
+                r,
+                "spectral_sandbox_errors_total",
+                "Predicate failures by kind.",
+                &["kind"],
+            ),
+            cache_loads: [
+                cache_loads.with_label_values(&["ok"]),
+                cache_loads.with_label_values(&["error"]),
+            ],
+            queue_depth: register(r, queue_depth),
+            decision_log_dropped: counter(
+                r,
+                "spectral_decision_log_dropped_total",
+                "Decision records dropped because the writer could not keep up.",
+            ),
+            decision_log_refused: counter(
+                r,
+                "spectral_decision_log_refused_total",
+                "Decisions answered 503 because their record could not be queued in time.",
+            ),
+            decision_log_written: counter(
+                r,
+                "spectral_decision_log_written_total",
+                "Decision records written.",
+            ),
+            decision_log_write_errors: counter(
+                r,
+                "spectral_decision_log_write_errors_total",
+                "Decision records lost to store errors.",
+            ),
+            connections_shed: counter(
+                r,
+                "spectral_connections_shed_total",
+                "Connections refused because the connection limit was reached.",
+            ),
+            outbox,
+            registry,
+        }
     }
 
-    /// A decision was made; `status` is an index into [`STATUSES`].
-    pub fn decision(&self, world: &str, status: usize) {
-        self.decisions.add(world, status);
+    /// A request finished on a route with a status code.
+    pub fn request(&self, route: Route, code: u16, took: Duration) {
+        let Some(m) = self.routes.get(route.index()) else {
+            return;
+        };
+        m.latency.observe(took.as_secs_f64());
+        let class = usize::from(code / 100).clamp(1, 5) - 1;
+        m.responses[class].inc();
+    }
+
+    /// The decision counters of a world, resolved once (when its version is loaded).
+    pub fn world(&self, world: &str) -> WorldCounters {
+        WorldCounters(STATUSES.map(|status| self.decisions.with_label_values(&[world, status])))
     }
 
     /// A predicate failed with an error kind.
     pub fn sandbox_error(&self, kind: &str) {
-        self.sandbox_errors.add(kind, 0);
+        self.sandbox_errors.with_label_values(&[kind]).inc();
     }
 
     /// A world version was loaded into the cache, or failed to.
     pub fn cache_load(&self, ok: bool) {
-        self.cache_loads.add(if ok { "ok" } else { "error" }, 0);
+        self.cache_loads[usize::from(!ok)].inc();
     }
 
     /// The Prometheus text exposition of every metric; `queue_depth` is the decision log's,
     /// which its channel knows and these counters do not.
     pub fn render(&self, queue_depth: u64) -> String {
-        let mut out = String::with_capacity(8192);
-        let _ = writeln!(
-            out,
-            "# HELP spectral_http_request_duration_seconds Time from request to response, by route.\n# TYPE spectral_http_request_duration_seconds histogram"
-        );
-        for route in Route::ALL {
-            let h = &self.latency[route.index()];
-            let mut cumulative = 0;
-            for (i, bound) in BUCKETS.iter().enumerate() {
-                cumulative += h.buckets[i].load(Relaxed);
-                let _ = writeln!(
-                    out,
-                    "spectral_http_request_duration_seconds_bucket{{route=\"{}\",le=\"{bound}\"}} {cumulative}",
-                    route.as_str()
-                );
-            }
-            let count = h.count.load(Relaxed);
-            let _ = writeln!(
-                out,
-                "spectral_http_request_duration_seconds_bucket{{route=\"{r}\",le=\"+Inf\"}} {count}\nspectral_http_request_duration_seconds_sum{{route=\"{r}\"}} {}\nspectral_http_request_duration_seconds_count{{route=\"{r}\"}} {count}",
-                h.sum_ns.load(Relaxed) as f64 / 1e9,
-                r = route.as_str()
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP spectral_http_responses_total Responses by route and status class.\n# TYPE spectral_http_responses_total counter"
-        );
-        for (route, classes) in self.responses.snapshot() {
-            for (i, n) in classes.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "spectral_http_responses_total{{route=\"{route}\",class=\"{}xx\"}} {n}",
-                    i + 1
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP spectral_decisions_total Decisions by world and status.\n# TYPE spectral_decisions_total counter"
-        );
-        for (world, counts) in self.decisions.snapshot() {
-            for (status, n) in STATUSES.iter().zip(counts) {
-                let _ = writeln!(
-                    out,
-                    "spectral_decisions_total{{world=\"{world}\",status=\"{status}\"}} {n}"
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP spectral_sandbox_errors_total Predicate failures by kind.\n# TYPE spectral_sandbox_errors_total counter"
-        );
-        for (kind, [n]) in self.sandbox_errors.snapshot() {
-            let _ = writeln!(out, "spectral_sandbox_errors_total{{kind=\"{kind}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP spectral_cache_loads_total World versions loaded into the module cache.\n# TYPE spectral_cache_loads_total counter"
-        );
-        for (result, [n]) in self.cache_loads.snapshot() {
-            let _ = writeln!(out, "spectral_cache_loads_total{{result=\"{result}\"}} {n}");
-        }
-        for (name, help, kind, value) in [
-            (
-                "spectral_decision_log_queue_depth",
-                "Decision records waiting to be written.",
-                "gauge",
-                queue_depth,
-            ),
-            (
-                "spectral_decision_log_dropped_total",
-                "Decision records dropped because the writer could not keep up.",
-                "counter",
-                self.decision_log_dropped.load(Relaxed),
-            ),
-            (
-                "spectral_decision_log_refused_total",
-                "Decisions answered 503 because their record could not be queued in time.",
-                "counter",
-                self.decision_log_refused.load(Relaxed),
-            ),
-            (
-                "spectral_decision_log_written_total",
-                "Decision records written.",
-                "counter",
-                self.decision_log_written.load(Relaxed),
-            ),
-            (
-                "spectral_decision_log_write_errors_total",
-                "Decision records lost to store errors.",
-                "counter",
-                self.decision_log_write_errors.load(Relaxed),
-            ),
-            (
-                "spectral_connections_shed_total",
-                "Connections refused because the connection limit was reached.",
-                "counter",
-                self.connections_shed.load(Relaxed),
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
-        out
+        self.queue_depth
+            .set(i64::try_from(queue_depth).unwrap_or(i64::MAX));
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# the metrics could not be encoded: {e}\n"))
     }
 }
 
@@ -320,22 +427,36 @@ mod tests {
         let m = Metrics::default();
         m.request(Route::Decide, 200, Duration::from_micros(80));
         m.request(Route::Decide, 503, Duration::from_millis(3));
-        m.decision("acme", 3);
-        m.decision("acme", 3);
+        let acme = m.world("acme");
+        acme.add(3);
+        acme.add(3);
         m.sandbox_error("deadline_exceeded");
         m.cache_load(true);
+        m.outbox
+            .claimed
+            .with_label_values(&["world.published"])
+            .inc();
+        m.outbox.set_state(0);
         let text = m.render(7);
-        assert!(text.contains(
-            "spectral_http_request_duration_seconds_bucket{route=\"decide\",le=\"0.0001\"} 1"
-        ));
-        assert!(text.contains(
-            "spectral_http_request_duration_seconds_bucket{route=\"decide\",le=\"0.005\"} 2"
-        ));
-        assert!(text.contains("spectral_http_request_duration_seconds_count{route=\"decide\"} 2"));
-        assert!(text.contains("spectral_http_responses_total{route=\"decide\",class=\"5xx\"} 1"));
-        assert!(text.contains("spectral_decisions_total{world=\"acme\",status=\"RED\"} 2"));
-        assert!(text.contains("spectral_sandbox_errors_total{kind=\"deadline_exceeded\"} 1"));
-        assert!(text.contains("spectral_cache_loads_total{result=\"ok\"} 1"));
-        assert!(text.contains("spectral_decision_log_queue_depth 7"));
+        for line in [
+            "spectral_http_request_duration_seconds_bucket{route=\"decide\",le=\"0.0001\"} 1",
+            "spectral_http_request_duration_seconds_bucket{route=\"decide\",le=\"0.005\"} 2",
+            "spectral_http_request_duration_seconds_count{route=\"decide\"} 2",
+            "spectral_http_responses_total{class=\"5xx\",route=\"decide\"} 1",
+            "spectral_decisions_total{status=\"RED\",world=\"acme\"} 2",
+            "spectral_sandbox_errors_total{kind=\"deadline_exceeded\"} 1",
+            "spectral_cache_loads_total{result=\"ok\"} 1",
+            "spectral_decision_log_queue_depth 7",
+            "spectral_decision_log_dropped_total 0",
+            "spectral_connections_shed_total 0",
+            "spectral_outbox_claimed_total{event_type=\"world.published\"} 1",
+            "spectral_outbox_consumer_state{state=\"wired\"} 1",
+            "spectral_outbox_consumer_state{state=\"off\"} 0",
+            "spectral_outbox_oldest_due_age_seconds 0",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
     }
 }

@@ -1,6 +1,7 @@
 //! The consumer loop: wake on a notification, an in-process signal or a jittered poll; claim
 //! a batch of this generation's due rows; handle them one at a time; on shutdown finish the
-//! row in hand and release the rest.
+//! row in hand and release the rest. Counts what it does in the workers' metrics
+//! (`docs/operations.md`).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -8,58 +9,100 @@ use std::time::Duration;
 
 use rand::Rng;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{HandlerError, Registry, RetryPolicy};
 use crate::config::OutboxConfig;
-use crate::store::{Completion, Notifications, OutboxRow, Store};
+use crate::store::{Completion, Notifications, OutboxRow, OutboxStatus, Store};
+use crate::telemetry::Metrics;
 
 /// How the consumer learns of new rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Wiring {
-    /// Postgres notifications, with polling behind them (or the in-process wake on SQLite).
+    /// Postgres notifications, with polling behind them; on SQLite, the in-process wake of
+    /// the store the producers commit through.
     Wired,
-    /// Polling alone: notifications are unavailable or their connection is down.
+    /// Polling alone: notifications are unavailable or their connection is down, or (SQLite)
+    /// the producers run in another process.
     Polling,
     /// No consumer runs in this process.
     Off,
+    /// The workers runtime ended without being asked to: the process is not ready.
+    Failed,
 }
 
-/// The consumer's state, shared with `/health`.
-#[derive(Debug)]
+impl Wiring {
+    /// Its index in [`crate::telemetry::CONSUMER_STATES`] and in [`OutboxState`].
+    fn index(self) -> u8 {
+        match self {
+            Wiring::Wired => 0,
+            Wiring::Polling => 1,
+            Wiring::Off => 2,
+            Wiring::Failed => 3,
+        }
+    }
+}
+
+/// The consumer's state, shared with `/health`, and the metrics it counts in.
 pub struct OutboxState {
     wiring: AtomicU8,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for OutboxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxState")
+            .field("wiring", &self.wiring())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for OutboxState {
+    /// A state whose metrics nobody exposes (tests, benchmarks).
     fn default() -> Self {
-        Self {
-            wiring: AtomicU8::new(2),
-        }
+        Self::new(Arc::new(Metrics::default()))
     }
 }
 
 impl OutboxState {
+    /// A consumer's state that counts in `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            wiring: AtomicU8::new(Wiring::Off.index()),
+            metrics,
+        }
+    }
+
     pub fn wiring(&self) -> Wiring {
         match self.wiring.load(Ordering::Relaxed) {
             0 => Wiring::Wired,
             1 => Wiring::Polling,
+            3 => Wiring::Failed,
             _ => Wiring::Off,
         }
     }
 
-    fn set(&self, w: Wiring) {
-        let n = match w {
-            Wiring::Wired => 0,
-            Wiring::Polling => 1,
-            Wiring::Off => 2,
-        };
-        if self.wiring.swap(n, Ordering::Relaxed) != n {
-            tracing::info!(wiring = ?w, "outbox consumer wiring changed");
+    /// Record a new wiring. `Failed` is final: a consumer stopping after it does not hide it.
+    pub fn set(&self, w: Wiring) {
+        let n = w.index();
+        let before = self
+            .wiring
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (old != Wiring::Failed.index()).then_some(n)
+            });
+        if let Ok(old) = before {
+            self.metrics.outbox.set_state(usize::from(n));
+            if old != n {
+                tracing::info!(wiring = ?w, "outbox consumer wiring changed");
+            }
         }
     }
 }
+
+/// How often the consumer refreshes the row counts its metrics show.
+const COUNT_EVERY: Duration = Duration::from_secs(5);
 
 /// How often a listening connection is checked when no notification arrives.
 const LISTENER_PING: Duration = Duration::from_secs(15);
@@ -73,6 +116,9 @@ pub struct Consumer {
     /// Identifies this worker's claims.
     worker: String,
     state: Arc<OutboxState>,
+    /// Whether the producers commit through this consumer's store (or one sharing its
+    /// wake): only then does the in-process wake reach it on SQLite.
+    woken_in_process: bool,
 }
 
 impl Consumer {
@@ -95,7 +141,15 @@ impl Consumer {
             generation,
             worker,
             state,
+            woken_in_process: true,
         }
+    }
+
+    /// Say whether the producers commit through a store that shares this consumer's wake
+    /// (the default). A consumer in a process of its own is not: on SQLite it only polls.
+    pub fn woken_in_process(mut self, yes: bool) -> Self {
+        self.woken_in_process = yes;
+        self
     }
 
     /// This worker's id, as recorded on the rows it claims.
@@ -116,16 +170,22 @@ impl Consumer {
         Duration::from_secs_f64(base * rand::thread_rng().gen_range(0.8..1.2))
     }
 
-    /// Run until `stop` turns true. The row being handled when it does is finished and its
-    /// result recorded; rows claimed but not started go back to pending.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    /// Run until `stop` is cancelled. The row being handled then is finished and its result
+    /// recorded; rows claimed but not started go back to pending.
+    ///
+    /// Fails when every claim for a whole lease has failed: the store is out of reach, the
+    /// rows this worker holds are being rescued by others, and the process should say it
+    /// cannot do its work rather than keep looking ready (ARCHITECTURE.md, "Supervisor").
+    pub async fn run(self, stop: CancellationToken) -> Result<(), crate::store::StoreError> {
+        let mut failing_since: Option<tokio::time::Instant> = None;
         let mut listener = None;
         let mut retry_listen = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(250);
         let mut next_rescue = tokio::time::Instant::now();
         self.state.set(Wiring::Polling);
         tracing::info!(generation = self.generation, worker = %self.worker, "outbox consumer started");
-        while !*stop.borrow() {
+        let mut next_count = tokio::time::Instant::now();
+        while !stop.is_cancelled() {
             if listener.is_none()
                 && self.config.listen
                 && tokio::time::Instant::now() >= retry_listen
@@ -136,8 +196,9 @@ impl Consumer {
                         backoff = Duration::from_millis(250);
                         self.state.set(Wiring::Wired);
                     }
-                    // SQLite: the in-process wake is the notification.
-                    Ok(None) => self.state.set(Wiring::Wired),
+                    // SQLite: the in-process wake is the notification, when it reaches us.
+                    Ok(None) if self.woken_in_process => self.state.set(Wiring::Wired),
+                    Ok(None) => self.state.set(Wiring::Polling),
                     Err(e) => {
                         tracing::warn!(error = %e, "outbox listener unavailable; polling");
                         self.state.set(Wiring::Polling);
@@ -154,6 +215,15 @@ impl Consumer {
                 }
                 next_rescue = tokio::time::Instant::now() + self.config.lease / 2;
             }
+            if tokio::time::Instant::now() >= next_count {
+                if let Ok(c) = self.store.outbox_counts(self.generation).await {
+                    self.state
+                        .metrics
+                        .outbox
+                        .set_rows(c.pending, c.in_flight, c.failed);
+                }
+                next_count = tokio::time::Instant::now() + COUNT_EVERY;
+            }
             // Registered before the claim, so a commit that lands after the claim's snapshot
             // still wakes the wait below.
             let wake = self.store.local_wake().notified();
@@ -162,20 +232,38 @@ impl Consumer {
                 .claim(self.generation, &self.worker, self.config.batch_size)
                 .await
             {
-                Ok(rows) => rows,
+                Ok(rows) => {
+                    failing_since = None;
+                    rows
+                }
                 Err(e) => {
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= self.config.lease {
+                        tracing::error!(error = %e, lease_ms = self.config.lease.as_millis() as u64, "every claim failed for a whole lease; the consumer gives up");
+                        return Err(e);
+                    }
                     tracing::warn!(error = %e, "claiming outbox rows failed");
                     Vec::new()
                 }
             };
+            let outbox = &self.state.metrics.outbox;
+            // Rows are claimed oldest first: the first one has waited longest.
+            let waited = claimed.first().map_or(0.0, |row| {
+                (chrono::Utc::now() - row.occurred_at)
+                    .to_std()
+                    .map_or(0.0, |d| d.as_secs_f64())
+            });
+            outbox.oldest_due_age.set(waited);
+            for row in &claimed {
+                outbox.claimed.with_label_values(&[&row.event_type]).inc();
+            }
             if !claimed.is_empty() {
                 self.handle_batch(claimed, &stop).await;
                 continue;
             }
             // Nothing due: wait for a reason to look again.
             tokio::select! {
-                // A dropped sender means the supervisor is gone: stop as well.
-                changed = stop.changed() => if changed.is_err() { break },
+                _ = stop.cancelled() => break,
                 _ = wake => {}
                 _ = tokio::time::sleep(self.jittered_poll()) => {}
                 // Time to try listening again.
@@ -193,16 +281,17 @@ impl Consumer {
         }
         self.state.set(Wiring::Off);
         tracing::info!(worker = %self.worker, "outbox consumer stopped");
+        Ok(())
     }
 
-    async fn handle_batch(&self, rows: Vec<OutboxRow>, stop: &watch::Receiver<bool>) {
+    async fn handle_batch(&self, rows: Vec<OutboxRow>, stop: &CancellationToken) {
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         // Every row of the batch was claimed now, and its lease runs from now: a row is not
         // started once half of it has passed, or a slow batch would let another worker rescue
         // rows this one is still going to handle, and both would run them.
         let claimed = tokio::time::Instant::now();
         for (i, row) in rows.iter().enumerate() {
-            let stopping = *stop.borrow();
+            let stopping = stop.is_cancelled();
             if stopping || claimed.elapsed() > self.config.lease / 2 {
                 let rest = &ids[i..];
                 match self.store.release(&self.worker, rest).await {
@@ -227,9 +316,12 @@ impl Consumer {
             self.record_failure(row, &error, None).await;
             return;
         };
-        let policy = handler.policy(self.policy());
         let span = tracing::info_span!("outbox", id = row.id, event = %row.event_type, handler = handler.name(), attempt = row.attempts);
-        let _enter = span.enter();
+        self.handle_with(row, handler).instrument(span).await
+    }
+
+    async fn handle_with(&self, row: &OutboxRow, handler: Arc<dyn super::Handler>) {
+        let policy = handler.policy(self.policy());
         match handler.handle(row).await {
             Ok(effect) => {
                 match self
@@ -237,8 +329,12 @@ impl Consumer {
                     .complete(row, &self.worker, handler.name(), &effect)
                     .await
                 {
-                    Ok(Completion::Applied) => tracing::debug!("handled"),
+                    Ok(Completion::Applied) => {
+                        self.count_handled(row);
+                        tracing::debug!("handled")
+                    }
                     Ok(Completion::Duplicate) => {
+                        self.count_handled(row);
                         tracing::info!("already handled; delivered with no second effect")
                     }
                     Ok(Completion::Lost) => {
@@ -261,14 +357,34 @@ impl Consumer {
         }
     }
 
+    fn count_handled(&self, row: &OutboxRow) {
+        self.state
+            .metrics
+            .outbox
+            .handled
+            .with_label_values(&[&row.event_type])
+            .inc();
+    }
+
     async fn record_failure(
         &self,
         row: &OutboxRow,
         error: &str,
         retry_at: Option<chrono::DateTime<chrono::Utc>>,
     ) {
+        let outbox = &self.state.metrics.outbox;
+        let event_type: &[&str] = &[&row.event_type];
+        outbox.failed.with_label_values(event_type).inc();
         match self.store.fail(row, &self.worker, error, retry_at).await {
-            Ok(Some(status)) => tracing::warn!(error, status = status.as_str(), "handler failed"),
+            Ok(Some(status)) => {
+                match status {
+                    OutboxStatus::Failed => {
+                        outbox.dead_lettered.with_label_values(event_type).inc()
+                    }
+                    _ => outbox.retried.with_label_values(event_type).inc(),
+                }
+                tracing::warn!(error, status = status.as_str(), "handler failed")
+            }
             Ok(None) => tracing::warn!(error, "handler failed after its claim was lost"),
             Err(e) => {
                 tracing::warn!(error = %e, "recording a failure failed; the row will be rescued")

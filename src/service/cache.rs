@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::sync::{watch, OnceCell};
+use tokio::sync::OnceCell;
 
 use crate::config::CacheConfig;
 use crate::sandbox::Sandbox;
 use crate::store::{Notifications, Store};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, WorldCounters};
 use crate::worlds::model::WorldModel;
 use crate::worlds::Module;
 
@@ -32,6 +32,8 @@ pub struct LoadedVersion {
     pub version: u64,
     pub model: WorldModel,
     pub modules: HashMap<String, Arc<Module>>,
+    /// The world's decision counters, resolved at load so that a decision only adds.
+    pub counters: WorldCounters,
 }
 
 /// Why a version could not be loaded.
@@ -228,6 +230,7 @@ impl Cache {
             version,
             model,
             modules,
+            counters: self.metrics.world(world),
         }))
     }
 
@@ -333,7 +336,7 @@ impl Cache {
     pub async fn watch(
         self: Arc<Self>,
         mut listener: Option<Notifications>,
-        mut stop: watch::Receiver<bool>,
+        stop: tokio_util::sync::CancellationToken,
     ) {
         let poll = self.config.poll_interval;
         let mut retry_at = tokio::time::Instant::now();
@@ -363,7 +366,7 @@ impl Cache {
                 }
             };
             tokio::select! {
-                _ = stop.changed() => break,
+                _ = stop.cancelled() => break,
                 n = notified => match n {
                     Some(Ok(world)) => {
                         tracing::debug!(world, "deployment notification");

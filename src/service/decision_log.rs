@@ -7,12 +7,12 @@
 //! opt-in, drop the record at once. Both are counted in metrics and on `/health`.
 //! Records still queued when the process is killed are lost; a graceful shutdown writes them.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{DecisionLogConfig, Durability, Overflow};
 use crate::store::{NewDecision, Store};
@@ -55,9 +55,9 @@ pub struct DecisionLog {
     /// and gives it back once written, so the queue is bounded in memory as well as in count.
     room: Arc<Semaphore>,
     max_bytes: u32,
-    /// The supervisor signals once, after the HTTP server has drained; the writer then
+    /// The supervisor cancels it once, after the HTTP server has drained; the writer then
     /// writes what is queued and exits.
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     overflow: Overflow,
     durability: Durability,
     capacity: usize,
@@ -98,7 +98,8 @@ impl DecisionLog {
     ) -> std::io::Result<(Self, Writer)> {
         let (tx, rx) = mpsc::channel(config.capacity);
         let max_bytes = u32::try_from(config.max_bytes).unwrap_or(u32::MAX);
-        let (stop, mut stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         let (finished, writer) = oneshot::channel();
         let (batch_size, linger, thread_metrics) =
             (config.batch_size, config.linger, metrics.clone());
@@ -115,7 +116,7 @@ impl DecisionLog {
                 }
             };
             runtime.block_on(async move {
-                match own_store(&store, &mut stopped).await {
+                match own_store(&store, &stopped).await {
                     Some(own) => {
                         write_loop(&own, rx, stopped, batch_size, linger, thread_metrics).await;
                         own.close().await;
@@ -165,7 +166,7 @@ impl DecisionLog {
                 Some(rx) => match rx.await {
                     Ok(true) => Ok(()),
                     Ok(false) | Err(_) => {
-                        self.metrics.decision_log_refused.fetch_add(1, Relaxed);
+                        self.metrics.decision_log_refused.inc();
                         Err(Unrecorded)
                     }
                 },
@@ -173,11 +174,11 @@ impl DecisionLog {
         }
         match self.overflow {
             Overflow::Drop => {
-                self.metrics.decision_log_dropped.fetch_add(1, Relaxed);
+                self.metrics.decision_log_dropped.inc();
                 Ok(())
             }
             Overflow::Block(_) => {
-                self.metrics.decision_log_refused.fetch_add(1, Relaxed);
+                self.metrics.decision_log_refused.inc();
                 Err(Unrecorded)
             }
         }
@@ -230,7 +231,7 @@ impl DecisionLog {
 
     /// Ask the writer to write what is queued and stop.
     pub fn stop(&self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
     }
 
     /// Records waiting in the queue, read off the channel itself.
@@ -252,10 +253,10 @@ impl DecisionLog {
                 Durability::Queued => "queued",
                 Durability::Commit => "commit",
             },
-            dropped: self.metrics.decision_log_dropped.load(Relaxed),
-            refused: self.metrics.decision_log_refused.load(Relaxed),
-            written: self.metrics.decision_log_written.load(Relaxed),
-            write_errors: self.metrics.decision_log_write_errors.load(Relaxed),
+            dropped: self.metrics.decision_log_dropped.get(),
+            refused: self.metrics.decision_log_refused.get(),
+            written: self.metrics.decision_log_written.get(),
+            write_errors: self.metrics.decision_log_write_errors.get(),
         }
     }
 }
@@ -263,7 +264,7 @@ impl DecisionLog {
 /// The writer's own connection, opened here so that its database threads start at this
 /// thread's priority; retried with backoff while the database is unreachable (records queue
 /// meanwhile, under the overflow policy). `None` when the stop comes first.
-async fn own_store(store: &Store, stopped: &mut watch::Receiver<bool>) -> Option<Store> {
+async fn own_store(store: &Store, stopped: &CancellationToken) -> Option<Store> {
     let mut delay = Duration::from_millis(250);
     loop {
         match store.log_writer().await {
@@ -274,7 +275,7 @@ async fn own_store(store: &Store, stopped: &mut watch::Receiver<bool>) -> Option
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stopped.changed() => return None,
+            _ = stopped.cancelled() => return None,
         }
         delay = (delay * 2).min(Duration::from_secs(30));
     }
@@ -283,17 +284,17 @@ async fn own_store(store: &Store, stopped: &mut watch::Receiver<bool>) -> Option
 async fn write_loop(
     store: &Store,
     mut rx: mpsc::Receiver<Queued>,
-    mut stopped: watch::Receiver<bool>,
+    stopped: CancellationToken,
     batch_size: usize,
     linger: Duration,
     metrics: Arc<Metrics>,
 ) {
     let mut batch = Vec::with_capacity(batch_size);
     // A stop already seen (while the connection was being opened) goes straight to the drain.
-    while !*stopped.borrow() {
+    while !stopped.is_cancelled() {
         tokio::select! {
             biased;
-            _ = stopped.changed() => break,
+            _ = stopped.cancelled() => break,
             n = rx.recv_many(&mut batch, batch_size) => {
                 if n == 0 {
                     break;
@@ -305,7 +306,7 @@ async fn write_loop(
                 if batch.len() < batch_size {
                     tokio::select! {
                         _ = tokio::time::sleep(linger) => {}
-                        _ = stopped.changed() => {}
+                        _ = stopped.cancelled() => {}
                     }
                     if !rx.is_empty() {
                         let room = batch_size - batch.len();
@@ -313,7 +314,7 @@ async fn write_loop(
                     }
                 }
                 write(store, &mut batch, &metrics).await;
-                if *stopped.borrow() {
+                if stopped.is_cancelled() {
                     break;
                 }
             }
@@ -341,7 +342,7 @@ async fn write(store: &Store, queued: &mut Vec<Queued>, metrics: &Metrics) {
     for attempt in 1..=WRITE_ATTEMPTS {
         match store.append_decisions(&batch).await {
             Ok(()) => {
-                metrics.decision_log_written.fetch_add(n, Relaxed);
+                metrics.decision_log_written.inc_by(n);
                 committed = true;
                 break;
             }
@@ -352,7 +353,7 @@ async fn write(store: &Store, queued: &mut Vec<Queued>, metrics: &Metrics) {
             }
             Err(e) => {
                 tracing::error!(error = %e, records = n, "decision log write failed; records lost");
-                metrics.decision_log_write_errors.fetch_add(n, Relaxed);
+                metrics.decision_log_write_errors.inc_by(n);
             }
         }
     }

@@ -115,6 +115,35 @@ impl Store {
         Ok(store)
     }
 
+    /// A second store on the same database for another runtime of this process (the
+    /// workers'): a pool of its own, named `name` on Postgres (`application_name`), that
+    /// shares `peer`'s stamp, so that a commit through either wakes a consumer waiting on the
+    /// other's [`Store::local_wake`] (SQLite has no NOTIFY; ARCHITECTURE.md, "Supervisor").
+    pub async fn connect_beside(
+        config: &StoreConfig,
+        peer: &Store,
+        name: &str,
+    ) -> Result<Self, StoreError> {
+        let mut config = config.clone();
+        if let Some(url) = config.database_url.as_mut() {
+            if let Ok(mut parsed) = url::Url::parse(url) {
+                if !parsed.query_pairs().any(|(k, _)| k == "application_name") {
+                    parsed
+                        .query_pairs_mut()
+                        .append_pair("application_name", name);
+                    *url = parsed.to_string();
+                }
+            }
+        }
+        let mut store = Store::connect(&config).await?;
+        match (&mut store, peer) {
+            (Store::Sqlite(s), Store::Sqlite(p)) => s.stamp = p.stamp.clone(),
+            (Store::Postgres(s), Store::Postgres(p)) => s.stamp = p.stamp.clone(),
+            _ => {}
+        }
+        Ok(store)
+    }
+
     pub fn backend(&self) -> Backend {
         match self {
             Store::Sqlite(_) => Backend::Sqlite,
@@ -283,7 +312,7 @@ impl Store {
     }
 
     /// Woken after this process commits events; a consumer in the same process waits on it.
-    pub(crate) fn local_wake(&self) -> &tokio::sync::Notify {
+    pub fn local_wake(&self) -> &tokio::sync::Notify {
         dispatch!(self, s => &s.stamp().wake)
     }
 

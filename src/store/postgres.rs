@@ -46,7 +46,7 @@ pub(super) const DEPLOYMENTS_CHANNEL: &str = "spectral_deployments";
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
-    stamp: Arc<Stamp>,
+    pub(super) stamp: Arc<Stamp>,
 }
 
 impl PgStore {

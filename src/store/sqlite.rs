@@ -51,7 +51,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    stamp: Arc<Stamp>,
+    pub(super) stamp: Arc<Stamp>,
 }
 
 impl SqliteStore {

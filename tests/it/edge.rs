@@ -138,10 +138,10 @@ async fn metrics_count_requests_decisions_and_errors() {
     );
     let text = resp.text().await.expect("text");
     for line in [
-        "spectral_decisions_total{world=\"acme-payments\",status=\"GREEN\"} 1",
-        "spectral_decisions_total{world=\"acme-payments\",status=\"RED\"} 1",
-        "spectral_http_responses_total{route=\"decide\",class=\"2xx\"} 2",
-        "spectral_http_responses_total{route=\"decide\",class=\"4xx\"} 1",
+        "spectral_decisions_total{status=\"GREEN\",world=\"acme-payments\"} 1",
+        "spectral_decisions_total{status=\"RED\",world=\"acme-payments\"} 1",
+        "spectral_http_responses_total{class=\"2xx\",route=\"decide\"} 2",
+        "spectral_http_responses_total{class=\"4xx\",route=\"decide\"} 1",
         "spectral_http_request_duration_seconds_count{route=\"decide\"} 3",
         "spectral_cache_loads_total{result=\"ok\"} 3",
     ] {

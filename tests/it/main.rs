@@ -28,6 +28,7 @@ mod outbox;
 mod properties;
 mod receiver;
 mod serve;
+mod shutdown;
 mod store;
 mod support;
 mod tidy;

@@ -15,7 +15,7 @@ use spectral::outbox::{
 use spectral::store::{
     events, Effect, MatchedRule, NewDecision, NewEvent, OutboxRow, OutboxStatus, StatDelta, Store,
 };
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::app::{Backend, Db};
 use crate::support::eventually;
@@ -110,7 +110,7 @@ fn consume(
     config: OutboxConfig,
     generation: i64,
 ) -> (
-    watch::Sender<bool>,
+    CancellationToken,
     tokio::task::JoinHandle<()>,
     Arc<OutboxState>,
 ) {
@@ -118,8 +118,11 @@ fn consume(
     registry.register(TEST_EVENT, probe);
     let state = Arc::new(OutboxState::default());
     let consumer = Consumer::new(store, registry, config, generation, state.clone());
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(consumer.run(stopped));
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        consumer.run(stopped).await.expect("the consumer ran");
+    });
     (stop, task, state)
 }
 
@@ -244,7 +247,7 @@ async fn two_consumers_never_handle_one_row_twice(backend: Backend) {
     let b = consume(store(&db).await, probe.clone(), config(), 1);
     until_effects(&producer, 200).await;
     for (stop, task, _) in [a, b] {
-        let _ = stop.send(true);
+        stop.cancel();
         task.await.expect("consumer");
     }
     let runs = probe.runs.lock().expect("lock").clone();
@@ -281,7 +284,7 @@ async fn a_generation_never_claims_another_generations_rows(backend: Backend) {
     // Adopted deliberately, they are handled by the new generation.
     assert_eq!(old.adopt(3, 4).await.expect("adopt"), 2);
     until_effects(&old, 3).await;
-    let _ = stop.send(true);
+    stop.cancel();
     task.await.expect("consumer");
     assert_eq!(
         old.outbox_counts(4)
@@ -301,7 +304,7 @@ async fn retries_back_off_then_succeed(backend: Backend) {
     probe.fail_first.store(2, Ordering::SeqCst);
     let (stop, task, _) = consume(store(&db).await, probe.clone(), config(), 1);
     until_effects(&s, 1).await;
-    let _ = stop.send(true);
+    stop.cancel();
     task.await.expect("consumer");
     let row = rows_of(&s, TEST_EVENT).await.remove(0);
     assert_eq!(row.status, OutboxStatus::Delivered);
@@ -340,7 +343,7 @@ async fn a_terminal_failure_is_kept_and_can_be_replayed(backend: Backend) {
     probe.terminal.store(false, Ordering::SeqCst);
     s.replay(failed[0].id).await.expect("replay");
     until_effects(&s, 1).await;
-    let _ = stop.send(true);
+    stop.cancel();
     task.await.expect("consumer");
     let row = s
         .outbox_row(failed[0].id)
@@ -379,7 +382,7 @@ async fn a_dead_workers_rows_are_rescued_and_handled_once(backend: Backend) {
         .await
         .expect("complete");
     assert_eq!(late, spectral::store::Completion::Lost);
-    let _ = stop.send(true);
+    stop.cancel();
     task.await.expect("consumer");
     assert_eq!(effects(&s).await, 3, "each row has one effect");
     for row in rows_of(&s, TEST_EVENT).await {
@@ -418,7 +421,7 @@ async fn a_handler_run_twice_has_one_effect() {
     })
     .await;
     for (stop, task, _) in [a, b] {
-        let _ = stop.send(true);
+        stop.cancel();
         task.await.expect("consumer");
     }
     assert_eq!(slow.runs.lock().expect("lock").len(), 1);
@@ -447,7 +450,7 @@ async fn a_lost_notification_is_handled_by_polling() {
         .await
         .expect("enqueue");
     until_effects(&producer, 2).await;
-    let _ = stop.send(true);
+    stop.cancel();
     task.await.expect("consumer");
 }
 
@@ -494,7 +497,7 @@ async fn the_listener_reconnects_after_its_backend_is_terminated() {
     wait_wiring(Wiring::Wired).await;
     producer.enqueue(&[event("after")]).await.expect("enqueue");
     until_effects(&producer, 3).await;
-    let _ = stop.send(true);
+    stop.cancel();
     task.await.expect("consumer");
 }
 
@@ -514,7 +517,7 @@ async fn a_slow_batch_releases_what_it_has_not_started() {
     cfg.lease = Duration::from_millis(600);
     let (stop, task, _) = consume(store(&db).await, probe.clone(), cfg, 1);
     until_effects(&s, 6).await;
-    let _ = stop.send(true);
+    stop.cancel();
     task.await.expect("consumer");
     // Each row ran once; none was rescued from a live worker.
     let runs = probe.runs.lock().expect("lock").clone();
@@ -567,8 +570,11 @@ async fn stored_rows_are_read_as_typed_events_or_dead_lettered(backend: Backend)
     );
     let state = Arc::new(OutboxState::default());
     let consumer = Consumer::new(store(&db).await, registry, config(), 1, state);
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(consumer.run(stopped));
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        consumer.run(stopped).await.expect("the consumer ran");
+    });
     let failed = crate::support::eventually(Duration::from_secs(20), "two dead letters", || {
         let s = s.clone();
         async move {
@@ -581,7 +587,7 @@ async fn stored_rows_are_read_as_typed_events_or_dead_lettered(backend: Backend)
         }
     })
     .await;
-    let _ = stop.send(true);
+    stop.cancel();
     task.await.expect("consumer");
     let errors: BTreeSet<(String, String)> = failed
         .iter()
