@@ -125,7 +125,17 @@ pub fn verify(
         };
     }
     let mut candidate = rule.clone();
-    candidate.cases = derived.to_vec();
+    // The cases were written from the statement, so they may set attributes the rule does not
+    // read; its answer cannot depend on those, and a case that varies one expecting another
+    // answer still fails on its own.
+    candidate.cases = derived
+        .iter()
+        .map(|case| {
+            let mut case = case.clone();
+            case.context.retain(|name, _| rule.inputs.contains(name));
+            case
+        })
+        .collect();
     target.rules.push(candidate);
 
     if !derived.iter().any(|c| c.matches) || !derived.iter().any(|c| !c.matches) {
@@ -262,6 +272,14 @@ mod tests {
     use super::*;
     use crate::worlds::model::{Severity, Status};
 
+    /// Default limits, with a wall-clock deadline an unoptimized build on a busy machine keeps.
+    fn sandbox() -> Sandbox {
+        let mut limits = crate::sandbox::Limits::default();
+        limits.deadline_us = 500_000;
+        limits.decision_deadline_us = 5_000_000;
+        Sandbox::new(limits)
+    }
+
     fn world() -> WorldModel {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("predicates/globex-support");
@@ -310,13 +328,7 @@ mod tests {
             r#"context.refund_method == "store_credit" && context.refund_amount > 500.0"#,
             &INPUTS,
         );
-        let v = verify(
-            &w,
-            "refund.issue",
-            &r,
-            &cases(),
-            &crate::sandbox::Sandbox::default(),
-        );
+        let v = verify(&w, "refund.issue", &r, &cases(), &sandbox());
         assert!(v.passed(), "{:#?}", v.diagnostics);
         let derived = v
             .checks
@@ -346,7 +358,7 @@ mod tests {
                 c
             })
             .collect();
-        let v = verify(&w, "refund.issue", &r, &only_amount, &Sandbox::default());
+        let v = verify(&w, "refund.issue", &r, &only_amount, &sandbox());
         assert!(!v.passed());
         let semantic: Vec<_> = v.of_class(FailureClass::Semantic).collect();
         assert_eq!(semantic.len(), 1, "{:#?}", v.diagnostics);
@@ -365,7 +377,7 @@ mod tests {
             r#"context.refund_method == "store_credit" && context.order_total > 500.0"#,
             &INPUTS,
         );
-        let v = verify(&w, "refund.issue", &r, &cases(), &Sandbox::default());
+        let v = verify(&w, "refund.issue", &r, &cases(), &sandbox());
         assert!(!v.passed());
         assert!(
             v.checks.is_empty(),
@@ -388,7 +400,7 @@ mod tests {
             ("{ let x = 1; x > 0 }", ErrorKind::Syntax),
         ] {
             let r = rule(source, &["refund_amount"]);
-            let v = verify(&w, "refund.issue", &r, &cases(), &Sandbox::default());
+            let v = verify(&w, "refund.issue", &r, &cases(), &sandbox());
             assert!(
                 v.of_class(FailureClass::Mechanical)
                     .any(|d| d.at == "predicate" && d.kind == Some(kind)),
@@ -406,7 +418,7 @@ mod tests {
             r#"context.refund_method == "store_credit" && context.refund_amount > 0.0 && (context.refund_method + "").pad(2000000000, "y").len() > 0"#,
             &INPUTS,
         );
-        let v = verify(&w, "refund.issue", &r, &cases(), &Sandbox::default());
+        let v = verify(&w, "refund.issue", &r, &cases(), &sandbox());
         assert!(!v.passed());
         let limits: Vec<_> = v
             .of_class(FailureClass::Mechanical)
@@ -426,11 +438,29 @@ mod tests {
         derived[1]
             .context
             .insert("refund_method".into(), "cheque".into());
-        let v = verify(&w, "refund.issue", &r, &derived, &Sandbox::default());
+        let v = verify(&w, "refund.issue", &r, &derived, &sandbox());
         let d: Vec<_> = v.of_class(FailureClass::Mechanical).collect();
         assert_eq!(d.len(), 1, "{:#?}", v.diagnostics);
         assert_eq!(d[0].at, "case 2");
         assert!(d[0].message.contains("schema"), "{}", d[0].message);
+    }
+
+    #[test]
+    fn attributes_the_rule_does_not_read_are_left_out_of_its_cases() {
+        let w = world();
+        let r = rule("context.refund_amount > 500.0", &["refund_amount"]);
+        // The method varies, the answer expected does not: the rule may ignore it.
+        let derived = vec![
+            case(600.0, "store_credit", true),
+            case(600.0, "bank_transfer", true),
+            case(400.0, "store_credit", false),
+        ];
+        let v = verify(&w, "refund.issue", &r, &derived, &sandbox());
+        assert!(v.passed(), "{:#?}", v.diagnostics);
+        // Where the method decides, ignoring it is caught as a disagreement.
+        let v = verify(&w, "refund.issue", &r, &cases(), &sandbox());
+        let semantic: Vec<_> = v.of_class(FailureClass::Semantic).collect();
+        assert_eq!(semantic.len(), 1, "{:#?}", v.diagnostics);
     }
 
     #[test]
@@ -442,7 +472,7 @@ mod tests {
             context: serde_json::Map::new(),
             matches: true,
         }];
-        let v = verify(&w, "refund.issue", &r, &always, &Sandbox::default());
+        let v = verify(&w, "refund.issue", &r, &always, &sandbox());
         assert!(!v.passed());
         assert!(
             v.diagnostics.iter().any(|d| d.at == "cases"),
@@ -458,15 +488,9 @@ mod tests {
         r.id = w.action("refund.issue").expect("action").rules[0]
             .id
             .clone();
-        let v = verify(&w, "refund.issue", &r, &cases(), &Sandbox::default());
+        let v = verify(&w, "refund.issue", &r, &cases(), &sandbox());
         assert!(v.diagnostics[0].message.contains("already has a rule"));
-        let v = verify(
-            &w,
-            "refund.nope",
-            &rule("true", &[]),
-            &cases(),
-            &Sandbox::default(),
-        );
+        let v = verify(&w, "refund.nope", &rule("true", &[]), &cases(), &sandbox());
         assert!(v.diagnostics[0].message.contains("no action"));
     }
 }
