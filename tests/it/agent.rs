@@ -410,3 +410,76 @@ async fn a_statement_that_tries_to_skip_verification_gets_nowhere() {
         assert!(body.contains("globex-support"));
     }
 }
+
+/// `spectral agent author` (the real binary) against the stand-in model.
+async fn author_cli(llm: &Llm, text: &str) -> std::process::Output {
+    let base = llm.base_url.clone();
+    let text = text.to_string();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_spectral"))
+            .args(["agent", "author", "--world"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("predicates/globex-support"))
+            .args(["--action", ACTION, "--text", &text])
+            .env("SPECTRAL_AGENT_BASE_URL", base)
+            .env("SPECTRAL_AGENT_MODEL", "stand-in-1")
+            .env("SPECTRAL_AGENT_RETRY_BASE_MS", "1")
+            .env("SPECTRAL_AGENT_RETRY_CAP_MS", "5")
+            // Verification runs the world's cases: give them the room of `support::sandbox`.
+            .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
+            .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000")
+            .output()
+            .expect("run spectral")
+    })
+    .await
+    .expect("join")
+}
+
+#[tokio::test]
+async fn the_cli_shows_each_step_and_the_tokens_and_prints_the_candidate() {
+    let llm = Llm::start(vec![rule(GOOD, &INPUTS), cases()]).await;
+    let out = author_cli(&llm, TEXT).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for line in [
+        "[1] intake",
+        "[2] draft …",
+        "[3] derive_cases",
+        "[4] verify",
+        "[5] propose",
+    ] {
+        assert!(stderr.contains(line), "{line} missing from:\n{stderr}");
+    }
+    assert!(
+        stderr.contains(r#"\"store_credit\""#) || stderr.contains("store_credit"),
+        "the draft's tokens were shown: {stderr}"
+    );
+    let evidence: Value = serde_json::from_slice(&out.stdout).expect("the evidence is JSON");
+    assert_eq!(evidence["rule"]["id"], "large-store-credit");
+    assert_eq!(evidence["rule"]["predicate"], GOOD);
+    assert!(
+        evidence["checks"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("checks passed")),
+        "{evidence}"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_exits_non_zero_without_a_candidate_and_says_why() {
+    let wrong = || {
+        rule(
+            r#"context.refund_method == "store_credit""#,
+            &["refund_method"],
+        )
+    };
+    let llm = Llm::start(vec![wrong(), cases(), wrong(), wrong(), wrong()]).await;
+    let out = author_cli(&llm, TEXT).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("failed_verification"), "{stderr}");
+    assert!(
+        stderr.contains("verification 4:"),
+        "every diagnostic kept: {stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
