@@ -308,6 +308,22 @@ async fn a_stream_cut_before_done_is_retried_and_the_retried_answer_used() {
 }
 
 #[tokio::test]
+async fn a_stream_that_ends_cleanly_without_done_counts_as_cut() {
+    let mut no_done = llm::text_answer(&["half"]);
+    no_done.pop();
+    let llm = Llm::start(vec![
+        Reply::stream(no_done),
+        Reply::stream(llm::text_answer(&["whole"])),
+    ])
+    .await;
+    let (r, seen) = call(&config(&llm)).await;
+    assert_eq!(r.unwrap().text, "whole");
+    assert!(seen
+        .iter()
+        .any(|p| matches!(p, Progress::Retry { reason, .. } if reason.contains("[DONE]"))));
+}
+
+#[tokio::test]
 async fn an_error_event_inside_the_stream_is_retried() {
     let err = json!({"error": {"message": "upstream overloaded"}}).to_string();
     let llm = Llm::start(vec![
