@@ -715,4 +715,31 @@ mod tests {
         // Every field of a rule but its cases.
         assert_eq!(props, Some(8));
     }
+
+    /// `docs/agent.md` prints each tool exactly as a request sends it.
+    #[test]
+    fn the_documented_tools_are_the_tools_sent() {
+        let doc = include_str!("../../docs/agent.md");
+        for tool in [propose_rule(), propose_cases()] {
+            let sent = json!({
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    "description": tool.description,
+                    "parameters": tool.parameters,
+                }
+            });
+            let marker = format!("<!-- tool: {} -->", tool.name);
+            let documented = doc
+                .split_once(&marker)
+                .and_then(|(_, rest)| rest.split_once("```json"))
+                .and_then(|(_, rest)| rest.split_once("```"))
+                .map(|(block, _)| serde_json::from_str::<Value>(block));
+            let pretty = serde_json::to_string_pretty(&sent).unwrap_or_default();
+            assert!(
+                matches!(&documented, Some(Ok(d)) if *d == sent),
+                "docs/agent.md must show, after {marker}:\n```json\n{pretty}\n```"
+            );
+        }
+    }
 }
