@@ -789,6 +789,13 @@ impl Config {
                     "must be an http:// or https:// URL",
                 ));
             }
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                return Err(Vars::err(
+                    "SPECTRAL_AGENT_BASE_URL",
+                    "<redacted>",
+                    "must not carry credentials; set SPECTRAL_AGENT_API_KEY instead",
+                ));
+            }
             a.base_url = Some(parsed);
         }
         if let Some(model) = v.get("SPECTRAL_AGENT_MODEL") {
@@ -994,6 +1001,14 @@ mod tests {
             e.contains("SPECTRAL_AGENT_BASE_URL") && !e.contains("hunter2"),
             "{e}"
         );
+        let e = Config::from_vars(vars(&[
+            ("SPECTRAL_AGENT_BASE_URL", "https://user:hunter2@h/v1"),
+            ("SPECTRAL_AGENT_MODEL", "m"),
+        ]))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("credentials") && !e.contains("hunter2"), "{e}");
     }
 
     #[test]

@@ -219,6 +219,29 @@ mod tests {
         assert!(matches!(&p.messages[1], Message::User(u) if u.contains("Mars")));
     }
 
+    /// Every helper the sandbox registers is in the prompt with its signature (`contains` is
+    /// how the `in` operator searches a list of strings, not a helper one calls).
+    #[test]
+    fn every_registered_helper_is_in_the_draft() {
+        let source = include_str!("../sandbox/helpers.rs");
+        let names: Vec<&str> = source
+            .split(".register_fn(\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .filter(|name| *name != "contains")
+            .collect();
+        assert!(names.len() >= 15, "{names:?}");
+        let p = draft(&world(), "vendor.onboard", "x", &Limits::default())
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let all = text(&p);
+        for name in names {
+            assert!(
+                all.contains(&format!("`{name}(")) || all.contains(&format!(" {name}(")),
+                "{name}"
+            );
+        }
+    }
+
     #[test]
     fn the_cases_prompt_never_shows_a_predicate() {
         let w = world();

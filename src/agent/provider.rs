@@ -20,7 +20,7 @@ use crate::config::{AgentConfig, Secret};
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "role", rename_all = "snake_case")]
+#[serde(tag = "role", content = "content", rename_all = "snake_case")]
 pub enum Message {
     System(String),
     User(String),
@@ -648,6 +648,31 @@ mod tests {
         let provider = Provider::new(&config).unwrap_or_else(|e| unreachable!("{e}"));
         let printed = format!("{config:?} {provider:?}");
         assert!(!printed.contains("0123"), "{printed}");
+    }
+
+    /// Messages are kept (in checkpoints, for instance) as JSON and read back unchanged.
+    #[test]
+    fn messages_round_trip_through_json() {
+        let all = vec![
+            Message::System("s".into()),
+            Message::User("u".into()),
+            Message::Assistant {
+                text: String::new(),
+                tool_calls: vec![ToolCall {
+                    id: "c".into(),
+                    name: "propose_rule".into(),
+                    arguments: Arguments::parse("{not json"),
+                }],
+            },
+            Message::Tool {
+                call_id: "c".into(),
+                content: "fix it".into(),
+            },
+        ];
+        let json = serde_json::to_string(&all).unwrap_or_else(|e| unreachable!("{e}"));
+        let back: Vec<Message> =
+            serde_json::from_str(&json).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(back, all);
     }
 
     #[test]

@@ -36,7 +36,8 @@ pub enum Reply {
 }
 
 impl Reply {
-    /// A stream of these events, sent at once.
+    /// A stream of these events, sent at once; an event that starts with `raw:` is sent as
+    /// the frame that follows, verbatim.
     pub fn stream(events: Vec<String>) -> Self {
         Self::Stream {
             events,
@@ -275,7 +276,11 @@ async fn write_reply(socket: &mut TcpStream, reply: Reply) -> std::io::Result<()
                 if i > 0 {
                     tokio::time::sleep(between).await;
                 }
-                let frame = format!("data: {event}\n\n");
+                // `raw:` sends the frame as it is (comments, CRLF, other fields).
+                let frame = match event.strip_prefix("raw:") {
+                    Some(raw) => raw.to_string(),
+                    None => format!("data: {event}\n\n"),
+                };
                 let bytes = frame.as_bytes();
                 for part in bytes.chunks(piece.unwrap_or(bytes.len()).max(1)) {
                     socket

@@ -140,6 +140,26 @@ async fn framing_survives_events_split_across_writes_mid_character() {
 }
 
 #[tokio::test]
+async fn comments_crlf_other_fields_and_multi_line_data_follow_the_sse_standard() {
+    let events = vec![
+        "raw:: keep-alive\n\n".to_string(),
+        "raw:event: ping\ndata: {}\n\n".to_string(),
+        llm::role(),
+        format!("raw:id: 7\r\ndata: {}\r\n\r\n", llm::text("one ")),
+        // One JSON text over two data lines, joined by a newline.
+        "raw:data: {\"choices\": [{\"index\": 0,\ndata: \"delta\": {\"content\": \"two\"}}]}\n\n"
+            .to_string(),
+        llm::finish("stop"),
+        llm::done(),
+    ];
+    let llm = Llm::start(vec![Reply::stream(events)]).await;
+    let (r, _) = call(&config(&llm)).await;
+    let c = r.unwrap();
+    assert_eq!(c.text, "one two");
+    assert_eq!(c.attempts, 1);
+}
+
+#[tokio::test]
 async fn a_tool_call_split_over_many_deltas_is_joined_and_parsed() {
     let args = json!({
         "id": "big-refund",
