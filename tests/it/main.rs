@@ -4,6 +4,7 @@
 // In tests a panic is how a check fails.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
+mod agent;
 mod api;
 mod app;
 mod cli;
@@ -17,11 +18,13 @@ mod flood;
 mod gate;
 mod hostile;
 mod image;
+mod llm;
 mod mcp;
 mod migrations;
 mod openapi;
 mod outbox;
 mod properties;
+mod provider;
 mod receiver;
 mod serve;
 mod store;
