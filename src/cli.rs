@@ -108,12 +108,36 @@ enum Command {
         #[arg(long)]
         at: Option<String>,
     },
+    /// Author rules with the World Agent (configured by SPECTRAL_AGENT_*; docs/agent.md).
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
     /// Serve the MCP tools spectral.list_actions and spectral.decide on stdin and stdout,
     /// against a world folder, offline as `spectral decide` decides (no store, no records).
     Mcp {
         /// The world folder.
         #[arg(long)]
         world: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Turn a rule stated in words into a verified candidate for an action of a world folder:
+    /// draft, derive cases from the statement alone, verify, repair. Shows each step and the
+    /// model's tokens on stderr as they come, prints the candidate with its evidence as JSON
+    /// on stdout, and exits 0 only when a candidate was proposed.
+    Author {
+        /// The world folder.
+        #[arg(long)]
+        world: PathBuf,
+        /// The action the rule belongs to, e.g. refund.issue.
+        #[arg(long)]
+        action: String,
+        /// The rule, as you would say it.
+        #[arg(long)]
+        text: String,
     },
 }
 
@@ -335,6 +359,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(crate::mcp::serve_stdio(folder))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Agent {
+            command:
+                AgentCommand::Author {
+                    world,
+                    action,
+                    text,
+                },
+        } => runtime()?.block_on(author(&config.agent, &sandbox, &world, action, text)),
         Command::World {
             command: WorldCommand::Check { dir },
         } => Ok(check(&dir, &sandbox)),
@@ -704,4 +736,102 @@ fn decide(
         worlds::evaluate(sandbox, module, &request).map_err(|e| anyhow!("--context: {e}"))?;
     println!("{}", serde_json::to_string_pretty(&decision)?);
     Ok(ExitCode::SUCCESS)
+}
+
+async fn author(
+    config: &crate::config::AgentConfig,
+    sandbox: &Sandbox,
+    dir: &std::path::Path,
+    action: String,
+    text: String,
+) -> anyhow::Result<ExitCode> {
+    use crate::agent::graph::{Graph, RunEvent, RunState, Status, Task};
+
+    // The world must compile as it is before a rule is added to it.
+    let world = load::load(dir, sandbox).map_err(|e| anyhow!("{e}"))?;
+    let provider = crate::agent::provider::Provider::new(config)?;
+    let graph = Graph {
+        provider: &provider,
+        sandbox,
+    };
+    let task = Task {
+        world: world.model.world.clone(),
+        action,
+        text,
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_signal.cancel();
+        }
+    });
+    let mut in_tokens = false;
+    let mut on = |event: RunEvent| {
+        let mut err = std::io::stderr().lock();
+        match event {
+            RunEvent::NodeStarted { step, node } => {
+                let _ = writeln!(err, "[{step}] {} …", node.as_str());
+            }
+            RunEvent::Token { text, .. } => {
+                in_tokens = true;
+                let _ = write!(err, "{text}");
+                let _ = err.flush();
+            }
+            RunEvent::Retry {
+                attempt, reason, ..
+            } => {
+                let _ = writeln!(err, "\n    retrying (attempt {}): {reason}", attempt + 1);
+            }
+            RunEvent::NodeFinished {
+                step,
+                node,
+                summary,
+            } => {
+                if std::mem::take(&mut in_tokens) {
+                    let _ = writeln!(err);
+                }
+                let _ = writeln!(err, "[{step}] {}: {summary}", node.as_str());
+            }
+        }
+    };
+    let state = graph
+        .run(
+            RunState::new(task, crate::agent::graph::Limits::default()),
+            &world.model,
+            &cancel,
+            &mut on,
+            &mut |_| {},
+        )
+        .await;
+    if let Some(evidence) = state.evidence() {
+        println!("{}", serde_json::to_string_pretty(&evidence)?);
+        eprintln!(
+            "proposed '{}': {}, {} repair(s), {} model call(s), {} tokens",
+            evidence.rule.id,
+            evidence.checks,
+            evidence.repairs,
+            evidence.usage.calls,
+            evidence.usage.tokens()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "no candidate: the run ended {}", state.status.code());
+    match &state.status {
+        Status::Refused { reason } => {
+            let _ = writeln!(err, "  {reason}");
+        }
+        Status::ProviderFailed { message, .. } => {
+            let _ = writeln!(err, "  {message}");
+        }
+        _ => {}
+    }
+    for (i, failure) in state.failures.iter().enumerate() {
+        let _ = writeln!(err, "verification {}:", i + 1);
+        for d in failure {
+            let _ = writeln!(err, "  - {} ({:?}): {}", d.at, d.class, d.message);
+        }
+    }
+    Ok(ExitCode::from(1))
 }

@@ -31,6 +31,12 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// The HTTP server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -255,6 +261,62 @@ impl Default for LogConfig {
     }
 }
 
+/// The LLM provider of the World Agent: any OpenAI-compatible chat-completions endpoint
+/// (`docs/agent.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The API's base URL (`SPECTRAL_AGENT_BASE_URL`), e.g. `https://api.openai.com/v1` or
+    /// `http://127.0.0.1:8080/v1`; requests go to `{base}/chat/completions`. Unset: the agent
+    /// is unconfigured.
+    pub base_url: Option<url::Url>,
+    /// The model name sent with every request (`SPECTRAL_AGENT_MODEL`); required with a base
+    /// URL.
+    pub model: String,
+    /// Sent as `Authorization: Bearer` (`SPECTRAL_AGENT_API_KEY`); local servers need none.
+    pub api_key: Option<Secret>,
+    /// Ask for a streamed answer (`SPECTRAL_AGENT_STREAM`); off, every call asks for one JSON
+    /// body.
+    pub stream: bool,
+    /// Time to open a connection (`SPECTRAL_AGENT_CONNECT_TIMEOUT_MS`).
+    pub connect_timeout: Duration,
+    /// Time from sending a request to the first token of its answer
+    /// (`SPECTRAL_AGENT_FIRST_TOKEN_TIMEOUT_MS`), per attempt.
+    pub first_token_timeout: Duration,
+    /// Time one call may take, every attempt and wait between them included
+    /// (`SPECTRAL_AGENT_CALL_TIMEOUT_MS`).
+    pub call_timeout: Duration,
+    /// Attempts per call (`SPECTRAL_AGENT_MAX_ATTEMPTS`), on 429, 5xx, connection errors and
+    /// answers cut short.
+    pub max_attempts: u32,
+    /// First retry delay (`SPECTRAL_AGENT_RETRY_BASE_MS`); doubles per attempt, with full
+    /// jitter, up to `SPECTRAL_AGENT_RETRY_CAP_MS`; a longer `Retry-After` wins.
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    /// `max_tokens` of every request (`SPECTRAL_AGENT_MAX_TOKENS`).
+    pub max_tokens: u32,
+    /// Bytes of one answer read at most (`SPECTRAL_AGENT_MAX_RESPONSE_BYTES`).
+    pub max_response_bytes: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            base_url: None,
+            model: String::new(),
+            api_key: None,
+            stream: true,
+            connect_timeout: Duration::from_secs(5),
+            first_token_timeout: Duration::from_secs(60),
+            call_timeout: Duration::from_secs(180),
+            max_attempts: 4,
+            retry_base: Duration::from_millis(500),
+            retry_cap: Duration::from_secs(30),
+            max_tokens: 4096,
+            max_response_bytes: 1 << 20,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
@@ -270,6 +332,7 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub background: BackgroundConfig,
     pub bootstrap: BootstrapConfig,
+    pub agent: AgentConfig,
     pub log: LogConfig,
 }
 
@@ -705,6 +768,90 @@ impl Config {
             b.seed_dir = (!dir.trim().is_empty()).then(|| PathBuf::from(dir));
         }
 
+        let a = &mut c.agent;
+        if let Some(base) = v
+            .get("SPECTRAL_AGENT_BASE_URL")
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+        {
+            // Never echo the value: a URL may carry credentials.
+            let parsed = url::Url::parse(base).map_err(|e| {
+                Vars::err(
+                    "SPECTRAL_AGENT_BASE_URL",
+                    "<redacted>",
+                    format!("not a URL: {e}"),
+                )
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.cannot_be_a_base() {
+                return Err(Vars::err(
+                    "SPECTRAL_AGENT_BASE_URL",
+                    "<redacted>",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                return Err(Vars::err(
+                    "SPECTRAL_AGENT_BASE_URL",
+                    "<redacted>",
+                    "must not carry credentials; set SPECTRAL_AGENT_API_KEY instead",
+                ));
+            }
+            a.base_url = Some(parsed);
+        }
+        if let Some(model) = v.get("SPECTRAL_AGENT_MODEL") {
+            a.model = model.trim().to_string();
+        }
+        if a.base_url.is_some() && a.model.is_empty() {
+            return Err(Vars::err(
+                "SPECTRAL_AGENT_MODEL",
+                "",
+                "required when SPECTRAL_AGENT_BASE_URL is set",
+            ));
+        }
+        if let Some(key) = v
+            .get("SPECTRAL_AGENT_API_KEY")
+            .filter(|k| !k.trim().is_empty())
+        {
+            a.api_key = Some(Secret::new(key.trim()));
+        }
+        v.flag("SPECTRAL_AGENT_STREAM", &mut a.stream)?;
+        v.millis(
+            "SPECTRAL_AGENT_CONNECT_TIMEOUT_MS",
+            &mut a.connect_timeout,
+            10..=600_000,
+        )?;
+        v.millis(
+            "SPECTRAL_AGENT_FIRST_TOKEN_TIMEOUT_MS",
+            &mut a.first_token_timeout,
+            10..=3_600_000,
+        )?;
+        v.millis(
+            "SPECTRAL_AGENT_CALL_TIMEOUT_MS",
+            &mut a.call_timeout,
+            10..=3_600_000,
+        )?;
+        v.number("SPECTRAL_AGENT_MAX_ATTEMPTS", &mut a.max_attempts, 1..=20)?;
+        v.millis(
+            "SPECTRAL_AGENT_RETRY_BASE_MS",
+            &mut a.retry_base,
+            1..=600_000,
+        )?;
+        v.millis(
+            "SPECTRAL_AGENT_RETRY_CAP_MS",
+            &mut a.retry_cap,
+            1..=3_600_000,
+        )?;
+        v.number(
+            "SPECTRAL_AGENT_MAX_TOKENS",
+            &mut a.max_tokens,
+            1..=1_000_000,
+        )?;
+        v.number(
+            "SPECTRAL_AGENT_MAX_RESPONSE_BYTES",
+            &mut a.max_response_bytes,
+            1024..=256 << 20,
+        )?;
+
         let l = &mut c.log;
         match v.get("SPECTRAL_LOG_FORMAT").map(str::trim) {
             None | Some("pretty") => {}
@@ -831,10 +978,58 @@ mod tests {
         let c = Config::from_vars(vars(&[
             ("SPECTRAL_OPERATOR_KEY", "spk_supersecretvalue123"),
             ("DATABASE_URL", "postgres://u:hunter2@h/db"),
+            ("SPECTRAL_AGENT_BASE_URL", "http://127.0.0.1:9/v1"),
+            ("SPECTRAL_AGENT_MODEL", "m"),
+            ("SPECTRAL_AGENT_API_KEY", "sk-llmkeyvalue42"),
         ]))
         .unwrap_or_else(|e| unreachable!("{e}"));
         let printed = format!("{c:?}");
         assert!(!printed.contains("supersecretvalue"), "{printed}");
         assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("llmkeyvalue"), "{printed}");
+        let key = c.agent.api_key.unwrap_or_else(|| Secret::new(""));
+        assert_eq!(key.expose(), "sk-llmkeyvalue42");
+        assert_eq!(key.to_string(), "<redacted>");
+        let e = Config::from_vars(vars(&[(
+            "SPECTRAL_AGENT_BASE_URL",
+            "ftp://user:hunter2@h/v1",
+        )]))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            e.contains("SPECTRAL_AGENT_BASE_URL") && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = Config::from_vars(vars(&[
+            ("SPECTRAL_AGENT_BASE_URL", "https://user:hunter2@h/v1"),
+            ("SPECTRAL_AGENT_MODEL", "m"),
+        ]))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("credentials") && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn agent_needs_a_model_with_a_base_url() {
+        let e = Config::from_vars(vars(&[("SPECTRAL_AGENT_BASE_URL", "http://h/v1")]));
+        assert_eq!(
+            e.map_err(|e| e.name),
+            Err("SPECTRAL_AGENT_MODEL".to_string())
+        );
+        let c = Config::from_vars(vars(&[
+            ("SPECTRAL_AGENT_BASE_URL", "http://h:8080/v1"),
+            ("SPECTRAL_AGENT_MODEL", "qwen2.5"),
+            ("SPECTRAL_AGENT_STREAM", "false"),
+            ("SPECTRAL_AGENT_MAX_ATTEMPTS", "2"),
+        ]))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(c.agent.model, "qwen2.5");
+        assert!(!c.agent.stream);
+        assert_eq!(c.agent.max_attempts, 2);
+        assert!(c.agent.api_key.is_none());
+        let e = Config::from_vars(vars(&[("SPECTRAL_AGENT_MAX_ATTEMPTS", "0")]));
+        assert!(e.is_err_and(|e| e.name == "SPECTRAL_AGENT_MAX_ATTEMPTS"));
     }
 }

@@ -3,6 +3,7 @@
 //! A caller asks whether an action may proceed in a *world*; the rules of that world are small
 //! predicates compiled once and evaluated in a sandbox. See `ARCHITECTURE.md` for the map.
 
+pub mod agent;
 pub mod background;
 pub mod cli;
 pub mod config;

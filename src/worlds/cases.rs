@@ -5,7 +5,16 @@ use serde::Serialize;
 use super::compile::CompiledWorld;
 use super::context::{self, Bound};
 use super::model::Attribute;
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Sandbox, SandboxError};
+
+/// Why a case could not be judged.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CaseFailure {
+    /// The rule failed on the case's context (an error or a limit).
+    Rule(SandboxError),
+    /// The case's context does not bind to the schema.
+    Context(String),
+}
 
 /// The result of one case.
 #[derive(Debug, Clone, Serialize)]
@@ -20,6 +29,9 @@ pub struct CaseResult {
     /// What happened: `matched`, `not matched`, or why the rule could not run.
     pub actual: String,
     pub passed: bool,
+    /// Why the rule could not run, when it could not; `None` when it ran.
+    #[serde(skip)]
+    pub failure: Option<CaseFailure>,
 }
 
 /// Run every case of every rule of a compiled world.
@@ -46,21 +58,28 @@ pub fn run_cases(world: &CompiledWorld, sandbox: &Sandbox) -> Vec<CaseResult> {
                     Bound::Ready(mut bindings) => {
                         let run = module.run_rule(sandbox, index, &mut bindings);
                         match run.error {
-                            Some(e) => Err(format!("error: {e}")),
+                            Some(e) => Err((format!("error: {e}"), CaseFailure::Rule(e))),
                             None => Ok(run.matched),
                         }
                     }
-                    Bound::Missing(evidence) => Err(format!(
-                        "evidence: {}",
-                        evidence
+                    Bound::Missing(evidence) => {
+                        let reason = evidence
                             .iter()
                             .map(|e| format!("{}: {}", e.attribute, e.reason))
                             .collect::<Vec<_>>()
-                            .join("; ")
-                    )),
-                    Bound::NotAnObject(e) => Err(format!("context: {e}")),
+                            .join("; ");
+                        Err((format!("evidence: {reason}"), CaseFailure::Context(reason)))
+                    }
+                    Bound::NotAnObject(e) => {
+                        Err((format!("context: {e}"), CaseFailure::Context(e)))
+                    }
                 };
                 let passed = actual.as_ref().is_ok_and(|m| *m == case.matches);
+                let (actual, failure) = match actual {
+                    Ok(true) => ("matched".to_string(), None),
+                    Ok(false) => ("not matched".to_string(), None),
+                    Err((text, failure)) => (text, Some(failure)),
+                };
                 results.push(CaseResult {
                     action: action.name.clone(),
                     rule: rule.id.clone(),
@@ -68,12 +87,9 @@ pub fn run_cases(world: &CompiledWorld, sandbox: &Sandbox) -> Vec<CaseResult> {
                     name: case.name.clone(),
                     context: case.context.clone(),
                     expected: case.matches,
-                    actual: match actual {
-                        Ok(true) => "matched".into(),
-                        Ok(false) => "not matched".into(),
-                        Err(e) => e,
-                    },
+                    actual,
                     passed,
+                    failure,
                 });
             }
         }

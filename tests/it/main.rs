@@ -8,6 +8,7 @@
     reason = "in tests a panic is how a check fails"
 )]
 
+mod agent;
 mod api;
 mod app;
 mod cli;
@@ -21,11 +22,13 @@ mod flood;
 mod gate;
 mod hostile;
 mod image;
+mod llm;
 mod mcp;
 mod migrations;
 mod openapi;
 mod outbox;
 mod properties;
+mod provider;
 mod receiver;
 mod serve;
 mod shutdown;
