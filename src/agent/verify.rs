@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::sandbox::{ErrorKind, Sandbox};
 use crate::worlds::cases::{self, CaseFailure};
-use crate::worlds::model::{Case, Rule, WorldModel};
 use crate::worlds::compile;
+use crate::worlds::model::{Case, Rule, WorldModel};
 use crate::worlds::problem::{Locus, Which};
 
 /// What kind of fix a failure asks for.

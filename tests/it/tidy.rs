@@ -60,8 +60,15 @@ const GUARDED: &[Guarded] = &[
     },
 ];
 
-/// Strings of the LLM wire format, known only to the agent's provider module.
-const WIRE_FORMAT: &[&str] = &["chat/completions", "\"choices\"", "tool_calls", "[DONE]"];
+/// Strings of the LLM wire format, known only to the agent's provider module: its path, its
+/// JSON keys as literals (the typed `Completion` may name its own fields as it likes) and the
+/// stream's end marker.
+const WIRE_FORMAT: &[&str] = &[
+    "chat/completions",
+    "\"choices\"",
+    "\"tool_calls\"",
+    "[DONE]",
+];
 const WIRE_RULE: &str = "only `agent::provider` knows the LLM wire format";
 const SANDBOX_RULE: &str = "`sandbox` depends on nothing else in the crate";
 const HEADER_RULE: &str = "every file starts with a `//!` header";
