@@ -693,7 +693,10 @@ fn test(dir: &std::path::Path, sandbox: &Sandbox) -> ExitCode {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one parameter per flag of `spectral decide`"
+)]
 fn decide(
     dir: &std::path::Path,
     action: &str,

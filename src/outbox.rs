@@ -1,4 +1,4 @@
-//! The outbox consumer and its handlers (SPEC §6): events written in the transaction of the
+//! The outbox consumer and its handlers (ARCHITECTURE.md): events written in the transaction of the
 //! change they describe are claimed by the workers runtime, handled once in effect, retried
 //! with backoff, and kept as a dead-letter queue when they fail for good.
 //!

@@ -179,7 +179,8 @@ fn run_workers(
             store.clone(),
             outbox.webhook_timeout,
             &outbox.webhook_egress,
-        );
+        )
+        .map_err(|e| format!("cannot build the webhook client: {e}"))?;
         let result = Consumer::new(store.clone(), registry, outbox, generation, state)
             .woken_in_process(woken)
             .run(stop)

@@ -150,8 +150,8 @@ pub struct OutboxMetrics {
     pub dead_lettered: IntCounterVec,
     /// One gauge per consumer state, 1 for the current one.
     state: [IntGauge; 4],
-    /// How long the oldest event due at the last claim had waited since it occurred.
-    pub oldest_due_age: Gauge,
+    /// How long ago the oldest pending event of the generation occurred, as last counted.
+    pub oldest_pending_age: Gauge,
     /// This generation's rows by status, as the store last counted them.
     rows: IntGaugeVec,
 }
@@ -284,9 +284,9 @@ impl Metrics {
             &["state"],
         );
         #[expect(clippy::expect_used, reason = "a constant name and help")]
-        let oldest_due_age = Gauge::with_opts(Opts::new(
-            "spectral_outbox_oldest_due_age_seconds",
-            "Age of the oldest event due at the consumer's last claim (0 when none was due).",
+        let oldest_pending_age = Gauge::with_opts(Opts::new(
+            "spectral_outbox_oldest_pending_age_seconds",
+            "Age of this generation's oldest pending outbox event, as last counted (0 when none is pending).",
         ))
         .expect("a valid gauge");
         let outbox = OutboxMetrics {
@@ -311,7 +311,7 @@ impl Metrics {
                 "Rows failed for good (the dead-letter queue), by event type.",
             ),
             state: CONSUMER_STATES.map(|s| state.with_label_values(&[s])),
-            oldest_due_age: register(r, oldest_due_age),
+            oldest_pending_age: register(r, oldest_pending_age),
             rows: gauge_vec(
                 r,
                 "spectral_outbox_rows",
@@ -452,7 +452,7 @@ mod tests {
             "spectral_outbox_claimed_total{event_type=\"world.published\"} 1",
             "spectral_outbox_consumer_state{state=\"wired\"} 1",
             "spectral_outbox_consumer_state{state=\"off\"} 0",
-            "spectral_outbox_oldest_due_age_seconds 0",
+            "spectral_outbox_oldest_pending_age_seconds 0",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

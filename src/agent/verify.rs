@@ -275,10 +275,11 @@ mod tests {
 
     /// Default limits, with a wall-clock deadline an unoptimized build on a busy machine keeps.
     fn sandbox() -> Sandbox {
-        let mut limits = crate::sandbox::Limits::default();
-        limits.deadline_us = 500_000;
-        limits.decision_deadline_us = 5_000_000;
-        Sandbox::new(limits)
+        Sandbox::new(crate::sandbox::Limits {
+            deadline_us: 500_000,
+            decision_deadline_us: 5_000_000,
+            ..Default::default()
+        })
     }
 
     fn world() -> WorldModel {

@@ -217,10 +217,12 @@ impl Consumer {
             }
             if tokio::time::Instant::now() >= next_count {
                 if let Ok(c) = self.store.outbox_counts(self.generation).await {
-                    self.state
-                        .metrics
-                        .outbox
-                        .set_rows(c.pending, c.in_flight, c.failed);
+                    let outbox = &self.state.metrics.outbox;
+                    outbox.set_rows(c.pending, c.in_flight, c.failed);
+                    // Milliseconds to seconds; a clock skewed into the future reads as 0.
+                    outbox
+                        .oldest_pending_age
+                        .set(c.oldest_pending_ms.unwrap_or(0).max(0) as f64 / 1000.0);
                 }
                 next_count = tokio::time::Instant::now() + COUNT_EVERY;
             }
@@ -247,13 +249,6 @@ impl Consumer {
                 }
             };
             let outbox = &self.state.metrics.outbox;
-            // Rows are claimed oldest first: the first one has waited longest.
-            let waited = claimed.first().map_or(0.0, |row| {
-                (chrono::Utc::now() - row.occurred_at)
-                    .to_std()
-                    .map_or(0.0, |d| d.as_secs_f64())
-            });
-            outbox.oldest_due_age.set(waited);
             for row in &claimed {
                 outbox.claimed.with_label_values(&[&row.event_type]).inc();
             }

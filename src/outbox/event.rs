@@ -1,5 +1,5 @@
 //! The events the service produces, typed: one variant per event type, each with the payload
-//! it carries (SPEC §6). A row stores the type in `event_type`, the layout's version in
+//! it carries (ARCHITECTURE.md). A row stores the type in `event_type`, the layout's version in
 //! `event_version` and the payload as JSON in `payload`; [`Event`] is that triple decoded.
 //!
 //! A payload's fields may grow within a version (readers ignore fields they do not know);

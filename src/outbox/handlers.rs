@@ -14,7 +14,14 @@ use crate::egress::Egress;
 use crate::store::{Effect, OutboxRow, StatDelta, Store};
 
 /// The handlers the service runs, by event type.
-pub fn registry(store: Store, webhook_timeout: Duration, egress: &Egress) -> Registry {
+/// The handlers of every event type. Fails only when the webhook client cannot be built:
+/// a client without the egress resolver and the no-redirect policy must never be used.
+pub fn registry(
+    store: Store,
+    webhook_timeout: Duration,
+    egress: &Egress,
+) -> Result<Registry, reqwest::Error> {
+    let delivery = WebhookDelivery::new(store.clone(), webhook_timeout, egress)?;
     let mut r = Registry::new();
     let fanout: Arc<dyn super::Handler> = Arc::new(WebhookFanout {
         store: store.clone(),
@@ -23,11 +30,8 @@ pub fn registry(store: Store, webhook_timeout: Duration, egress: &Egress) -> Reg
         .register(events::VERSION_PUBLISHED, fanout.clone())
         .register(events::MODULE_DEPLOYED, fanout.clone())
         .register(events::VERSION_RETIRED, fanout)
-        .register(
-            events::WEBHOOK_DELIVERY,
-            Arc::new(WebhookDelivery::new(store, webhook_timeout, egress)),
-        );
-    r
+        .register(events::WEBHOOK_DELIVERY, Arc::new(delivery));
+    Ok(r)
 }
 
 /// A row's event, or the terminal failure that sends a row this build cannot read to the
@@ -169,18 +173,21 @@ pub(crate) struct WebhookDelivery {
 impl WebhookDelivery {
     /// A client that follows no redirects and connects only where `egress` permits: its
     /// resolver drops internal addresses, so a name cannot be rebound to one.
-    pub(crate) fn new(store: Store, timeout: Duration, egress: &Egress) -> Self {
+    pub(crate) fn new(
+        store: Store,
+        timeout: Duration,
+        egress: &Egress,
+    ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(egress.resolver())
-            .build()
-            .unwrap_or_default();
-        Self {
+            .build()?;
+        Ok(Self {
             store,
             client,
             egress: egress.clone(),
-        }
+        })
     }
 }
 

@@ -1,4 +1,4 @@
-//! The outbox as the store keeps it (SPEC §6): rows appended in the transaction of the change
+//! The outbox as the store keeps it (ARCHITECTURE.md): rows appended in the transaction of the change
 //! they describe, and what a consumer's handled row changes. What an event *says* is typed in
 //! `crate::outbox::Event`; here it is a type name and a JSON payload, as the row stores it.
 
@@ -83,6 +83,10 @@ pub struct OutboxCounts {
     pub failed: i64,
     /// Pending, in-flight or failed rows that other generations left behind.
     pub other_generations: i64,
+    /// How long ago the oldest pending row of the generation occurred, in milliseconds;
+    /// `None` when none is pending. The consumer's lag, for `/metrics`.
+    #[serde(skip)]
+    pub oldest_pending_ms: Option<i64>,
 }
 
 /// What a handler changes in the store, applied in the transaction that records the event

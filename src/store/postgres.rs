@@ -395,7 +395,10 @@ const SQL: Sql = Sql {
                             AS in_flight,
                         COUNT(*) FILTER (WHERE generation = $1 AND status = 'failed') AS failed,
                         COUNT(*) FILTER (WHERE generation <> $1 AND status <> 'delivered')
-                            AS other_generations
+                            AS other_generations,
+                        (EXTRACT(EPOCH FROM now() - MIN(occurred_at)
+                            FILTER (WHERE generation = $1 AND status = 'pending')) * 1000)::bigint
+                            AS oldest_pending_ms
                     FROM core.outbox WHERE status <> 'delivered'",
     stats: r#"SELECT world, rule, status, count FROM core.decision_stats WHERE world = $1
               ORDER BY rule COLLATE "C", status COLLATE "C""#,

@@ -375,7 +375,10 @@ const SQL: Sql = Sql {
     outbox_counts: "SELECT COALESCE(SUM(generation = ?1 AND status = 'pending'), 0) AS pending,
                            COALESCE(SUM(generation = ?1 AND status = 'in_flight'), 0) AS in_flight,
                            COALESCE(SUM(generation = ?1 AND status = 'failed'), 0) AS failed,
-                           COALESCE(SUM(generation <> ?1), 0) AS other_generations
+                           COALESCE(SUM(generation <> ?1), 0) AS other_generations,
+                           CAST(unixepoch('subsec') * 1000 AS INTEGER)
+                               - MIN(CASE WHEN generation = ?1 AND status = 'pending'
+                                          THEN occurred_at END) / 1000 AS oldest_pending_ms
                     FROM outbox WHERE status <> 'delivered'",
     stats: "SELECT world, rule, status, count FROM decision_stats WHERE world = ?1
             ORDER BY rule, status",

@@ -28,6 +28,7 @@ crate::both_backends!(
     a_terminal_failure_is_kept_and_can_be_replayed,
     a_dead_workers_rows_are_rescued_and_handled_once,
     stored_rows_are_read_as_typed_events_or_dead_lettered,
+    the_oldest_pending_event_is_aged_until_it_is_handled,
 );
 
 /// A fresh store on its own pool.
@@ -625,5 +626,33 @@ async fn stored_rows_are_read_as_typed_events_or_dead_lettered(backend: Backend)
             ("*".into(), "RED".into(), 1),
             ("r1".into(), "RED".into(), 1),
         ]
+    );
+}
+
+async fn the_oldest_pending_event_is_aged_until_it_is_handled(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let s = store(&db).await;
+    s.set_generation(1);
+    assert_eq!(
+        s.outbox_counts(1).await.expect("counts").oldest_pending_ms,
+        None
+    );
+    s.enqueue(&[event("aged")]).await.expect("enqueue");
+    let counts = s.outbox_counts(1).await.expect("counts");
+    let age = counts.oldest_pending_ms.expect("a pending row has an age");
+    assert!((0..60_000).contains(&age), "{age} ms");
+    // Another generation's rows are not this consumer's lag.
+    assert_eq!(
+        s.outbox_counts(2).await.expect("counts").oldest_pending_ms,
+        None
+    );
+    let probe = Arc::new(Probe::default());
+    let (stop, task, _) = consume(store(&db).await, probe, config(), 1);
+    until_effects(&s, 1).await;
+    stop.cancel();
+    task.await.expect("consumer");
+    assert_eq!(
+        s.outbox_counts(1).await.expect("counts").oldest_pending_ms,
+        None
     );
 }

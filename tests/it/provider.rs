@@ -375,6 +375,84 @@ async fn a_429_is_retried_no_sooner_than_its_retry_after() {
     assert!(gap >= Duration::from_secs(1), "retried after {gap:?}");
 }
 
+/// The same wait on tokio's paused clock: a two-minute `Retry-After` is waited out in full,
+/// without the test waiting for it.
+#[tokio::test(start_paused = true)]
+async fn a_long_retry_after_is_waited_out_on_the_runtimes_clock() {
+    let llm = Llm::start(vec![
+        Reply::json(429, json!({"error": {"message": "rate limited"}}))
+            .with_header("retry-after", "120"),
+        Reply::stream(llm::text_answer(&["ok"])),
+    ])
+    .await;
+    let config = AgentConfig {
+        call_timeout: Duration::from_secs(600),
+        first_token_timeout: Duration::from_secs(300),
+        ..config(&llm)
+    };
+    let started = tokio::time::Instant::now();
+    let (r, seen) = call(&config).await;
+    let c = r.unwrap();
+    assert_eq!((c.text.as_str(), c.attempts), ("ok", 2));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(120),
+        "retried after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(125),
+        "the jittered backoff alone is at most 5 ms: {waited:?}"
+    );
+    assert!(seen
+        .iter()
+        .any(|p| matches!(p, Progress::Retry { delay, .. } if *delay >= Duration::from_secs(120))));
+}
+
+/// Full-jitter backoff between 5xx answers, on the paused clock: every wait lies within its
+/// doubling window, so three retries with a 1 s base and an 8 s cap take at most 1+2+4 s.
+#[tokio::test(start_paused = true)]
+async fn backoff_between_5xx_answers_stays_within_its_window() {
+    let llm = Llm::start(vec![
+        Reply::json(500, json!({"error": {"message": "boom"}})),
+        Reply::json(502, json!({"error": {"message": "bad gateway"}})),
+        Reply::json(503, json!({"error": {"message": "busy"}})),
+        Reply::stream(llm::text_answer(&["ok"])),
+    ])
+    .await;
+    let config = AgentConfig {
+        retry_base: Duration::from_secs(1),
+        retry_cap: Duration::from_secs(8),
+        call_timeout: Duration::from_secs(600),
+        first_token_timeout: Duration::from_secs(300),
+        ..config(&llm)
+    };
+    let started = tokio::time::Instant::now();
+    let (r, seen) = call(&config).await;
+    assert_eq!(r.unwrap().attempts, 4);
+    let delays: Vec<Duration> = seen
+        .iter()
+        .filter_map(|p| match p {
+            Progress::Retry { delay, .. } => Some(*delay),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delays.len(), 3);
+    for (i, d) in delays.iter().enumerate() {
+        assert!(
+            *d <= Duration::from_secs(1 << i),
+            "retry {} waited {d:?}",
+            i + 1
+        );
+    }
+    let waited = started.elapsed();
+    let total: Duration = delays.iter().sum();
+    assert!(waited >= total, "{waited:?} < the delays' sum {total:?}");
+    assert!(
+        waited <= Duration::from_secs(7) + Duration::from_millis(100),
+        "{waited:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_500_then_success_succeeds() {
     let llm = Llm::start(vec![
