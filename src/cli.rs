@@ -693,10 +693,6 @@ fn test(dir: &std::path::Path, sandbox: &Sandbox) -> ExitCode {
     }
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one parameter per flag of `spectral decide`"
-)]
 fn decide(
     dir: &std::path::Path,
     action: &str,
@@ -800,7 +796,7 @@ async fn author(
     };
     let state = graph
         .run(
-            RunState::new(task, crate::agent::graph::Limits::default()),
+            RunState::new(task, crate::agent::graph::Limits::from(config)),
             &world.model,
             &cancel,
             &mut on,

@@ -296,6 +296,17 @@ pub struct AgentConfig {
     pub max_tokens: u32,
     /// Bytes of one answer read at most (`SPECTRAL_AGENT_MAX_RESPONSE_BYTES`).
     pub max_response_bytes: usize,
+    /// The bounds of one authoring run; hitting one ends the run with a status that names it.
+    /// Nodes run, malformed answers asked again included (`SPECTRAL_AGENT_MAX_STEPS`).
+    pub max_steps: u32,
+    /// Model calls (`SPECTRAL_AGENT_MAX_CALLS`).
+    pub max_calls: u32,
+    /// Prompt and completion tokens together (`SPECTRAL_AGENT_MAX_RUN_TOKENS`).
+    pub max_run_tokens: u64,
+    /// Repairs after failed verifications (`SPECTRAL_AGENT_MAX_REPAIRS`).
+    pub max_repairs: u32,
+    /// Time spent in the run's nodes (`SPECTRAL_AGENT_MAX_RUN_MS`).
+    pub max_run_time: Duration,
 }
 
 impl Default for AgentConfig {
@@ -313,6 +324,11 @@ impl Default for AgentConfig {
             retry_cap: Duration::from_secs(30),
             max_tokens: 4096,
             max_response_bytes: 1 << 20,
+            max_steps: 24,
+            max_calls: 12,
+            max_run_tokens: 200_000,
+            max_repairs: 3,
+            max_run_time: Duration::from_secs(300),
         }
     }
 }
@@ -850,6 +866,19 @@ impl Config {
             "SPECTRAL_AGENT_MAX_RESPONSE_BYTES",
             &mut a.max_response_bytes,
             1024..=256 << 20,
+        )?;
+        v.number("SPECTRAL_AGENT_MAX_STEPS", &mut a.max_steps, 1..=1_000)?;
+        v.number("SPECTRAL_AGENT_MAX_CALLS", &mut a.max_calls, 1..=500)?;
+        v.number(
+            "SPECTRAL_AGENT_MAX_RUN_TOKENS",
+            &mut a.max_run_tokens,
+            1..=100_000_000,
+        )?;
+        v.number("SPECTRAL_AGENT_MAX_REPAIRS", &mut a.max_repairs, 0..=20)?;
+        v.millis(
+            "SPECTRAL_AGENT_MAX_RUN_MS",
+            &mut a.max_run_time,
+            1_000..=86_400_000,
         )?;
 
         let l = &mut c.log;

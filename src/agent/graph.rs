@@ -136,16 +136,25 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        Self::from(&crate::config::AgentConfig::default())
+    }
+}
+
+impl From<&crate::config::AgentConfig> for Limits {
+    fn from(c: &crate::config::AgentConfig) -> Self {
         Self {
-            max_steps: 24,
-            max_llm_calls: 12,
-            max_tokens: 200_000,
-            max_repairs: 3,
-            max_wall: Duration::from_secs(300),
-            max_text_chars: 4_000,
+            max_steps: c.max_steps,
+            max_llm_calls: c.max_calls,
+            max_tokens: c.max_run_tokens,
+            max_repairs: c.max_repairs,
+            max_wall: c.max_run_time,
+            max_text_chars: MAX_TEXT_CHARS,
         }
     }
 }
+
+/// The longest statement of a rule, in characters.
+pub const MAX_TEXT_CHARS: usize = 4_000;
 
 /// Model use of a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -413,20 +413,26 @@ async fn a_statement_that_tries_to_skip_verification_gets_nowhere() {
 
 /// `spectral agent author` (the real binary) against the stand-in model.
 async fn author_cli(llm: &Llm, text: &str) -> std::process::Output {
+    author_cli_with(llm, text, &[]).await
+}
+
+async fn author_cli_with(llm: &Llm, text: &str, env: &[(&str, &str)]) -> std::process::Output {
     let base = llm.base_url.clone();
     let text = text.to_string();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_spectral"))
-            .args(["agent", "author", "--world"])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("predicates/globex-support"))
-            .args(["--action", ACTION, "--text", &text])
+        let world = Path::new(env!("CARGO_MANIFEST_DIR")).join("predicates/globex-support");
+        crate::support::process::command(&["agent", "author", "--action", ACTION, "--text", &text])
+            .arg("--world")
+            .arg(world)
             .env("SPECTRAL_AGENT_BASE_URL", base)
             .env("SPECTRAL_AGENT_MODEL", "stand-in-1")
             .env("SPECTRAL_AGENT_RETRY_BASE_MS", "1")
             .env("SPECTRAL_AGENT_RETRY_CAP_MS", "5")
-            // Verification runs the world's cases: give them the room of `support::sandbox`.
-            .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
-            .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000")
+            .envs(env)
             .output()
             .expect("run spectral")
     })
@@ -482,4 +488,14 @@ async fn the_cli_exits_non_zero_without_a_candidate_and_says_why() {
         "every diagnostic kept: {stderr}"
     );
     assert!(out.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn the_run_bounds_come_from_the_configuration() {
+    let llm = Llm::start(vec![rule(GOOD, &INPUTS), cases()]).await;
+    let out = author_cli_with(&llm, TEXT, &[("SPECTRAL_AGENT_MAX_CALLS", "1")]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("llm_calls_exceeded"), "{stderr}");
+    assert_eq!(llm.received().len(), 1);
 }
