@@ -55,16 +55,29 @@ pub enum Mode {
     Api,
 }
 
-/// This deploy's generation: configured, or allocated from the store.
+/// This deploy's generation: configured, or this build's in the store (resumed after a
+/// restart, allocated on its first start).
 async fn generation(store: &Store, config: &Config) -> Result<i64, StartError> {
     match config.outbox.generation {
         Some(g) => Ok(g),
         None => {
             let build = BuildInfo::current();
-            let g = store
-                .allocate_generation(build.git_sha, "allocated at start")
+            let (g, resumed) = store
+                .generation_for_build(build.git_sha, "allocated at start")
                 .await?;
-            tracing::info!(generation = g, "allocated a generation");
+            if resumed {
+                tracing::info!(
+                    generation = g,
+                    git_sha = build.git_sha,
+                    "resumed this build's generation"
+                );
+            } else {
+                tracing::info!(
+                    generation = g,
+                    git_sha = build.git_sha,
+                    "allocated a generation"
+                );
+            }
             Ok(g)
         }
     }

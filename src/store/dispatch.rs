@@ -321,6 +321,16 @@ impl Store {
         dispatch!(self, s => protocol::allocate_generation(s, git_sha, note).await)
     }
 
+    /// The generation of the build `git_sha`: the newest allocated for it, or a new one;
+    /// `true` when an existing one was resumed.
+    pub async fn generation_for_build(
+        &self,
+        git_sha: &str,
+        note: &str,
+    ) -> Result<(i64, bool), StoreError> {
+        dispatch!(self, s => protocol::generation_for_build(s, git_sha, note).await)
+    }
+
     /// Append events outside any other change (tests, and producers with no change of
     /// their own).
     pub async fn enqueue(&self, events: &[NewEvent]) -> Result<(), StoreError> {

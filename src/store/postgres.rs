@@ -209,6 +209,13 @@ impl Dialect for PgStore {
         Ok(self.pool.begin_with(snapshot).await?)
     }
 
+    async fn lock_generations(tx: &mut Tx<Self>) -> Result<(), StoreError> {
+        // A transaction-scoped advisory lock: released at commit, taken by no other statement.
+        let q = sqlx::query("SELECT pg_advisory_xact_lock(hashtext('spectral.generations'))");
+        q.execute(&mut **tx).await?;
+        Ok(())
+    }
+
     async fn notify_deployments(tx: &mut Tx<Self>, world: &str) -> Result<(), StoreError> {
         // Postgres delivers a notification when (and only if) the transaction commits.
         let q = sqlx::query("SELECT pg_notify($1, $2)")
@@ -338,6 +345,7 @@ const SQL: Sql = Sql {
     ),
     allocate_generation: "INSERT INTO core.generations (started_at, git_sha, note)
                           VALUES ($1, $2, $3) RETURNING generation",
+    latest_generation: "SELECT MAX(generation) FROM core.generations WHERE git_sha = $1",
     // The insert trigger NOTIFYs the outbox channel on commit.
     insert_event: "INSERT INTO core.outbox (event_type, occurred_at, source, target, channel,
                                             generation, world, payload, idempotency_key,

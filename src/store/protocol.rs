@@ -158,11 +158,16 @@ pub(crate) trait Dialect: Sync + Sized {
 
     // The outbox.
     async fn allocate_generation(
-        &self,
+        tx: &mut Tx<Self>,
         git_sha: &str,
         note: &str,
         at: DateTime<Utc>,
     ) -> Result<i64, StoreError>;
+    /// The newest generation allocated for `git_sha`.
+    async fn latest_generation(tx: &mut Tx<Self>, git_sha: &str)
+        -> Result<Option<i64>, StoreError>;
+    /// Hold the generations against other allocators until commit.
+    async fn lock_generations(tx: &mut Tx<Self>) -> Result<(), StoreError>;
     async fn insert_event(
         tx: &mut Tx<Self>,
         event: &NewEvent,
@@ -576,7 +581,31 @@ pub(crate) async fn allocate_generation<D: Dialect>(
     git_sha: &str,
     note: &str,
 ) -> Result<i64, StoreError> {
-    db.allocate_generation(git_sha, note, now()).await
+    let mut tx = db.begin_write().await?;
+    let generation = D::allocate_generation(&mut tx, git_sha, note, now()).await?;
+    tx.commit().await?;
+    Ok(generation)
+}
+
+/// The generation of the build `git_sha`: the newest one allocated for it, or a new one when
+/// there is none; `true` when it was resumed. A generation belongs to a deploy, not to a
+/// process, so a restart of the same build (after a crash, say) goes on with the rows its
+/// previous process left. Allocators are serialized, so instances of one build starting
+/// together share one generation.
+pub(crate) async fn generation_for_build<D: Dialect>(
+    db: &D,
+    git_sha: &str,
+    note: &str,
+) -> Result<(i64, bool), StoreError> {
+    let mut tx = db.begin_write().await?;
+    D::lock_generations(&mut tx).await?;
+    if let Some(generation) = D::latest_generation(&mut tx, git_sha).await? {
+        tx.commit().await?;
+        return Ok((generation, true));
+    }
+    let generation = D::allocate_generation(&mut tx, git_sha, note, now()).await?;
+    tx.commit().await?;
+    Ok((generation, false))
 }
 
 pub(crate) async fn enqueue<D: Dialect>(db: &D, events: &[NewEvent]) -> Result<(), StoreError> {

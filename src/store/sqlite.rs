@@ -200,6 +200,11 @@ impl Dialect for SqliteStore {
         Ok(self.pool.begin().await?)
     }
 
+    async fn lock_generations(_: &mut Tx<Self>) -> Result<(), StoreError> {
+        // `begin_write` already holds the database's one write lock.
+        Ok(())
+    }
+
     async fn notify_deployments(_: &mut Tx<Self>, _: &str) -> Result<(), StoreError> {
         // SQLite cannot notify; its one process polls.
         Ok(())
@@ -331,6 +336,7 @@ const SQL: Sql = Sql {
     ),
     allocate_generation: "INSERT INTO generations (started_at, git_sha, note) VALUES (?1, ?2, ?3)
                           RETURNING generation",
+    latest_generation: "SELECT MAX(generation) FROM generations WHERE git_sha = ?1",
     insert_event: "INSERT INTO outbox (event_type, occurred_at, source, target, channel,
                                        generation, world, payload, idempotency_key, available_at)
                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?2)

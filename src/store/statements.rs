@@ -36,6 +36,7 @@ pub(crate) struct Sql {
     pub set_chain_head: &'static str,
     pub decisions: &'static str,
     pub allocate_generation: &'static str,
+    pub latest_generation: &'static str,
     pub insert_event: &'static str,
     pub lock_claimed: &'static str,
     pub insert_handled: &'static str,
@@ -337,13 +338,21 @@ macro_rules! shared_statements {
         }
 
         async fn allocate_generation(
-            &self,
+            tx: &mut Tx<Self>,
             git_sha: &str,
             note: &str,
             at: DateTime<Utc>,
         ) -> Result<i64, StoreError> {
             let q = sqlx::query_scalar(Self::SQL.allocate_generation).bind(Time(at));
-            Ok(q.bind(git_sha).bind(note).fetch_one(&self.pool).await?)
+            Ok(q.bind(git_sha).bind(note).fetch_one(&mut **tx).await?)
+        }
+
+        async fn latest_generation(
+            tx: &mut Tx<Self>,
+            git_sha: &str,
+        ) -> Result<Option<i64>, StoreError> {
+            let q = sqlx::query_scalar(Self::SQL.latest_generation).bind(git_sha);
+            Ok(q.fetch_one(&mut **tx).await?)
         }
 
         async fn insert_event(

@@ -377,3 +377,78 @@ async fn background_threads_run_below_the_api_and_their_database_threads_too() {
         "{threads:?}"
     );
 }
+
+/// A generation belongs to the build, not the process: after kill -9, the same build started
+/// again goes on with its generation and handles the rows the dead process left pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_kill_9_resumes_the_generation_and_strands_nothing() {
+    use spectral::store::{decision_recorded, OutboxStatus, Store};
+    let data = tempfile::tempdir().expect("tempdir");
+    let client = reqwest::Client::new();
+    let generation_of = |base: String| {
+        let client = client.clone();
+        async move {
+            let health: serde_json::Value = client
+                .get(format!("{base}/health"))
+                .send()
+                .await
+                .expect("health")
+                .json()
+                .await
+                .expect("json");
+            health["generation"].as_i64().expect("a generation")
+        }
+    };
+    let mut first = Server::start(data.path(), tempfile::tempdir().expect("tempdir")).await;
+    let generation = generation_of(first.base.clone()).await;
+    first.process.kill();
+    assert_eq!(first.process.exited(Duration::from_secs(30)).await, None);
+
+    // What the dead process left: a batch's event, committed and never handled.
+    let mut config = spectral::config::Config::default().store;
+    config.data_dir = data.path().to_path_buf();
+    let store = Store::connect(&config).await.expect("store");
+    store.set_generation(generation);
+    let left =
+        decision_recorded("acme-payments", 1_000, 1_006, [("*", "GREEN", 7)]).expect("event");
+    store.enqueue(&[left]).await.expect("enqueue");
+    assert_eq!(
+        store
+            .outbox_counts(generation)
+            .await
+            .expect("counts")
+            .pending,
+        1
+    );
+
+    // Started again as before; the operator key exists, so none is printed this time.
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let env = [
+        ("SPECTRAL_ADDR", "127.0.0.1:0".to_string()),
+        ("SPECTRAL_DATA_DIR", data.path().display().to_string()),
+        ("SPECTRAL_SEED_DIR", predicates_dir().display().to_string()),
+        ("SPECTRAL_LOG_FORMAT", "json".to_string()),
+    ];
+    let second = Process::spawn(&["serve"], &env, cwd.path());
+    let base = second.ready().await;
+    assert_eq!(
+        generation_of(base).await,
+        generation,
+        "the same build resumes its generation"
+    );
+    eventually(Duration::from_secs(30), "the left row handled", || {
+        let store = store.clone();
+        async move {
+            let counts = store.outbox_counts(generation).await.expect("counts");
+            let failed = store
+                .outbox_list(Some(OutboxStatus::Failed), None, 10)
+                .await
+                .expect("list");
+            assert!(failed.is_empty(), "{failed:?}");
+            (counts.pending == 0 && counts.in_flight == 0 && counts.other_generations == 0)
+                .then_some(())
+        }
+    })
+    .await;
+    store.close().await;
+}

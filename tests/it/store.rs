@@ -34,11 +34,13 @@ crate::both_backends! {
         matched_rules_round_trip_for_the_auditor,
         deployments_are_notified,
         timestamps_round_trip_exactly,
+        a_build_resumes_its_own_generation,
     ],
     two_stores => [
         concurrent_appends_form_one_chain,
         concurrent_publishes_get_distinct_versions,
         a_deploy_and_a_retirement_of_one_version_never_both_win,
+        instances_of_one_build_starting_together_share_a_generation,
     ],
 }
 
@@ -833,4 +835,70 @@ async fn a_deploy_and_a_retirement_of_one_version_never_both_win(store: Store, o
             (d, r) => panic!("both or neither won: {d:?} {r:?}"),
         }
     }
+}
+
+async fn a_build_resumes_its_own_generation(store: Store) {
+    let (first, resumed) = store
+        .generation_for_build("aaa", "start")
+        .await
+        .expect("gen");
+    assert!(!resumed, "the build's first start allocates");
+    assert_eq!(
+        store
+            .generation_for_build("aaa", "restart")
+            .await
+            .expect("gen"),
+        (first, true),
+        "a restart of the same build resumes its generation"
+    );
+    let (second, resumed) = store
+        .generation_for_build("bbb", "deploy")
+        .await
+        .expect("gen");
+    assert!(!resumed);
+    assert!(second > first, "{second} after {first}");
+    // A rollback to the first build goes on with its generation, not the newest.
+    assert_eq!(
+        store
+            .generation_for_build("aaa", "rollback")
+            .await
+            .expect("gen"),
+        (first, true)
+    );
+    // An explicit allocation is always new, and becomes the build's newest.
+    let third = store
+        .allocate_generation("aaa", "forced")
+        .await
+        .expect("gen");
+    assert!(third > second);
+    assert_eq!(
+        store
+            .generation_for_build("aaa", "restart")
+            .await
+            .expect("gen"),
+        (third, true)
+    );
+}
+
+async fn instances_of_one_build_starting_together_share_a_generation(store: Store, other: Store) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..8 {
+        let store = if t % 2 == 0 {
+            store.clone()
+        } else {
+            other.clone()
+        };
+        tasks.spawn(async move { store.generation_for_build("ccc", "start").await });
+    }
+    let mut got = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        got.push(r.expect("join").expect("gen"));
+    }
+    let generations: std::collections::BTreeSet<i64> = got.iter().map(|(g, _)| *g).collect();
+    assert_eq!(generations.len(), 1, "{got:?}");
+    assert_eq!(
+        got.iter().filter(|(_, resumed)| !resumed).count(),
+        1,
+        "{got:?}"
+    );
 }
