@@ -40,8 +40,13 @@ impl std::fmt::Display for Secret {
 /// The HTTP server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// Address to listen on (`SPECTRAL_ADDR`); port 8000 is the container's port.
+    /// Address to listen on (`SPECTRAL_ADDR`); loopback unless set, port 8000 is the
+    /// container's port (the image sets `0.0.0.0:8000`).
     pub addr: SocketAddr,
+    /// Address of the admin listener (`SPECTRAL_ADMIN_ADDR`), loopback by default: the
+    /// detailed `/health` and `/metrics`, which name worlds, live only there
+    /// (docs/operations.md, "Public and admin ports").
+    pub admin_addr: SocketAddr,
     /// Largest request body accepted (`SPECTRAL_MAX_BODY_BYTES`); larger bodies get 413.
     pub max_body_bytes: usize,
     /// Time a client has to send a request's headers (`SPECTRAL_HEADER_TIMEOUT_MS`); also
@@ -91,7 +96,8 @@ impl Default for McpConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            addr: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            addr: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 9000)),
             max_body_bytes: 1 << 20,
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
@@ -583,6 +589,11 @@ impl Config {
                 .parse()
                 .map_err(|e| Vars::err("SPECTRAL_ADDR", addr, format!("not host:port: {e}")))?;
         }
+        if let Some(addr) = v.get("SPECTRAL_ADMIN_ADDR") {
+            srv.admin_addr = addr.trim().parse().map_err(|e| {
+                Vars::err("SPECTRAL_ADMIN_ADDR", addr, format!("not host:port: {e}"))
+            })?;
+        }
         v.number(
             "SPECTRAL_MAX_BODY_BYTES",
             &mut srv.max_body_bytes,
@@ -916,6 +927,8 @@ mod tests {
         assert_eq!(Config::from_vars(vec![]), Ok(Config::default()));
         let c = Config::default();
         assert_eq!(c.server.addr.port(), 8000);
+        assert!(c.server.addr.ip().is_loopback());
+        assert!(c.server.admin_addr.ip().is_loopback());
         assert!(c.store.database_url.is_none());
     }
 
@@ -925,6 +938,7 @@ mod tests {
             ("SPECTRAL_SANDBOX_MAX_OPERATIONS", "500"),
             ("SPECTRAL_SANDBOX_DEADLINE_US", "2000"),
             ("SPECTRAL_ADDR", "127.0.0.1:9000"),
+            ("SPECTRAL_ADMIN_ADDR", "127.0.0.1:9100"),
             ("SPECTRAL_HEADER_TIMEOUT_MS", "250"),
             ("DATABASE_URL", "postgres://u:pw@h/db"),
             ("SPECTRAL_DEPLOY_LISTEN", "false"),
@@ -937,6 +951,7 @@ mod tests {
         assert_eq!(c.sandbox.max_operations, 500);
         assert_eq!(c.sandbox.deadline_us, 2000);
         assert_eq!(c.server.addr.port(), 9000);
+        assert_eq!(c.server.admin_addr.port(), 9100);
         assert_eq!(c.server.header_timeout, Duration::from_millis(250));
         assert_eq!(
             c.store.database_url.as_deref(),

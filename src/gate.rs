@@ -261,6 +261,10 @@ fn describe_failure(code: u16, json: Option<&Value>, body: &[u8]) -> String {
     if features["store"]["reachable"] == Value::Bool(false) {
         down.push("store unreachable".to_string());
     }
+    // The public report says only that worlds fail; the admin listener's names them.
+    if features["worlds"]["state"] == "failing" {
+        down.push("worlds failing".to_string());
+    }
     if let Some(failed) = features["worlds"]["failed"].as_object() {
         if !failed.is_empty() {
             let names: Vec<&str> = failed.keys().map(String::as_str).collect();

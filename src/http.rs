@@ -17,6 +17,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -37,12 +38,35 @@ use router::Endpoint;
 
 type Body = Full<Bytes>;
 
+/// Which listener a server is: the public API, or the admin listener that alone serves the
+/// detailed `/health` and `/metrics`, which name worlds (docs/operations.md, "Public and
+/// admin ports").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    Public,
+    Admin,
+}
+
+impl Surface {
+    /// Whether this listener serves `endpoint`.
+    fn serves(self, endpoint: &Endpoint) -> bool {
+        match self {
+            Self::Public => !matches!(endpoint, Endpoint::Metrics),
+            Self::Admin => matches!(
+                endpoint,
+                Endpoint::Health | Endpoint::Metrics | Endpoint::Version
+            ),
+        }
+    }
+}
+
 /// Serve HTTP on `listener` until `stop` is cancelled, then stop accepting, let in-flight
 /// requests finish for at most `drain`, and return. The supervisor gives the drain its share
 /// of the one shutdown deadline; connections still open after it are left to end with the
 /// process, and their decisions, recorded or refused, never answered unrecorded.
 pub async fn serve(
     listener: TcpListener,
+    surface: Surface,
     app: Arc<App>,
     config: ServerConfig,
     stop: CancellationToken,
@@ -99,7 +123,7 @@ pub async fn serve(
                         Ok(Ok(n)) if n > 0 => {}
                         _ => return,
                     }
-                    let service = service_fn(move |req| handle(app.clone(), cfg.clone(), mcp.clone(), req));
+                    let service = service_fn(move |req| handle(surface, app.clone(), cfg.clone(), mcp.clone(), req));
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -112,7 +136,7 @@ pub async fn serve(
     }
     drop(listener);
     mcp_stop.cancel();
-    tracing::info!("HTTP server draining");
+    tracing::info!(?surface, "HTTP server draining");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("HTTP server drained"),
         _ = tokio::time::sleep(drain) => {
@@ -138,13 +162,22 @@ async fn shed(mut stream: tokio::net::TcpStream) {
 }
 
 async fn handle(
+    surface: Surface,
     app: Arc<App>,
     config: Arc<ServerConfig>,
     mcp: Arc<mcp::Mcp>,
     req: Request<Incoming>,
 ) -> Result<Response<mcp::Out>, Infallible> {
     let started = Instant::now();
-    let (route, response) = match router::route(req.method(), req.uri().path()) {
+    let head = req.method() == Method::HEAD;
+    let routed = router::route(req.method(), req.uri().path()).and_then(|endpoint| {
+        if surface.serves(&endpoint) {
+            Ok(endpoint)
+        } else {
+            Err(router::RouteError::NotFound(req.uri().path().to_string()))
+        }
+    });
+    let (route, response) = match routed {
         Err(e) => (
             Route::NotFound,
             problem::from_route_error(e).map(BodyExt::boxed),
@@ -163,7 +196,7 @@ async fn handle(
         }
         Ok(endpoint) => {
             let route = endpoint.route();
-            let work = dispatch(&app, &config, endpoint, req, started);
+            let work = dispatch(surface, &app, &config, endpoint, req, started);
             let response = match tokio::time::timeout(config.request_timeout, work).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(e)) => problem::from_error(&e),
@@ -171,6 +204,11 @@ async fn handle(
                     "the request took longer than {} ms",
                     config.request_timeout.as_millis()
                 ))),
+            };
+            let response = if head {
+                without_body(response)
+            } else {
+                response
             };
             (route, response.map(BodyExt::boxed))
         }
@@ -180,15 +218,28 @@ async fn handle(
     Ok(response)
 }
 
+/// The answer to `HEAD`: the `GET` answer's status and headers, its length, and no body.
+fn without_body(response: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    let length = body.size_hint().exact().unwrap_or(0);
+    parts
+        .headers
+        .insert(CONTENT_LENGTH, HeaderValue::from(length));
+    Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
 /// A request failed before reaching the service: the body.
 #[derive(Debug)]
 pub(crate) enum BodyError {
     TooLarge(usize),
     WrongType(String),
+    /// The body did not arrive within the header timeout (408).
+    TimedOut(Duration),
     Read(String),
 }
 
 async fn dispatch(
+    surface: Surface,
     app: &App,
     config: &ServerConfig,
     endpoint: Endpoint,
@@ -197,7 +248,10 @@ async fn dispatch(
 ) -> Result<Response<Body>, HttpError> {
     match endpoint {
         Endpoint::Health => {
-            let (ready, body) = app.health().await;
+            let (ready, body) = match surface {
+                Surface::Admin => app.health().await,
+                Surface::Public => app.public_health().await,
+            };
             let status = if ready {
                 StatusCode::OK
             } else {
@@ -248,13 +302,13 @@ async fn authed(
 ) -> Result<Response<Body>, HttpError> {
     match endpoint {
         Endpoint::Decide => {
-            let body = json_body(req, config.max_body_bytes).await?;
+            let body = json_body(req, config).await?;
             let input: DecideInput = parse(&body)?;
             let decision = app.decide(caller, &input).await?;
             Ok(json(StatusCode::OK, &decision))
         }
         Endpoint::DecideBatch => {
-            let body = json_body(req, config.max_body_bytes).await?;
+            let body = json_body(req, config).await?;
             let batch: BatchInput = parse(&body)?;
             if batch.requests.len() > config.batch_max_items {
                 return Err(ServiceError::BadRequest(format!(
@@ -293,7 +347,7 @@ async fn authed(
             ))
         }
         Endpoint::Draft(world) => {
-            let body = json_body(req, config.max_body_bytes).await?;
+            let body = json_body(req, config).await?;
             let model = app.put_draft(caller, &world, &body).await?;
             let rules: usize = model.actions.iter().map(|a| a.rules.len()).sum();
             Ok(json(
@@ -306,7 +360,7 @@ async fn authed(
             Ok(json(StatusCode::CREATED, &published))
         }
         Endpoint::Deploy(world) => {
-            let body = json_body(req, config.max_body_bytes).await?;
+            let body = json_body(req, config).await?;
             let input: DeployInput = parse(&body)?;
             let version = input.version.ok_or_else(|| {
                 HttpError::Malformed("version must be a whole number, not null".into())
@@ -315,7 +369,7 @@ async fn authed(
             Ok(json(StatusCode::OK, &deployment))
         }
         Endpoint::Retire(world, version) => {
-            let input: RetireInput = match optional_json_body(req, config.max_body_bytes).await? {
+            let input: RetireInput = match optional_json_body(req, config).await? {
                 Some(body) => parse(&body)?,
                 None => RetireInput::default(),
             };
@@ -333,7 +387,7 @@ async fn authed(
         Endpoint::Actions(world) => Ok(json(StatusCode::OK, &app.actions(caller, &world).await?)),
         Endpoint::Stats(world) => Ok(json(StatusCode::OK, &app.stats(caller, &world).await?)),
         Endpoint::Webhooks(world) => {
-            let body = json_body(req, config.max_body_bytes).await?;
+            let body = json_body(req, config).await?;
             let input: crate::service::WebhookInput = parse(&body)?;
             let created = app.create_webhook(caller, &world, input).await?;
             Ok(json(StatusCode::CREATED, &created))
@@ -391,8 +445,24 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
     serde_json::from_slice(body).map_err(|e| HttpError::Malformed(e.to_string()))
 }
 
+/// Read a body within the size limit and the header timeout: a client that sends its body
+/// too slowly gets 408, long before the request timeout.
+async fn collect_body(req: Request<Incoming>, config: &ServerConfig) -> Result<Bytes, HttpError> {
+    let max = config.max_body_bytes;
+    let within = config.header_timeout;
+    match tokio::time::timeout(within, Limited::new(req.into_body(), max).collect()).await {
+        Err(_) => Err(HttpError::Body(BodyError::TimedOut(within))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(HttpError::Body(BodyError::TooLarge(max)))
+        }
+        Ok(Err(e)) => Err(HttpError::Body(BodyError::Read(e.to_string()))),
+    }
+}
+
 /// Read a JSON request body within the size limit.
-async fn json_body(req: Request<Incoming>, max: usize) -> Result<Bytes, HttpError> {
+async fn json_body(req: Request<Incoming>, config: &ServerConfig) -> Result<Bytes, HttpError> {
+    let max = config.max_body_bytes;
     let content_type = req
         .headers()
         .get(CONTENT_TYPE)
@@ -418,13 +488,7 @@ async fn json_body(req: Request<Incoming>, max: usize) -> Result<Bytes, HttpErro
     if declared.is_some_and(|n| n > max) {
         return Err(HttpError::Body(BodyError::TooLarge(max)));
     }
-    let body = match Limited::new(req.into_body(), max).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(HttpError::Body(BodyError::TooLarge(max)))
-        }
-        Err(e) => return Err(HttpError::Body(BodyError::Read(e.to_string()))),
-    };
+    let body = collect_body(req, config).await?;
     // A body the walk cannot finish is refused too: the typed parse that follows skips what
     // it does not need without reading it as strictly, so a repeat could hide behind it.
     match unique::check(&body) {
@@ -438,21 +502,15 @@ async fn json_body(req: Request<Incoming>, max: usize) -> Result<Bytes, HttpErro
 /// content type, otherwise as [`json_body`] reads it.
 async fn optional_json_body(
     req: Request<Incoming>,
-    max: usize,
+    config: &ServerConfig,
 ) -> Result<Option<Bytes>, HttpError> {
     if req.headers().contains_key(CONTENT_TYPE) {
-        return json_body(req, max).await.map(Some);
+        return json_body(req, config).await.map(Some);
     }
-    match Limited::new(req.into_body(), max).collect().await {
+    match collect_body(req, config).await? {
+        bytes if bytes.is_empty() => Ok(None),
         // A body, but no content type: refused as json_body refuses any type but JSON.
-        Ok(collected) => match collected.to_bytes() {
-            bytes if bytes.is_empty() => Ok(None),
-            _ => Err(HttpError::Body(BodyError::WrongType(String::new()))),
-        },
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(HttpError::Body(BodyError::TooLarge(max)))
-        }
-        Err(e) => Err(HttpError::Body(BodyError::Read(e.to_string()))),
+        _ => Err(HttpError::Body(BodyError::WrongType(String::new()))),
     }
 }
 

@@ -77,6 +77,9 @@ pub enum ServiceError {
     /// A batch request spent its operations or its time before reaching this item.
     #[error("{0}")]
     BatchBudget(String),
+    /// The store failed; the cause is logged, never shown (docs/operations.md, "Errors").
+    #[error("store unavailable: {0}")]
+    Store(String),
     /// A fault of ours; the message is logged, never shown.
     #[error("internal error: {0}")]
     Internal(String),
@@ -87,7 +90,7 @@ impl ServiceError {
         match e {
             StoreError::NotFound(what) => Self::NotFound(what),
             StoreError::Conflict(what) => Self::Conflict(what),
-            StoreError::Database(_) => Self::Unavailable(format!("store unavailable: {e}")),
+            StoreError::Database(_) => Self::Store(e.to_string()),
             other => Self::Internal(other.to_string()),
         }
     }
@@ -894,7 +897,15 @@ impl App {
         Ok(done)
     }
 
-    /// Readiness and the wiring of every feature, for `/health`.
+    /// What the public `/health` shows: readiness and the state of every feature, as the
+    /// deploy gate needs them, and nothing per tenant (docs/operations.md, "Public and
+    /// admin ports").
+    pub async fn public_health(&self) -> (bool, serde_json::Value) {
+        let (ready, detailed) = self.health().await;
+        (ready, public_view(&detailed))
+    }
+
+    /// Readiness and the wiring of every feature, in detail: the admin listener's `/health`.
     pub async fn health(&self) -> (bool, serde_json::Value) {
         let store_ok = self.store.ping().await.is_ok();
         let loaded = self.cache.loaded();
@@ -922,5 +933,75 @@ impl App {
             }
         });
         (ready, body)
+    }
+}
+
+/// The public view of a detailed health report: the build, the status and each feature's
+/// state; no world names or versions, no counts, no error text.
+pub fn public_view(detailed: &serde_json::Value) -> serde_json::Value {
+    let f = &detailed["features"];
+    let failing = f["worlds"]["failed"]
+        .as_object()
+        .is_some_and(|failed| !failed.is_empty());
+    serde_json::json!({
+        "status": detailed["status"],
+        "version": detailed["version"],
+        "git_sha": detailed["git_sha"],
+        "generation": detailed["generation"],
+        "uptime_s": detailed["uptime_s"],
+        "features": {
+            "store": {
+                "backend": f["store"]["backend"],
+                "reachable": f["store"]["reachable"],
+            },
+            "deployments": f["deployments"],
+            "worlds": {"state": if failing { "failing" } else { "ok" }},
+            "decision_log": {
+                "overflow": f["decision_log"]["overflow"],
+                "durability": f["decision_log"]["durability"],
+            },
+            "outbox": f["outbox"],
+            "agent": f["agent"],
+        }
+    })
+}
+
+#[cfg(test)]
+mod public_health_tests {
+    use super::public_view;
+    use serde_json::json;
+
+    #[test]
+    fn the_public_view_names_no_world_and_counts_nothing() {
+        let detailed = json!({
+            "status": "unavailable", "version": "1", "git_sha": "abc", "generation": 3,
+            "uptime_s": 5,
+            "features": {
+                "store": {"backend": "postgres", "reachable": true},
+                "deployments": "listening",
+                "worlds": {"loaded": {"acme": 2}, "failed": {"globex": "hashes to sha256:00"}},
+                "decision_log": {"queue_depth": 7, "written": 99, "overflow": "block", "durability": "commit"},
+                "evaluation": {"slots": 4, "busy": 1},
+                "outbox": "wired",
+                "outbox_rows": {"pending": 12},
+                "agent": "unconfigured",
+            }
+        });
+        let public = public_view(&detailed);
+        let text = public.to_string();
+        for secret in [
+            "acme",
+            "globex",
+            "sha256",
+            "99",
+            "12",
+            "queue_depth",
+            "busy",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert_eq!(public["features"]["worlds"]["state"], "failing");
+        assert_eq!(public["features"]["store"]["backend"], "postgres");
+        assert_eq!(public["status"], "unavailable");
     }
 }

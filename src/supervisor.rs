@@ -218,6 +218,8 @@ pub enum Stopped {
 pub struct Running {
     /// The address the API listens on.
     pub addr: SocketAddr,
+    /// The address of the admin listener: the detailed `/health` and `/metrics`.
+    pub admin_addr: SocketAddr,
     pub app: Arc<App>,
     /// The operator key generated at this start, if one was (it is shown once).
     pub generated_operator_key: Option<String>,
@@ -259,6 +261,19 @@ pub async fn start_mode(
 ) -> Result<Running, StartError> {
     let addr = listener.local_addr().map_err(|source| StartError::Listen {
         addr: config.server.addr,
+        source,
+    })?;
+    // The admin listener is bound first, so that an address in use fails the start before
+    // anything else is set up.
+    let admin_at = config.server.admin_addr;
+    let admin = TcpListener::bind(admin_at)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: admin_at,
+            source,
+        })?;
+    let admin_addr = admin.local_addr().map_err(|source| StartError::Listen {
+        addr: admin_at,
         source,
     })?;
     let store = Store::connect(&config.store).await?;
@@ -327,6 +342,15 @@ pub async fn start_mode(
     let reserve = reserve(grace);
     tasks.spawn(crate::http::serve(
         listener,
+        crate::http::Surface::Public,
+        app.clone(),
+        config.server.clone(),
+        stop.child_token(),
+        grace.saturating_sub(reserve),
+    ));
+    tasks.spawn(crate::http::serve(
+        admin,
+        crate::http::Surface::Admin,
         app.clone(),
         config.server.clone(),
         stop.child_token(),
@@ -334,7 +358,7 @@ pub async fn start_mode(
     ));
     tasks.close();
     app.ready.store(true, Ordering::Release);
-    tracing::info!(%addr, backend = ?store.backend(), generation, "spectral API listening");
+    tracing::info!(%addr, %admin_addr, backend = ?store.backend(), generation, "spectral API listening");
 
     let stop_app = app.clone();
     let root = stop.clone();
@@ -399,6 +423,7 @@ pub async fn start_mode(
     });
     Ok(Running {
         addr,
+        admin_addr,
         app,
         generated_operator_key,
         stop,

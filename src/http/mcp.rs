@@ -207,7 +207,7 @@ pub(super) async fn handle(
     let mut initialize = false;
     let body = if parts.method == Method::POST {
         let req = Request::from_parts(parts.clone(), body);
-        let bytes = match super::json_body(req, config.max_body_bytes).await {
+        let bytes = match super::json_body(req, config).await {
             Ok(bytes) => bytes,
             Err(e) => return boxed(problem::from_error(&e)),
         };

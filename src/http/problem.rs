@@ -1,5 +1,7 @@
 //! The one place where errors become HTTP responses: RFC 9457 problem+json with a stable
-//! `type` and `code` per kind of error, logged once here with their cause.
+//! `type` and `code` per kind of error, logged once here with their cause. A 5xx body
+//! carries an `error_id` that its log line carries too, and never the cause's text
+//! (docs/operations.md, "Errors").
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
@@ -36,6 +38,15 @@ fn classify(e: &HttpError) -> (StatusCode, &'static str, String, Option<Value>) 
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             format!("expected content-type application/json, got '{got}'"),
+            None,
+        ),
+        HttpError::Body(BodyError::TimedOut(within)) => (
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                within.as_millis()
+            ),
             None,
         ),
         HttpError::Body(BodyError::Read(detail)) => (
@@ -84,17 +95,39 @@ pub(super) fn respond(status: StatusCode, doc: &Value) -> Response<Full<Bytes>> 
     r
 }
 
+/// A new error id: what a 5xx body and its log line share, so an operator finds one from
+/// the other.
+fn error_id() -> String {
+    format!("err_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Add the error id to a 5xx problem's members.
+fn with_error_id(id: &str, extra: Option<Value>) -> Option<Value> {
+    let mut members = match extra {
+        Some(Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    members.insert("error_id".into(), Value::String(id.to_string()));
+    Some(Value::Object(members))
+}
+
 /// Status and problem document of an error, logging it once.
 pub fn parts(e: &HttpError) -> (StatusCode, Value) {
     let (status, code, detail, extra) = classify(e);
     if status.is_server_error() {
+        let id = error_id();
         match e {
-            HttpError::Service(inner) => tracing::error!(code, error = %inner, "request failed"),
-            other => tracing::error!(code, error = ?other, "request failed"),
+            HttpError::Service(inner) => {
+                tracing::error!(code, error_id = %id, error = %inner, "request failed")
+            }
+            other => tracing::error!(code, error_id = %id, error = ?other, "request failed"),
         }
-    } else {
-        tracing::debug!(code, %detail, "request refused");
+        return (
+            status,
+            document(status, code, &detail, with_error_id(&id, extra)),
+        );
     }
+    tracing::debug!(code, %detail, "request refused");
     (status, document(status, code, &detail, extra))
 }
 
@@ -106,7 +139,12 @@ pub(crate) fn from_error(e: &HttpError) -> Response<Full<Bytes>> {
 pub(crate) fn from_service(e: &ServiceError) -> Response<Full<Bytes>> {
     let (status, code, detail, extra) = classify_service(e);
     if status.is_server_error() {
-        tracing::error!(code, error = %e, "request failed");
+        let id = error_id();
+        tracing::error!(code, error_id = %id, error = %e, "request failed");
+        return respond(
+            status,
+            &document(status, code, &detail, with_error_id(&id, extra)),
+        );
     }
     respond(status, &document(status, code, &detail, extra))
 }
@@ -157,7 +195,14 @@ fn classify_service(e: &ServiceError) -> (StatusCode, &'static str, String, Opti
             d.clone(),
             None,
         ),
-        // Internals never leak: the detail is generic, the cause is in the log.
+        // Internals never leak: the detail is generic, the cause is in the log under the
+        // body's error id.
+        ServiceError::Store(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the store is unavailable; retry shortly".to_string(),
+            None,
+        ),
         ServiceError::Internal(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

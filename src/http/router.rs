@@ -62,9 +62,12 @@ pub enum RouteError {
 /// Match a request. Paths are matched segment by segment; a trailing slash is ignored.
 pub fn route(method: &Method, path: &str) -> Result<Endpoint, RouteError> {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    // HEAD is answered wherever GET is: the same status and headers, no body (`http`).
     let one = |m: Method, e: Endpoint| {
-        if *method == m {
+        if *method == m || (m == Method::GET && *method == Method::HEAD) {
             Ok(e)
+        } else if m == Method::GET {
+            Err(RouteError::MethodNotAllowed(vec![m, Method::HEAD]))
         } else {
             Err(RouteError::MethodNotAllowed(vec![m]))
         }
@@ -144,6 +147,8 @@ mod tests {
                 Endpoint::Actions("acme".into()),
             ),
             (Method::GET, "/health", Endpoint::Health),
+            (Method::HEAD, "/health", Endpoint::Health),
+            (Method::HEAD, "/api/worlds", Endpoint::Worlds),
             (Method::GET, "/version", Endpoint::Version),
             (Method::GET, "/metrics", Endpoint::Metrics),
             (Method::GET, "/api/openapi.json", Endpoint::OpenApi),
@@ -159,6 +164,17 @@ mod tests {
     fn unknown_paths_and_methods_are_told_apart() {
         assert_eq!(
             route(&Method::GET, "/api/decide"),
+            Err(RouteError::MethodNotAllowed(vec![Method::POST]))
+        );
+        assert_eq!(
+            route(&Method::POST, "/health"),
+            Err(RouteError::MethodNotAllowed(vec![
+                Method::GET,
+                Method::HEAD
+            ]))
+        );
+        assert_eq!(
+            route(&Method::HEAD, "/api/decide"),
             Err(RouteError::MethodNotAllowed(vec![Method::POST]))
         );
         assert!(matches!(

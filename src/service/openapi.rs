@@ -252,7 +252,8 @@ pub fn problem_schema() -> Value {
             "status": {"type": "integer"},
             "detail": {"type": "string"},
             "code": {"type": "string"},
-            "problems": {"type": "array", "items": {"type": "object"}}
+            "problems": {"type": "array", "items": {"type": "object"}},
+            "error_id": {"type": "string", "description": "On 5xx answers: the id the log line of the failure carries."}
         },
         "required": ["type", "title", "status", "detail", "code"]
     })
@@ -352,6 +353,10 @@ fn problems(extra: &[(&str, &str)]) -> Map<String, Value> {
              `evaluation_overloaded`, `too_many_connections`).",
         ),
         ("500", "A fault of the service (`internal`); the detail is logged, not shown."),
+        (
+            "408",
+            "The request body did not arrive within the header timeout (`body_timeout`).",
+        ),
     ] {
         m.insert(code.into(), problem_response(description));
     }
@@ -759,7 +764,7 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
             }
         }},
         "/health": {"get": {
-            "operationId": "health", "summary": "Readiness and the wiring of every feature.", "security": [],
+            "operationId": "health", "summary": "Readiness and each feature's state; nothing per world (the detailed report and /metrics are on the admin listener).", "security": [],
             "responses": {
                 "200": {"description": "Ready.", "content": {"application/json": {"schema": reference("health")}}},
                 "503": {"description": "Not ready, or at the connection limit.", "content": {
@@ -773,13 +778,6 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
             "operationId": "version", "summary": "The build and generation.", "security": [],
             "responses": {
                 "200": {"description": "The build.", "content": {"application/json": {"schema": reference("build")}}},
-                "405": problem_response("Only GET.")
-            }
-        }},
-        "/metrics": {"get": {
-            "operationId": "metrics", "summary": "Prometheus metrics.", "security": [],
-            "responses": {
-                "200": {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}},
                 "405": problem_response("Only GET.")
             }
         }}

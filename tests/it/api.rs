@@ -954,7 +954,7 @@ async fn snapshots_of_what_users_see() {
     });
     let (_, error) = app.decide("spk_nope", &body).await;
     insta::assert_json_snapshot!("error_unauthenticated", error);
-    let (_, health) = app.get(None, "/health").await;
+    let (_, health) = app.admin_get("/health").await;
     insta::assert_json_snapshot!("health", health, {
         ".uptime_s" => "[seconds]",
         ".git_sha" => "[sha]",

@@ -77,6 +77,7 @@ pub fn test_config(db: &Db) -> Config {
     let mut config = Config::default();
     db.configure(&mut config);
     config.server.addr = "127.0.0.1:0".parse().expect("address");
+    config.server.admin_addr = "127.0.0.1:0".parse().expect("address");
     config.bootstrap.operator_key = Some(Secret::new(OPERATOR));
     config.bootstrap.seed_dir = Some(predicates_dir());
     config.cache.poll_interval = Duration::from_millis(100);
@@ -94,6 +95,8 @@ pub fn test_config(db: &Db) -> Config {
 /// A running service and an HTTP client for it.
 pub struct TestApp {
     pub base: String,
+    /// The admin listener: the detailed `/health` and `/metrics`.
+    pub admin: String,
     pub client: reqwest::Client,
     pub running: Option<Running>,
 }
@@ -109,6 +112,7 @@ impl TestApp {
             .unwrap_or_else(|e| panic!("service did not start: {e}"));
         Self {
             base: format!("http://{}", running.addr),
+            admin: format!("http://{}", running.admin_addr),
             client: reqwest::Client::new(),
             running: Some(running),
         }
@@ -159,6 +163,20 @@ impl TestApp {
     pub async fn decide(&self, key: &str, body: &Value) -> (u16, Value) {
         self.call(reqwest::Method::POST, "/api/decide", Some(key), Some(body))
             .await
+    }
+
+    /// GET from the admin listener: status and JSON body (or the text, when not JSON).
+    pub async fn admin_get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.admin))
+            .send()
+            .await
+            .expect("request sent");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body read");
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
     }
 
     pub async fn get(&self, key: Option<&str>, path: &str) -> (u16, Value) {

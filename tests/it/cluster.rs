@@ -48,7 +48,7 @@ async fn a_deploy_reaches_another_instance_through_notify() {
     // Polling so slow that only a notification can explain a fast switch.
     config.cache.poll_interval = Duration::from_secs(60);
     let b = TestApp::start(config).await;
-    let (_, health) = b.get(None, "/health").await;
+    let (_, health) = b.admin_get("/health").await;
     assert_eq!(health["features"]["deployments"], "listening");
     let took = deploy_and_measure(&a, &b).await;
     assert!(took < Duration::from_secs(5), "took {took:?}");
@@ -64,7 +64,7 @@ async fn a_deploy_reaches_another_instance_by_polling_when_notifications_are_off
     config.cache.listen = false;
     config.cache.poll_interval = Duration::from_millis(200);
     let b = TestApp::start(config).await;
-    let (_, health) = b.get(None, "/health").await;
+    let (_, health) = b.admin_get("/health").await;
     assert_eq!(health["features"]["deployments"], "polling");
     let took = deploy_and_measure(&a, &b).await;
     // Bounded by the poll interval plus a load; generous for a busy machine.
@@ -78,7 +78,7 @@ async fn an_instance_is_not_ready_while_a_deployed_world_fails_to_load() {
     use sqlx::Connection;
     let db = Db::fresh(Backend::Postgres).await;
     let a = TestApp::on(&db).await;
-    let (s, _) = a.get(None, "/health").await;
+    let (s, _) = a.admin_get("/health").await;
     assert_eq!(s, 200);
     a.stop().await;
     // Corrupt one stored module behind the service's back.
@@ -101,7 +101,7 @@ async fn an_instance_is_not_ready_while_a_deployed_world_fails_to_load() {
     let mut config = test_config(&db);
     config.bootstrap.seed_dir = None;
     let b = TestApp::start(config).await;
-    let (s, health) = b.get(None, "/health").await;
+    let (s, health) = b.admin_get("/health").await;
     assert_eq!(s, 503, "{health}");
     assert_eq!(health["status"], "unavailable");
     let failed = health["features"]["worlds"]["failed"]["acme-payments"]

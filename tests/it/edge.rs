@@ -105,7 +105,7 @@ async fn idle_connections_past_the_limit_are_shed_and_reclaimed() {
     let fresh = reqwest::Client::new();
     let resp = fresh.get(app.url("/health")).send().await.expect("sent");
     assert_eq!(resp.status().as_u16(), 200);
-    let (_, metrics) = app.get(None, "/metrics").await;
+    let (_, metrics) = app.admin_get("/metrics").await;
     let text = metrics.as_str().unwrap_or("").to_string();
     let shed_count = text
         .lines()
@@ -128,7 +128,7 @@ async fn metrics_count_requests_decisions_and_errors() {
     app.decide("spk_wrong", &red).await;
     let resp = app
         .client
-        .get(app.url("/metrics"))
+        .get(format!("{}/metrics", app.admin))
         .send()
         .await
         .expect("sent");
@@ -195,7 +195,7 @@ async fn a_decision_log_that_cannot_keep_up_drops_and_counts_it() {
     config.decision_log.overflow = spectral::config::Overflow::Drop;
     let app = TestApp::start(config).await;
     decide_green_batch(&app, 100).await;
-    let (_, health) = app.get(None, "/health").await;
+    let (_, health) = app.admin_get("/health").await;
     let log = &health["features"]["decision_log"];
     assert_eq!(log["overflow"], "drop");
     let dropped = log["dropped"].as_u64().unwrap_or(0);
@@ -203,7 +203,7 @@ async fn a_decision_log_that_cannot_keep_up_drops_and_counts_it() {
         dropped > 0,
         "a one-slot queue behind a database cannot take 100 at once: {log}"
     );
-    let (_, metrics) = app.get(None, "/metrics").await;
+    let (_, metrics) = app.admin_get("/metrics").await;
     assert!(
         metrics
             .as_str()
@@ -237,10 +237,10 @@ async fn the_decision_log_commits_what_arrives_within_its_linger_as_one_batch() 
             .as_u64()
             .unwrap_or(0)
     };
-    let (_, health) = app.get(None, "/health").await;
+    let (_, health) = app.admin_get("/health").await;
     assert_eq!(written(&health), 0, "still lingering: {health}");
     eventually(Duration::from_secs(30), "30 records written", || async {
-        let (_, health) = app.get(None, "/health").await;
+        let (_, health) = app.admin_get("/health").await;
         (written(&health) == 30).then_some(())
     })
     .await;

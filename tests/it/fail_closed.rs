@@ -505,7 +505,7 @@ async fn the_decision_queue_is_bounded_in_bytes() {
         let (s, d) = app.decide(OPERATOR, &body).await;
         assert_eq!(s, 200, "{d}");
     }
-    let (_, health) = app.get(None, "/health").await;
+    let (_, health) = app.admin_get("/health").await;
     let log = &health["features"]["decision_log"];
     let dropped = log["dropped"].as_u64().unwrap_or(0);
     assert!(
@@ -549,7 +549,7 @@ async fn an_expensive_decide_is_shed_when_every_slot_is_taken() {
     let (a, b) = tokio::join!(app.decide(OPERATOR, &expensive), async {
         // The second starts once the first holds the one slot, as /health shows.
         crate::support::eventually(Duration::from_secs(5), "the slot being taken", || async {
-            let (_, health) = app.get(None, "/health").await;
+            let (_, health) = app.admin_get("/health").await;
             (health["features"]["evaluation"]["busy"] == 1).then_some(())
         })
         .await;
@@ -601,7 +601,7 @@ async fn a_decision_whose_record_cannot_be_queued_is_not_answered() {
         refused > 0,
         "a two-record queue behind a lingering writer took ten"
     );
-    let (_, health) = app.get(None, "/health").await;
+    let (_, health) = app.admin_get("/health").await;
     let log = &health["features"]["decision_log"];
     assert_eq!(log["refused"], refused, "{log}");
     assert_eq!(log["dropped"], 0, "{log}");

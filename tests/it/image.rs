@@ -382,6 +382,7 @@ async fn the_image_serves_as_its_user_from_its_own_files() {
     // of 0.0.0.0:8000 (other tests and services share this machine), and a predicate deadline
     // that an unoptimized build on a busy machine can meet while it seeds the example worlds.
     env.insert("SPECTRAL_ADDR".into(), "127.0.0.1:0".into());
+    env.insert("SPECTRAL_ADMIN_ADDR".into(), "127.0.0.1:0".into());
     env.insert("SPECTRAL_SANDBOX_DEADLINE_US".into(), "500000".into());
     env.insert(
         "SPECTRAL_SANDBOX_DECISION_DEADLINE_US".into(),
@@ -411,13 +412,17 @@ async fn the_image_serves_as_its_user_from_its_own_files() {
         .expect("json");
     assert_eq!(health["status"], "ok", "{health}");
     assert_eq!(health["features"]["store"]["backend"], "sqlite", "{health}");
-    assert_eq!(
-        health["features"]["worlds"]["loaded"]
-            .as_object()
-            .map(|m| m.len()),
-        Some(3),
-        "{health}"
-    );
+    assert_eq!(health["features"]["worlds"]["state"], "ok", "{health}");
+    let worlds: serde_json::Value = client
+        .get(format!("{}/api/worlds", server.base))
+        .bearer_auth(&server.operator_key)
+        .send()
+        .await
+        .expect("worlds")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(worlds.as_array().map(Vec::len), Some(3), "{worlds}");
     let decision = client
         .post(format!("{}/api/decide", server.base))
         .bearer_auth(&server.operator_key)
@@ -512,7 +517,7 @@ async fn the_store_reaches_postgres_over_tls_when_the_dsn_requires_it() {
     let separator = if url.contains('?') { '&' } else { '?' };
     config.store.database_url = Some(format!("{url}{separator}sslmode=require"));
     let app = crate::app::TestApp::start(config).await;
-    let (status, health) = app.get(None, "/health").await;
+    let (status, health) = app.admin_get("/health").await;
     assert_eq!(status, 200, "{health}");
     let name = url
         .rsplit('/')

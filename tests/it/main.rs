@@ -29,6 +29,7 @@ mod openapi;
 mod outbox;
 mod properties;
 mod provider;
+mod public;
 mod receiver;
 mod serve;
 mod shutdown;

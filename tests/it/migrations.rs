@@ -423,7 +423,7 @@ async fn a_build_starts_on_a_schema_newer_than_itself(backend: Backend) {
         }
     }
     let app = TestApp::on(&db).await;
-    let (status, health) = app.get(None, "/health").await;
+    let (status, health) = app.admin_get("/health").await;
     assert_eq!(status, 200, "{health}");
     app.stop().await;
 }

@@ -85,10 +85,18 @@ async fn serve_with_zero_configuration_answers_and_stops_on_sigterm() {
         .expect("json");
     assert_eq!(health["status"], "ok", "{health}");
     assert_eq!(health["features"]["store"]["backend"], "sqlite");
-    let loaded = health["features"]["worlds"]["loaded"]
-        .as_object()
-        .map(|m| m.len());
-    assert_eq!(loaded, Some(3));
+    assert_eq!(health["features"]["worlds"]["state"], "ok", "{health}");
+    // The example worlds are seeded: the operator sees them (the public health names none).
+    let worlds: serde_json::Value = client
+        .get(format!("{}/api/worlds", server.base))
+        .bearer_auth(&server.operator_key)
+        .send()
+        .await
+        .expect("worlds")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(worlds.as_array().map(Vec::len), Some(3), "{worlds}");
     let resp = client
         .post(format!("{}/api/decide", server.base))
         .bearer_auth(&server.operator_key)

@@ -30,6 +30,7 @@ impl Serve {
             .current_dir(cwd.path())
             .env_remove("DATABASE_URL")
             .env("SPECTRAL_ADDR", "127.0.0.1:0")
+            .env("SPECTRAL_ADMIN_ADDR", "127.0.0.1:0")
             .env("SPECTRAL_SEED_DIR", predicates_dir())
             .env("SPECTRAL_LOG_FORMAT", "json")
             .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
@@ -206,7 +207,7 @@ async fn on_sqlite_the_apis_commit_wakes_the_workers_consumer() {
     let app = TestApp::start(config).await;
     let running = app.running.as_ref().expect("running");
     let (store, generation) = (running.app.store.clone(), running.app.generation);
-    let (status, health) = app.get(None, "/health").await;
+    let (status, health) = app.admin_get("/health").await;
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["features"]["outbox"], "wired", "{health}");
 
@@ -237,7 +238,7 @@ async fn on_sqlite_the_apis_commit_wakes_the_workers_consumer() {
         took < POLL / 10,
         "publish → handled took {took:?}: the consumer waited for its poll"
     );
-    let (_, metrics) = app.get(None, "/metrics").await;
+    let (_, metrics) = app.admin_get("/metrics").await;
     let text = metrics.as_str().unwrap_or_default();
     assert!(
         text.contains("spectral_outbox_handled_total{event_type=\"worldmodel.version.published\"}"),

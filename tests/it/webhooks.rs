@@ -133,7 +133,7 @@ async fn a_refused_delivery_fails_at_once_and_is_listed_for_replay() {
     // Replayed, it is delivered (the receiver now answers 200).
     store.replay(failed.id).await.expect("replay");
     receiver.until(2).await;
-    let (_, health) = app.get(None, "/health").await;
+    let (_, health) = app.admin_get("/health").await;
     assert_eq!(health["features"]["outbox"], "wired");
     app.stop().await;
 }

@@ -27,7 +27,9 @@ pub fn command(args: &[&str]) -> std::process::Command {
             cmd.env_remove(k);
         }
     }
-    cmd.env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
+    // Processes run side by side: each admin listener takes a port of its own.
+    cmd.env("SPECTRAL_ADMIN_ADDR", "127.0.0.1:0")
+        .env("SPECTRAL_SANDBOX_DEADLINE_US", "500000")
         .env("SPECTRAL_SANDBOX_DECISION_DEADLINE_US", "5000000");
     cmd
 }
