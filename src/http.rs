@@ -441,7 +441,14 @@ impl From<ServiceError> for HttpError {
     }
 }
 
+/// A JSON object body as `T`. Every body the API takes is an object; serde would also read a
+/// struct from an array of its fields in order, so anything else is refused first.
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(HttpError::Malformed(
+            "the body must be a JSON object".into(),
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| HttpError::Malformed(e.to_string()))
 }
 

@@ -270,6 +270,28 @@ async fn retired_versions_are_refused_to_every_key(backend: Backend) {
     assert_eq!((s, b["code"].as_str()), (403, Some("forbidden")), "{b}");
     let (s, b) = retire(&pinner, 2, json!({})).await;
     assert_eq!((s, b["code"].as_str()), (403, Some("forbidden")), "{b}");
+    // A body that is JSON but not an object is refused, though serde would read the struct
+    // from an array of its fields.
+    for body in [json!([]), json!(["why"]), json!("why"), json!(null)] {
+        let (s, b) = retire(&deployer, 2, body.clone()).await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (400, Some("malformed_request")),
+            "{body}: {b}"
+        );
+    }
+    let (s, b) = app
+        .post(
+            &deployer,
+            "/api/worlds/acme-payments/deployments",
+            &json!([1]),
+        )
+        .await;
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (400, Some("malformed_request")),
+        "{b}"
+    );
     let (s, b) = retire(&deployer, 2, json!({"reason": "x".repeat(1001)})).await;
     assert_eq!(
         (s, b["code"].as_str()),
