@@ -19,6 +19,7 @@ crate::both_backends! {
         a_thread_reads_back_its_latest_checkpoint_and_its_log_in_order,
         a_step_saved_again_writes_one_checkpoint_and_no_duplicated_events,
         proposing_twice_stores_one_candidate_and_one_outbox_row,
+        a_proposed_candidate_fans_out_to_the_worlds_webhooks,
         pruning_keeps_the_thread_its_final_state_and_its_candidate,
     ],
     two_stores => [
@@ -460,4 +461,50 @@ async fn pruning_keeps_the_thread_its_final_state_and_its_candidate(store: Store
     }
     let again = store.prune(cutoff, 10).await.unwrap();
     assert_eq!(again.threads, 0, "pruned threads are not pruned again");
+}
+
+async fn a_proposed_candidate_fans_out_to_the_worlds_webhooks(store: Store) {
+    use spectral::outbox::Handler;
+    store.put_draft("acme", &json!({})).await.unwrap();
+    store
+        .create_webhook(&spectral::store::Webhook {
+            id: "h1".into(),
+            world: "acme".into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            secret: "s".into(),
+            events: vec![events::RULE_CANDIDATE_PROPOSED.into()],
+            created_at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+    run_thread(&store, "t1").await;
+    let fence = store
+        .acquire_lease("t1", "w1", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    store.propose("t1", fence, &candidate("c1")).await.unwrap();
+    let row = store
+        .outbox_list(None, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.event_type == events::RULE_CANDIDATE_PROPOSED)
+        .unwrap();
+    let registry = spectral::outbox::handlers::registry(
+        store.clone(),
+        Duration::from_secs(1),
+        &spectral::egress::Egress::default(),
+    )
+    .unwrap();
+    let handler = registry
+        .get(events::RULE_CANDIDATE_PROPOSED)
+        .expect("a handler, so the event is not dead-lettered");
+    match handler.handle(&row).await {
+        Ok(spectral::store::Effect::Enqueue(deliveries)) => {
+            assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+            assert_eq!(deliveries[0].payload["webhook_id"], "h1");
+        }
+        other => panic!("{other:?}"),
+    }
 }
