@@ -464,7 +464,6 @@ async fn pruning_keeps_the_thread_its_final_state_and_its_candidate(store: Store
 }
 
 async fn a_proposed_candidate_fans_out_to_the_worlds_webhooks(store: Store) {
-    use spectral::outbox::Handler;
     store.put_draft("acme", &json!({})).await.unwrap();
     store
         .create_webhook(&spectral::store::Webhook {
