@@ -24,7 +24,8 @@ use rand::Rng;
 pub use consumer::{Consumer, OutboxState, Wiring};
 pub use event::{
     events, DecisionRecorded, Delivery, Event, EventError, ListedDecision, ModuleDeployed,
-    PublishedModule, RecordedBatch, RuleCount, VersionPublished, VersionRetired,
+    PublishedModule, RecordedBatch, RuleCandidateProposed, RuleCount, VersionPublished,
+    VersionRetired,
 };
 
 use crate::store::{Effect, OutboxRow};

@@ -11,6 +11,7 @@
 //! - `records.rs`: what is stored (versions, keys, decisions, …) and the rows it decodes from;
 //! - `outbox.rs`: outbox rows and the effects a handled row commits with;
 //! - `chain.rs`: the decision records' hash chain;
+//! - `threads.rs`: the World Agent's threads, checkpoints, event logs and rule candidates;
 //! - `dispatch.rs`: [`Store`], the enum over the backends that the service holds;
 //! - `error.rs`: [`StoreError`], and how a database error becomes one.
 //!
@@ -28,6 +29,7 @@ mod protocol;
 mod records;
 mod sqlite;
 mod statements;
+mod threads;
 
 pub use crate::outbox::events;
 pub use chain::{chain_hash, GENESIS};
@@ -40,4 +42,8 @@ pub use records::{
     DecisionRecord, Deployment, KeyRecord, MatchedRule, NewDecision, NewKey, NewModule, NewVersion,
     Retirement, Scope, StatDelta, VersionRecord, VersionSummary, Webhook, WorldDetail,
     WorldSummary,
+};
+pub use threads::{
+    CandidateRecord, CheckpointRecord, NewCandidate, NewCheckpoint, NewThread, NewThreadEvent,
+    Pruned, Saved, ThreadEvent, ThreadKind, ThreadRecord, Usage, RUNNING,
 };

@@ -25,6 +25,9 @@ pub mod events {
     pub const DECISION_RECORDED: &str = "decision.recorded";
     /// One webhook delivery to one subscriber: [`super::WebhookDelivery`].
     pub const WEBHOOK_DELIVERY: &str = "webhook.delivery";
+    /// A World Agent run proposed a rule candidate for review:
+    /// [`super::RuleCandidateProposed`].
+    pub const RULE_CANDIDATE_PROPOSED: &str = "worlds.rule_candidate.proposed";
 }
 
 /// An event, as producers build it and handlers read it.
@@ -41,6 +44,20 @@ pub enum Event {
     DecisionRecorded(DecisionRecorded),
     #[serde(rename = "webhook.delivery")]
     WebhookDelivery(Delivery),
+    #[serde(rename = "worlds.rule_candidate.proposed")]
+    RuleCandidateProposed(RuleCandidateProposed),
+}
+
+/// `worlds.rule_candidate.proposed`: a run's candidate awaits review.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleCandidateProposed {
+    pub world: String,
+    /// The candidate's id.
+    pub candidate: String,
+    /// The run thread that proposed it.
+    pub run_thread: String,
+    pub action: String,
+    pub model: String,
 }
 
 /// `worldmodel.version.published`.
@@ -152,12 +169,13 @@ pub enum EventError {
 
 impl Event {
     /// Every event type this build knows; each is at layout version [`Event::VERSION`].
-    pub(crate) const TYPES: [&'static str; 5] = [
+    pub(crate) const TYPES: [&'static str; 6] = [
         events::VERSION_PUBLISHED,
         events::MODULE_DEPLOYED,
         events::VERSION_RETIRED,
         events::DECISION_RECORDED,
         events::WEBHOOK_DELIVERY,
+        events::RULE_CANDIDATE_PROPOSED,
     ];
 
     /// The payload layout version this build writes and reads, for every type. It is the
@@ -171,6 +189,7 @@ impl Event {
             Self::VersionRetired(_) => events::VERSION_RETIRED,
             Self::DecisionRecorded(_) => events::DECISION_RECORDED,
             Self::WebhookDelivery(_) => events::WEBHOOK_DELIVERY,
+            Self::RuleCandidateProposed(_) => events::RULE_CANDIDATE_PROPOSED,
         }
     }
 
@@ -286,6 +305,13 @@ mod tests {
                 event_type: events::MODULE_DEPLOYED.into(),
                 event_key: "w:1".into(),
                 body: json!({"world": "w"}),
+            }),
+            Event::RuleCandidateProposed(RuleCandidateProposed {
+                world: "w".into(),
+                candidate: "c".into(),
+                run_thread: "t".into(),
+                action: "pay".into(),
+                model: "m".into(),
             }),
         ];
         for (event, name) in events.into_iter().zip(Event::TYPES) {

@@ -29,7 +29,8 @@ pub fn registry(
     r.register(events::DECISION_RECORDED, Arc::new(DecisionStats))
         .register(events::VERSION_PUBLISHED, fanout.clone())
         .register(events::MODULE_DEPLOYED, fanout.clone())
-        .register(events::VERSION_RETIRED, fanout)
+        .register(events::VERSION_RETIRED, fanout.clone())
+        .register(events::RULE_CANDIDATE_PROPOSED, fanout)
         .register(events::WEBHOOK_DELIVERY, Arc::new(delivery));
     Ok(r)
 }
@@ -110,7 +111,8 @@ fn counts(batch: &RecordedBatch) -> Result<Counts, HandlerError> {
     Ok(out)
 }
 
-/// `worldmodel.version.published`, `module.deployed` and `world.version.retired` → one
+/// `worldmodel.version.published`, `module.deployed`, `world.version.retired` and
+/// `worlds.rule_candidate.proposed` → one
 /// `webhook.delivery` per subscriber of the world, so each delivery is retried on its own.
 pub(crate) struct WebhookFanout {
     store: Store,
@@ -128,7 +130,8 @@ impl Handler for WebhookFanout {
             match event(row)? {
                 Event::VersionPublished(_)
                 | Event::ModuleDeployed(_)
-                | Event::VersionRetired(_) => {}
+                | Event::VersionRetired(_)
+                | Event::RuleCandidateProposed(_) => {}
                 other => return Err(unexpected(self.name(), &other)),
             }
             let Some(world) = row.world.as_deref() else {

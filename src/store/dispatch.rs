@@ -9,6 +9,10 @@ use serde::Serialize;
 use super::protocol::{self, Dialect};
 use super::{postgres, sqlite, OUTBOX_CHANNEL};
 use super::{
+    CandidateRecord, CheckpointRecord, NewCandidate, NewCheckpoint, NewThread, NewThreadEvent,
+    Pruned, Saved, ThreadEvent, ThreadRecord, Usage,
+};
+use super::{
     Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision, NewEvent, NewKey,
     NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta, StoreError,
     VersionRecord, Webhook, WorldDetail, WorldSummary,
@@ -449,5 +453,114 @@ impl Store {
 
     pub async fn webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
         dispatch!(self, s => protocol::webhook(s, id).await)
+    }
+    /// Create an agent thread, `running`, with no lease. `Conflict` when the id is taken.
+    pub async fn create_thread(&self, thread: &NewThread) -> Result<(), StoreError> {
+        dispatch!(self, s => protocol::create_thread(s, thread).await)
+    }
+
+    pub async fn thread(&self, id: &str) -> Result<Option<ThreadRecord>, StoreError> {
+        dispatch!(self, s => protocol::thread(s, id).await)
+    }
+
+    /// Take a running thread's lease for `ttl` when it is unowned, expired or already
+    /// `owner`'s. Every acquisition bumps the thread's fence, which is returned: the writes of
+    /// whoever held an older fence are refused from now on. `None` when another worker holds
+    /// the lease or the thread is not running.
+    pub async fn acquire_lease(
+        &self,
+        thread: &str,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        dispatch!(self, s => protocol::acquire_lease(s, thread, owner, ttl).await)
+    }
+
+    /// Extend the lease `owner` holds under `fence` to `ttl` from now. `Fenced` when it no
+    /// longer holds it.
+    pub async fn renew_lease(
+        &self,
+        thread: &str,
+        owner: &str,
+        fence: u64,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => protocol::renew_lease(s, thread, owner, fence, ttl).await)
+    }
+
+    /// In one transaction: check `fence` still holds the thread (`Fenced` if not), store the
+    /// checkpoint unless its step is stored, and only then append the step's events to the
+    /// thread's log and set its usage (the totals after the step). A step saved again (a re-run
+    /// after a crash) writes nothing: `Saved::written` is `false`.
+    pub async fn save_checkpoint(
+        &self,
+        thread: &str,
+        fence: u64,
+        checkpoint: &NewCheckpoint,
+        events: &[NewThreadEvent],
+        usage: &Usage,
+    ) -> Result<Saved, StoreError> {
+        dispatch!(self, s => protocol::save_checkpoint(s, thread, fence, checkpoint, events, usage).await)
+    }
+
+    /// The thread's checkpoint with the highest step.
+    pub async fn latest_checkpoint(
+        &self,
+        thread: &str,
+    ) -> Result<Option<CheckpointRecord>, StoreError> {
+        dispatch!(self, s => protocol::latest_checkpoint(s, thread).await)
+    }
+
+    pub async fn checkpoint(
+        &self,
+        thread: &str,
+        step: u64,
+    ) -> Result<Option<CheckpointRecord>, StoreError> {
+        dispatch!(self, s => protocol::checkpoint(s, thread, step).await)
+    }
+
+    /// The thread's events with `seq > after`, in order, at most `limit`.
+    pub async fn events_after(
+        &self,
+        thread: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<ThreadEvent>, StoreError> {
+        dispatch!(self, s => protocol::events_after(s, thread, after, limit).await)
+    }
+
+    /// Store the run's rule candidate, in its world, with a `worlds.rule_candidate.proposed`
+    /// outbox event, in one transaction under the lease (`Fenced` when `fence` lost it). A run
+    /// has at most one candidate: proposing again writes nothing and returns the first's id.
+    pub async fn propose(
+        &self,
+        thread: &str,
+        fence: u64,
+        candidate: &NewCandidate,
+    ) -> Result<String, StoreError> {
+        self.woke(dispatch!(self, s => protocol::propose(s, thread, fence, candidate).await))
+    }
+
+    /// A world's rule candidates, newest first.
+    pub async fn candidates(&self, world: &str) -> Result<Vec<CandidateRecord>, StoreError> {
+        dispatch!(self, s => protocol::candidates(s, world).await)
+    }
+
+    /// End the thread with a final `status` and release its lease, under the lease
+    /// (`Fenced` when `fence` lost it).
+    pub async fn finish(&self, thread: &str, fence: u64, status: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => protocol::finish(s, thread, fence, status).await)
+    }
+
+    /// Running runs whose lease expired or was never taken: what a worker resumes.
+    pub async fn expired_runs(&self, limit: u32) -> Result<Vec<ThreadRecord>, StoreError> {
+        dispatch!(self, s => protocol::expired_runs(s, limit).await)
+    }
+
+    /// Remove the history of threads that finished before `before`, `batch` threads per
+    /// transaction: their events and every checkpoint but the last. The thread rows (with
+    /// their final status and usage), their final state and their candidates stay.
+    pub async fn prune(&self, before: DateTime<Utc>, batch: u32) -> Result<Pruned, StoreError> {
+        dispatch!(self, s => protocol::prune(s, before, batch).await)
     }
 }

@@ -9,6 +9,10 @@ pub enum StoreError {
     /// The change conflicts with what is stored (a duplicate key id, …).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A write under an agent thread's lease carried a fence that is no longer the thread's:
+    /// another worker took the thread over, and this one must stop advancing it.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// The database could not be reached or answered with an error.
     #[error("database error: {0}")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),

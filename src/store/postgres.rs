@@ -25,6 +25,10 @@ use super::records::{
     WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
 };
 use super::statements::{decision_columns, outbox_columns, shared_statements, Sql};
+use super::threads::{
+    candidate_columns, thread_columns, CandidateRow, CheckpointRow, NewCandidate, NewThread,
+    NewThreadEvent, ThreadEventRow, ThreadLockRow, ThreadRow,
+};
 use super::{
     NewEvent, NewKey, NewModule, OutboxCounts, Retirement, StatDelta, StoreError, Webhook,
     OUTBOX_CHANNEL,
@@ -416,4 +420,77 @@ const SQL: Sql = Sql {
                WHERE world = $1 ORDER BY id",
     webhook: "SELECT id, world, url, secret, events, created_at FROM core.webhooks
               WHERE id = $1",
+    create_thread: "INSERT INTO core.agent_threads
+                        (id, world, kind, parent_thread, created_by, status, task, created_at,
+                         updated_at)
+                    VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $7)",
+    thread: concat!(
+        "SELECT ",
+        thread_columns!(),
+        " FROM core.agent_threads WHERE id = $1"
+    ),
+    acquire_lease: "UPDATE core.agent_threads
+                    SET lease_owner = $2, lease_expires_at = $4, fence = fence + 1,
+                        updated_at = $3
+                    WHERE id = $1 AND status = 'running'
+                      AND (lease_owner IS NULL OR lease_owner = $2
+                           OR lease_expires_at IS NULL OR lease_expires_at <= $3)
+                    RETURNING fence",
+    renew_lease: "UPDATE core.agent_threads SET lease_expires_at = $5, updated_at = $4
+                  WHERE id = $1 AND lease_owner = $2 AND fence = $3 AND status = 'running'",
+    lock_thread: "SELECT world, fence, status FROM core.agent_threads WHERE id = $1 FOR UPDATE",
+    insert_checkpoint: "INSERT INTO core.agent_checkpoints
+                            (thread, step, parent_step, node, state, created_at)
+                        VALUES ($1, $2, $3, $4, $5, $6)
+                        ON CONFLICT (thread, step) DO NOTHING",
+    last_event_seq: "SELECT COALESCE(MAX(seq), 0) FROM core.agent_events WHERE thread = $1",
+    insert_thread_event: "INSERT INTO core.agent_events (thread, seq, step, kind, data, created_at)
+                          VALUES ($1, $2, $3, $4, $5, $6)",
+    set_usage: "UPDATE core.agent_threads
+                SET calls = $2, prompt_tokens = $3, completion_tokens = $4, updated_at = $5
+                WHERE id = $1",
+    finish_thread: "UPDATE core.agent_threads
+                    SET status = $2, finished_at = $3, updated_at = $3,
+                        lease_owner = NULL, lease_expires_at = NULL
+                    WHERE id = $1",
+    latest_checkpoint: "SELECT step, parent_step, node, state, created_at
+                        FROM core.agent_checkpoints WHERE thread = $1
+                        ORDER BY step DESC LIMIT 1",
+    checkpoint: "SELECT step, parent_step, node, state, created_at FROM core.agent_checkpoints
+                 WHERE thread = $1 AND step = $2",
+    thread_events: "SELECT seq, step, kind, data, created_at FROM core.agent_events
+                    WHERE thread = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    expired_runs: concat!(
+        "SELECT ",
+        thread_columns!(),
+        " FROM core.agent_threads
+          WHERE status = 'running' AND kind = 'run'
+            AND (lease_expires_at IS NULL OR lease_expires_at <= $1)
+          ORDER BY lease_expires_at NULLS FIRST, created_at LIMIT $2"
+    ),
+    insert_candidate: "INSERT INTO core.rule_candidates
+                           (id, world, action, run_thread, rule, evidence, model,
+                            prompt_versions, created_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                       ON CONFLICT DO NOTHING",
+    candidate_of_run: concat!(
+        "SELECT ",
+        candidate_columns!(),
+        " FROM core.rule_candidates WHERE run_thread = $1"
+    ),
+    candidates: concat!(
+        "SELECT ",
+        candidate_columns!(),
+        " FROM core.rule_candidates WHERE world = $1 ORDER BY created_at DESC, id"
+    ),
+    prunable: "SELECT id FROM core.agent_threads
+               WHERE finished_at IS NOT NULL AND pruned_at IS NULL AND finished_at < $1
+               ORDER BY finished_at LIMIT $2
+               FOR UPDATE",
+    prune_checkpoints: "DELETE FROM core.agent_checkpoints
+                        WHERE thread = $1 AND step < (SELECT MAX(step)
+                                                      FROM core.agent_checkpoints
+                                                      WHERE thread = $1)",
+    prune_events: "DELETE FROM core.agent_events WHERE thread = $1",
+    mark_pruned: "UPDATE core.agent_threads SET pruned_at = $2 WHERE id = $1",
 };

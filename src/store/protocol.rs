@@ -16,18 +16,23 @@ use chrono::{DateTime, Utc};
 use super::chain::{extend_chain, group_by_world, insert_chunks, ChainedDecision};
 use super::outbox::{OutboxDbRow, Stamp};
 use super::records::{
-    convert, now, to_i64, to_u64, DecisionRow, DeploymentRow, KeyRow, VersionModelRow, VersionRow,
-    WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
+    bigint, convert, now, to_i64, to_u64, DecisionRow, DeploymentRow, KeyRow, VersionModelRow,
+    VersionRow, WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
 };
 use super::statements::Sql;
+use super::threads::{
+    CandidateRecord, CandidateRow, CheckpointRecord, CheckpointRow, NewCandidate, NewCheckpoint,
+    NewThread, NewThreadEvent, Pruned, Saved, ThreadEvent, ThreadEventRow, ThreadLockRow,
+    ThreadRecord, ThreadRow, Usage, RUNNING,
+};
 use super::{
     Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision, NewEvent, NewKey,
     NewModule, NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta,
     StoreError, VersionRecord, VersionSummary, Webhook, WorldDetail, WorldSummary,
 };
 use crate::outbox::{
-    DecisionRecorded, Event, ModuleDeployed, PublishedModule, RecordedBatch, RuleCount,
-    VersionPublished, VersionRetired,
+    DecisionRecorded, Event, ModuleDeployed, PublishedModule, RecordedBatch, RuleCandidateProposed,
+    RuleCount, VersionPublished, VersionRetired,
 };
 
 /// A transaction of dialect `D`.
@@ -220,6 +225,109 @@ pub(crate) trait Dialect: Sync + Sized {
     async fn create_webhook(&self, hook: &Webhook) -> Result<(), StoreError>;
     async fn webhooks(&self, world: &str) -> Result<Vec<WebhookRow>, StoreError>;
     async fn webhook(&self, id: &str) -> Result<Option<WebhookRow>, StoreError>;
+
+    // The World Agent's threads.
+    async fn create_thread(&self, t: &NewThread, at: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn thread(&self, id: &str) -> Result<Option<ThreadRow>, StoreError>;
+    /// Take the lease of a running thread that is unowned, expired or already `owner`'s,
+    /// bumping its fence; the new fence, `None` when another worker holds it.
+    async fn acquire_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        at: DateTime<Utc>,
+        expires: DateTime<Utc>,
+    ) -> Result<Option<i64>, StoreError>;
+    /// Extend the lease `owner` holds under `fence`; whether it still did.
+    async fn renew_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        fence: i64,
+        at: DateTime<Utc>,
+        expires: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    /// Lock the thread's row until commit and read what a write under a lease checks.
+    async fn lock_thread(tx: &mut Tx<Self>, id: &str) -> Result<Option<ThreadLockRow>, StoreError>;
+    /// Insert a checkpoint unless its step is stored; whether it was inserted.
+    async fn insert_checkpoint(
+        tx: &mut Tx<Self>,
+        thread: &str,
+        step: i64,
+        parent_step: Option<i64>,
+        node: &str,
+        state: &serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    /// The seq of the thread's last event, 0 when it has none.
+    async fn last_event_seq(tx: &mut Tx<Self>, thread: &str) -> Result<i64, StoreError>;
+    async fn insert_thread_event(
+        tx: &mut Tx<Self>,
+        thread: &str,
+        seq: i64,
+        step: i64,
+        event: &NewThreadEvent,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    async fn set_usage(
+        tx: &mut Tx<Self>,
+        thread: &str,
+        calls: i64,
+        prompt_tokens: i64,
+        completion_tokens: i64,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    async fn finish_thread(
+        tx: &mut Tx<Self>,
+        thread: &str,
+        status: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    async fn latest_checkpoint(&self, thread: &str) -> Result<Option<CheckpointRow>, StoreError>;
+    async fn checkpoint(
+        &self,
+        thread: &str,
+        step: i64,
+    ) -> Result<Option<CheckpointRow>, StoreError>;
+    async fn thread_events(
+        &self,
+        thread: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<ThreadEventRow>, StoreError>;
+    /// Running runs whose lease expired or was never taken, oldest lease first.
+    async fn expired_runs(
+        &self,
+        at: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<ThreadRow>, StoreError>;
+    /// Insert a candidate unless its run has one (or its id is taken); whether it was.
+    async fn insert_candidate(
+        tx: &mut Tx<Self>,
+        thread: &str,
+        world: &str,
+        candidate: &NewCandidate,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    async fn candidate_of_run(
+        tx: &mut Tx<Self>,
+        thread: &str,
+    ) -> Result<Option<CandidateRow>, StoreError>;
+    async fn candidates(&self, world: &str) -> Result<Vec<CandidateRow>, StoreError>;
+    /// Finished threads not yet pruned that finished before `cutoff`, oldest first.
+    async fn prunable(
+        tx: &mut Tx<Self>,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Delete a thread's checkpoints but its last; how many.
+    async fn prune_checkpoints(tx: &mut Tx<Self>, thread: &str) -> Result<u64, StoreError>;
+    async fn prune_events(tx: &mut Tx<Self>, thread: &str) -> Result<u64, StoreError>;
+    async fn mark_pruned(
+        tx: &mut Tx<Self>,
+        thread: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
 }
 
 fn generation<D: Dialect>(db: &D) -> i64 {
@@ -743,4 +851,271 @@ pub(crate) async fn webhooks<D: Dialect>(db: &D, world: &str) -> Result<Vec<Webh
 
 pub(crate) async fn webhook<D: Dialect>(db: &D, id: &str) -> Result<Option<Webhook>, StoreError> {
     Ok(db.webhook(id).await?.map(Webhook::from))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The World Agent's threads. A worker advances a thread only under its lease; every write it
+// makes checks, with the thread's row locked, that the fence it acquired is still the
+// thread's, so that a worker that lost the lease (it stalled, another took over) writes
+// nothing. Checkpoints are keyed by (thread, step) and written once: a step re-run after a
+// crash writes no second checkpoint and no second copy of its events.
+
+fn no_thread(id: &str) -> StoreError {
+    StoreError::NotFound(format!("agent thread '{id}'"))
+}
+
+/// `now + ttl`, saturating at the largest time.
+fn expiry(at: DateTime<Utc>, ttl: std::time::Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(ttl)
+        .ok()
+        .and_then(|ttl| at.checked_add_signed(ttl))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// Lock the thread and check that `fence` still holds it; its world.
+async fn hold_lease<D: Dialect>(
+    tx: &mut Tx<D>,
+    thread: &str,
+    fence: u64,
+) -> Result<String, StoreError> {
+    let Some(row) = D::lock_thread(tx, thread).await? else {
+        return Err(no_thread(thread));
+    };
+    if to_i64(fence) != Some(row.fence) {
+        return Err(StoreError::Fenced(format!(
+            "agent thread '{thread}' is held under fence {}, not {fence}: another worker \
+             took it over",
+            row.fence
+        )));
+    }
+    if row.status != RUNNING {
+        return Err(StoreError::Conflict(format!(
+            "agent thread '{thread}' has finished ({})",
+            row.status
+        )));
+    }
+    Ok(row.world)
+}
+
+pub(crate) async fn create_thread<D: Dialect>(db: &D, t: &NewThread) -> Result<(), StoreError> {
+    db.create_thread(t, now())
+        .await
+        .map_err(|e| e.conflict_as(|| format!("agent thread id '{}' is taken", t.id)))
+}
+
+pub(crate) async fn thread<D: Dialect>(
+    db: &D,
+    id: &str,
+) -> Result<Option<ThreadRecord>, StoreError> {
+    db.thread(id).await?.map(ThreadRecord::try_from).transpose()
+}
+
+pub(crate) async fn acquire_lease<D: Dialect>(
+    db: &D,
+    thread: &str,
+    owner: &str,
+    ttl: std::time::Duration,
+) -> Result<Option<u64>, StoreError> {
+    let at = now();
+    let fence = db.acquire_lease(thread, owner, at, expiry(at, ttl)).await?;
+    fence.map(|f| to_u64(f, "fence")).transpose()
+}
+
+pub(crate) async fn renew_lease<D: Dialect>(
+    db: &D,
+    thread: &str,
+    owner: &str,
+    fence: u64,
+    ttl: std::time::Duration,
+) -> Result<(), StoreError> {
+    let at = now();
+    let held = match to_i64(fence) {
+        Some(f) => {
+            db.renew_lease(thread, owner, f, at, expiry(at, ttl))
+                .await?
+        }
+        None => false,
+    };
+    if !held {
+        return Err(StoreError::Fenced(format!(
+            "agent thread '{thread}' is no longer held by '{owner}' under fence {fence}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) async fn save_checkpoint<D: Dialect>(
+    db: &D,
+    thread: &str,
+    fence: u64,
+    checkpoint: &NewCheckpoint,
+    events: &[NewThreadEvent],
+    usage: &Usage,
+) -> Result<Saved, StoreError> {
+    let step = bigint(checkpoint.step, "step")?;
+    let parent = checkpoint
+        .parent_step
+        .map(|p| bigint(p, "parent step"))
+        .transpose()?;
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    hold_lease::<D>(&mut tx, thread, fence).await?;
+    let written = D::insert_checkpoint(
+        &mut tx,
+        thread,
+        step,
+        parent,
+        &checkpoint.node,
+        &checkpoint.state,
+        at,
+    )
+    .await?;
+    // The lock on the thread serializes writers, so the log's last seq cannot move under us.
+    let mut seq = D::last_event_seq(&mut tx, thread).await?;
+    if written {
+        for event in events {
+            seq += 1;
+            D::insert_thread_event(&mut tx, thread, seq, step, event, at).await?;
+        }
+        let calls = bigint(usage.calls, "calls")?;
+        let prompt = bigint(usage.prompt_tokens, "prompt tokens")?;
+        let completion = bigint(usage.completion_tokens, "completion tokens")?;
+        D::set_usage(&mut tx, thread, calls, prompt, completion, at).await?;
+    }
+    tx.commit().await?;
+    Ok(Saved {
+        written,
+        last_seq: to_u64(seq, "event seq")?,
+    })
+}
+
+pub(crate) async fn latest_checkpoint<D: Dialect>(
+    db: &D,
+    thread: &str,
+) -> Result<Option<CheckpointRecord>, StoreError> {
+    db.latest_checkpoint(thread)
+        .await?
+        .map(CheckpointRecord::try_from)
+        .transpose()
+}
+
+pub(crate) async fn checkpoint<D: Dialect>(
+    db: &D,
+    thread: &str,
+    step: u64,
+) -> Result<Option<CheckpointRecord>, StoreError> {
+    let Some(step) = to_i64(step) else {
+        return Ok(None);
+    };
+    db.checkpoint(thread, step)
+        .await?
+        .map(CheckpointRecord::try_from)
+        .transpose()
+}
+
+pub(crate) async fn events_after<D: Dialect>(
+    db: &D,
+    thread: &str,
+    after: u64,
+    limit: u32,
+) -> Result<Vec<ThreadEvent>, StoreError> {
+    let Some(after) = to_i64(after) else {
+        return Ok(Vec::new());
+    };
+    convert(db.thread_events(thread, after, i64::from(limit)).await?)
+}
+
+pub(crate) async fn propose<D: Dialect>(
+    db: &D,
+    thread: &str,
+    fence: u64,
+    candidate: &NewCandidate,
+) -> Result<String, StoreError> {
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    // The candidate belongs to the run's world, whatever the caller says.
+    let world = hold_lease::<D>(&mut tx, thread, fence).await?;
+    let inserted = D::insert_candidate(&mut tx, thread, &world, candidate, at).await?;
+    let Some(stored) = D::candidate_of_run(&mut tx, thread).await? else {
+        return Err(StoreError::Conflict(format!(
+            "rule candidate id '{}' is taken",
+            candidate.id
+        )));
+    };
+    if inserted {
+        let event = Event::RuleCandidateProposed(RuleCandidateProposed {
+            world: world.clone(),
+            candidate: stored.id.clone(),
+            run_thread: thread.to_owned(),
+            action: stored.action.clone(),
+            model: stored.model.clone(),
+        });
+        let event = event.into_new(Some(&world), stored.id.clone())?;
+        D::insert_event(&mut tx, &event, generation(db), at).await?;
+    }
+    tx.commit().await?;
+    Ok(stored.id)
+}
+
+pub(crate) async fn candidates<D: Dialect>(
+    db: &D,
+    world: &str,
+) -> Result<Vec<CandidateRecord>, StoreError> {
+    Ok(db
+        .candidates(world)
+        .await?
+        .into_iter()
+        .map(CandidateRecord::from)
+        .collect())
+}
+
+pub(crate) async fn finish<D: Dialect>(
+    db: &D,
+    thread: &str,
+    fence: u64,
+    status: &str,
+) -> Result<(), StoreError> {
+    if status == RUNNING || status.is_empty() {
+        return Err(StoreError::Conflict(format!(
+            "'{status}' is not a final status for agent thread '{thread}'"
+        )));
+    }
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    hold_lease::<D>(&mut tx, thread, fence).await?;
+    D::finish_thread(&mut tx, thread, status, at).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(crate) async fn expired_runs<D: Dialect>(
+    db: &D,
+    limit: u32,
+) -> Result<Vec<ThreadRecord>, StoreError> {
+    convert(db.expired_runs(now(), i64::from(limit)).await?)
+}
+
+pub(crate) async fn prune<D: Dialect>(
+    db: &D,
+    before: DateTime<Utc>,
+    batch: u32,
+) -> Result<Pruned, StoreError> {
+    let batch = batch.max(1);
+    let mut pruned = Pruned::default();
+    // One transaction per batch of threads, so that no transaction grows with the backlog.
+    loop {
+        let at = now();
+        let mut tx = db.begin_write().await?;
+        let threads = D::prunable(&mut tx, before, i64::from(batch)).await?;
+        for thread in &threads {
+            pruned.checkpoints += D::prune_checkpoints(&mut tx, thread).await?;
+            pruned.events += D::prune_events(&mut tx, thread).await?;
+            D::mark_pruned(&mut tx, thread, at).await?;
+        }
+        tx.commit().await?;
+        pruned.threads += threads.len() as u64;
+        if threads.len() < batch as usize {
+            return Ok(pruned);
+        }
+    }
 }

@@ -53,6 +53,27 @@ pub(crate) struct Sql {
     pub create_webhook: &'static str,
     pub webhooks: &'static str,
     pub webhook: &'static str,
+    pub create_thread: &'static str,
+    pub thread: &'static str,
+    pub acquire_lease: &'static str,
+    pub renew_lease: &'static str,
+    pub lock_thread: &'static str,
+    pub insert_checkpoint: &'static str,
+    pub last_event_seq: &'static str,
+    pub insert_thread_event: &'static str,
+    pub set_usage: &'static str,
+    pub finish_thread: &'static str,
+    pub latest_checkpoint: &'static str,
+    pub checkpoint: &'static str,
+    pub thread_events: &'static str,
+    pub expired_runs: &'static str,
+    pub insert_candidate: &'static str,
+    pub candidate_of_run: &'static str,
+    pub candidates: &'static str,
+    pub prunable: &'static str,
+    pub prune_checkpoints: &'static str,
+    pub prune_events: &'static str,
+    pub mark_pruned: &'static str,
 }
 
 /// The columns of `decisions`, in the order of `DecisionRow` and of the inserts.
@@ -494,6 +515,236 @@ macro_rules! shared_statements {
         async fn webhook(&self, id: &str) -> Result<Option<WebhookRow>, StoreError> {
             let q = sqlx::query_as(Self::SQL.webhook).bind(id);
             Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn create_thread(&self, t: &NewThread, at: DateTime<Utc>) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.create_thread)
+                .bind(&t.id)
+                .bind(&t.world);
+            let q = q.bind(t.kind.as_str()).bind(&t.parent).bind(&t.created_by);
+            let q = q.bind(Json(t.task.clone())).bind(Time(at));
+            Ok(q.execute(&self.pool).await.map(drop)?)
+        }
+
+        async fn thread(&self, id: &str) -> Result<Option<ThreadRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.thread).bind(id);
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn acquire_lease(
+            &self,
+            id: &str,
+            owner: &str,
+            at: DateTime<Utc>,
+            expires: DateTime<Utc>,
+        ) -> Result<Option<i64>, StoreError> {
+            let q = sqlx::query_scalar(Self::SQL.acquire_lease)
+                .bind(id)
+                .bind(owner);
+            let q = q.bind(Time(at)).bind(Time(expires));
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn renew_lease(
+            &self,
+            id: &str,
+            owner: &str,
+            fence: i64,
+            at: DateTime<Utc>,
+            expires: DateTime<Utc>,
+        ) -> Result<bool, StoreError> {
+            let q = sqlx::query(Self::SQL.renew_lease)
+                .bind(id)
+                .bind(owner)
+                .bind(fence);
+            let q = q.bind(Time(at)).bind(Time(expires));
+            Ok(q.execute(&self.pool).await?.rows_affected() == 1)
+        }
+
+        async fn lock_thread(
+            tx: &mut Tx<Self>,
+            id: &str,
+        ) -> Result<Option<ThreadLockRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.lock_thread).bind(id);
+            Ok(q.fetch_optional(&mut **tx).await?)
+        }
+
+        async fn insert_checkpoint(
+            tx: &mut Tx<Self>,
+            thread: &str,
+            step: i64,
+            parent_step: Option<i64>,
+            node: &str,
+            state: &serde_json::Value,
+            at: DateTime<Utc>,
+        ) -> Result<bool, StoreError> {
+            let q = sqlx::query(Self::SQL.insert_checkpoint)
+                .bind(thread)
+                .bind(step);
+            let q = q
+                .bind(parent_step)
+                .bind(node)
+                .bind(Json(state.clone()))
+                .bind(Time(at));
+            Ok(q.execute(&mut **tx).await?.rows_affected() == 1)
+        }
+
+        async fn last_event_seq(tx: &mut Tx<Self>, thread: &str) -> Result<i64, StoreError> {
+            let q = sqlx::query_scalar(Self::SQL.last_event_seq).bind(thread);
+            Ok(q.fetch_one(&mut **tx).await?)
+        }
+
+        async fn insert_thread_event(
+            tx: &mut Tx<Self>,
+            thread: &str,
+            seq: i64,
+            step: i64,
+            event: &NewThreadEvent,
+            at: DateTime<Utc>,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.insert_thread_event)
+                .bind(thread)
+                .bind(seq)
+                .bind(step);
+            let q = q
+                .bind(&event.kind)
+                .bind(Json(event.data.clone()))
+                .bind(Time(at));
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn set_usage(
+            tx: &mut Tx<Self>,
+            thread: &str,
+            calls: i64,
+            prompt_tokens: i64,
+            completion_tokens: i64,
+            at: DateTime<Utc>,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.set_usage).bind(thread).bind(calls);
+            let q = q.bind(prompt_tokens).bind(completion_tokens).bind(Time(at));
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn finish_thread(
+            tx: &mut Tx<Self>,
+            thread: &str,
+            status: &str,
+            at: DateTime<Utc>,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.finish_thread)
+                .bind(thread)
+                .bind(status)
+                .bind(Time(at));
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn latest_checkpoint(
+            &self,
+            thread: &str,
+        ) -> Result<Option<CheckpointRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.latest_checkpoint).bind(thread);
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn checkpoint(
+            &self,
+            thread: &str,
+            step: i64,
+        ) -> Result<Option<CheckpointRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.checkpoint).bind(thread).bind(step);
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn thread_events(
+            &self,
+            thread: &str,
+            after: i64,
+            limit: i64,
+        ) -> Result<Vec<ThreadEventRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.thread_events)
+                .bind(thread)
+                .bind(after)
+                .bind(limit);
+            Ok(q.fetch_all(&self.pool).await?)
+        }
+
+        async fn expired_runs(
+            &self,
+            at: DateTime<Utc>,
+            limit: i64,
+        ) -> Result<Vec<ThreadRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.expired_runs)
+                .bind(Time(at))
+                .bind(limit);
+            Ok(q.fetch_all(&self.pool).await?)
+        }
+
+        async fn insert_candidate(
+            tx: &mut Tx<Self>,
+            thread: &str,
+            world: &str,
+            c: &NewCandidate,
+            at: DateTime<Utc>,
+        ) -> Result<bool, StoreError> {
+            let q = sqlx::query(Self::SQL.insert_candidate)
+                .bind(&c.id)
+                .bind(world)
+                .bind(&c.action);
+            let q = q
+                .bind(thread)
+                .bind(Json(c.rule.clone()))
+                .bind(Json(c.evidence.clone()));
+            let q = q
+                .bind(&c.model)
+                .bind(Json(c.prompt_versions.clone()))
+                .bind(Time(at));
+            Ok(q.execute(&mut **tx).await?.rows_affected() == 1)
+        }
+
+        async fn candidate_of_run(
+            tx: &mut Tx<Self>,
+            thread: &str,
+        ) -> Result<Option<CandidateRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.candidate_of_run).bind(thread);
+            Ok(q.fetch_optional(&mut **tx).await?)
+        }
+
+        async fn candidates(&self, world: &str) -> Result<Vec<CandidateRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.candidates).bind(world);
+            Ok(q.fetch_all(&self.pool).await?)
+        }
+
+        async fn prunable(
+            tx: &mut Tx<Self>,
+            cutoff: DateTime<Utc>,
+            limit: i64,
+        ) -> Result<Vec<String>, StoreError> {
+            let q = sqlx::query_scalar(Self::SQL.prunable)
+                .bind(Time(cutoff))
+                .bind(limit);
+            Ok(q.fetch_all(&mut **tx).await?)
+        }
+
+        async fn prune_checkpoints(tx: &mut Tx<Self>, thread: &str) -> Result<u64, StoreError> {
+            let q = sqlx::query(Self::SQL.prune_checkpoints).bind(thread);
+            Ok(q.execute(&mut **tx).await?.rows_affected())
+        }
+
+        async fn prune_events(tx: &mut Tx<Self>, thread: &str) -> Result<u64, StoreError> {
+            let q = sqlx::query(Self::SQL.prune_events).bind(thread);
+            Ok(q.execute(&mut **tx).await?.rows_affected())
+        }
+
+        async fn mark_pruned(
+            tx: &mut Tx<Self>,
+            thread: &str,
+            at: DateTime<Utc>,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.mark_pruned)
+                .bind(thread)
+                .bind(Time(at));
+            Ok(q.execute(&mut **tx).await.map(drop)?)
         }
     };
 }

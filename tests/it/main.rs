@@ -11,6 +11,7 @@
 mod agent;
 mod api;
 mod app;
+mod checkpoints;
 mod cli;
 mod cluster;
 mod crash;
