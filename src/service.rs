@@ -286,6 +286,8 @@ pub struct App {
     pub evaluation: Evaluation,
     /// Where webhooks may be delivered.
     pub egress: crate::egress::Egress,
+    /// A model endpoint is configured for the World Agent (`/health`'s `agent`).
+    pub agent_configured: bool,
 }
 
 /// The longest reason a retirement keeps, in characters.
@@ -929,7 +931,7 @@ impl App {
                 "evaluation": self.evaluation.status(),
                 "outbox": self.outbox.wiring(),
                 "outbox_rows": rows,
-                "agent": "unconfigured",
+                "agent": if self.agent_configured { "configured" } else { "unconfigured" },
             }
         });
         (ready, body)

@@ -321,6 +321,7 @@ pub async fn start_mode(
         generation,
         evaluation: crate::service::Evaluation::new(&config.evaluation),
         egress: config.outbox.webhook_egress.clone(),
+        agent_configured: crate::agent::provider::Provider::new(&config.agent).is_ok(),
     });
 
     let generated_operator_key = ensure_operator_key(&store, &config).await?;

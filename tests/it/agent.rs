@@ -499,3 +499,26 @@ async fn the_run_bounds_come_from_the_configuration() {
     assert!(stderr.contains("llm_calls_exceeded"), "{stderr}");
     assert_eq!(llm.received().len(), 1);
 }
+
+/// `/health` says whether a model endpoint is configured, on the public port as on the admin
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_whether_the_agent_is_configured() {
+    use crate::app::{test_config, Backend, Db, TestApp};
+    let db = Db::fresh(Backend::Sqlite).await;
+    let app = TestApp::start(test_config(&db)).await;
+    let (_, public) = app.get(None, "/health").await;
+    assert_eq!(public["features"]["agent"], "unconfigured", "{public}");
+    app.stop().await;
+
+    let llm = Llm::start(vec![]).await;
+    let mut config = test_config(&db);
+    config.agent.base_url = Some(llm.base_url.parse().expect("url"));
+    config.agent.model = "stand-in-1".into();
+    let app = TestApp::start(config).await;
+    let (_, public) = app.get(None, "/health").await;
+    assert_eq!(public["features"]["agent"], "configured", "{public}");
+    let (_, detailed) = app.admin_get("/health").await;
+    assert_eq!(detailed["features"]["agent"], "configured", "{detailed}");
+    app.stop().await;
+}
