@@ -7,11 +7,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use spectral::outbox::events;
 use spectral::store::{
-    NewCandidate, NewCheckpoint, NewThread, NewThreadEvent, Store, StoreConfig, StoreError,
-    ThreadKind, Usage,
+    NewCandidate, NewCheckpoint, NewThread, NewThreadEvent, Store, StoreError, ThreadKind, Usage,
 };
 
-use crate::db::{fresh_postgres, fresh_sqlite_dir};
+// The conformance suite's runners: a store, or two on one database, on a fresh one.
+use crate::store::{one_store, two_stores};
 use crate::support::eventually;
 
 crate::both_backends! {
@@ -29,61 +29,6 @@ crate::both_backends! {
 }
 
 const LONG: Duration = Duration::from_secs(600);
-
-async fn one_store<F, Fut>(backend: crate::app::Backend, case: F)
-where
-    F: FnOnce(Store) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let (config, _db) = fixture(backend).await;
-    let store = connect(&config).await;
-    case(store.clone()).await;
-    store.close().await;
-}
-
-async fn two_stores<F, Fut>(backend: crate::app::Backend, case: F)
-where
-    F: FnOnce(Store, Store) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let (config, _db) = fixture(backend).await;
-    let store = connect(&config).await;
-    let other = connect(&config).await;
-    case(store.clone(), other.clone()).await;
-    store.close().await;
-    other.close().await;
-}
-
-async fn fixture(backend: crate::app::Backend) -> (StoreConfig, crate::app::Db) {
-    match backend {
-        crate::app::Backend::Sqlite => {
-            let dir = fresh_sqlite_dir();
-            let config = StoreConfig {
-                database_url: None,
-                data_dir: dir.path().join("data"),
-                max_connections: 4,
-                migrate_on_start: true,
-            };
-            (config, crate::app::Db::Sqlite(dir))
-        }
-        crate::app::Backend::Postgres => {
-            let db = fresh_postgres().await;
-            let config = StoreConfig {
-                database_url: Some(db.url().to_owned()),
-                data_dir: "unused".into(),
-                max_connections: 4,
-                migrate_on_start: true,
-            };
-            (config, crate::app::Db::Postgres(db))
-        }
-    }
-}
-
-async fn connect(config: &StoreConfig) -> Store {
-    Store::connect(config)
-        .await
-        .unwrap_or_else(|e| panic!("connect to the test store: {e}"))
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures.

@@ -267,6 +267,8 @@ async fn write_reply(socket: &mut TcpStream, reply: Reply) -> std::io::Result<()
                 )
                 .await?;
             socket.flush().await?;
+            // The scripted slowness under test (a late first token, a paced stream), not a
+            // wait for something to happen: nothing here is synchronised by time.
             tokio::time::sleep(first_delay).await;
             for (i, event) in events.iter().enumerate() {
                 if cut_after == Some(i) {

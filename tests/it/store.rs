@@ -70,7 +70,7 @@ async fn fixture(backend: crate::app::Backend) -> (StoreConfig, crate::app::Db) 
     }
 }
 
-async fn one_store<F, Fut>(backend: crate::app::Backend, case: F)
+pub(crate) async fn one_store<F, Fut>(backend: crate::app::Backend, case: F)
 where
     F: FnOnce(Store) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -81,7 +81,7 @@ where
     store.close().await;
 }
 
-async fn two_stores<F, Fut>(backend: crate::app::Backend, case: F)
+pub(crate) async fn two_stores<F, Fut>(backend: crate::app::Backend, case: F)
 where
     F: FnOnce(Store, Store) -> Fut,
     Fut: std::future::Future<Output = ()>,
