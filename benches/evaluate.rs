@@ -57,6 +57,7 @@ fn peers_world() -> WorldModel {
                 applies_when: None,
                 predicate: PEERS_PREDICATE.into(),
                 work_frame: None,
+                provenance: None,
                 cases: vec![Case {
                     name: String::new(),
                     context: Map::new(),

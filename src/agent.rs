@@ -4,8 +4,10 @@
 //! the prompts are versioned templates (`prompt`); the graph runs the authoring nodes
 //! (`graph`), of which `verify` is the deterministic one. `docs/agent.md` is the contract.
 
+pub mod chat;
 pub mod graph;
 pub mod prompt;
 pub mod provider;
+pub mod runner;
 pub mod tools;
 pub mod verify;

@@ -313,6 +313,24 @@ pub struct AgentConfig {
     pub max_repairs: u32,
     /// Time spent in the run's nodes (`SPECTRAL_AGENT_MAX_RUN_MS`).
     pub max_run_time: Duration,
+    /// Threads a worker advances at once (`SPECTRAL_AGENT_CONCURRENCY`).
+    pub concurrency: usize,
+    /// Runs of one world running at once (`SPECTRAL_AGENT_MAX_RUNS_PER_WORLD`); starting
+    /// another is answered 429 `too_many_runs`.
+    pub max_runs_per_world: u64,
+    /// A worker's lease on a thread (`SPECTRAL_AGENT_LEASE_MS`), renewed at a third of it:
+    /// the time after a worker's crash before another resumes its threads.
+    pub lease: Duration,
+    /// Time between looks for threads to resume when nothing wakes the worker
+    /// (`SPECTRAL_AGENT_POLL_MS`).
+    pub poll: Duration,
+    /// Age after which a finished thread's checkpoints (all but the last) and events are
+    /// pruned (`SPECTRAL_AGENT_RETENTION_MS`); its final state and candidate stay.
+    pub retention: Duration,
+    /// Messages a chat thread keeps in the model's view (`SPECTRAL_AGENT_CHAT_HISTORY`).
+    pub chat_history: usize,
+    /// Agent event streams open at once in one API process (`SPECTRAL_AGENT_MAX_STREAMS`).
+    pub max_streams: usize,
 }
 
 impl Default for AgentConfig {
@@ -335,6 +353,13 @@ impl Default for AgentConfig {
             max_run_tokens: 200_000,
             max_repairs: 3,
             max_run_time: Duration::from_secs(300),
+            concurrency: 4,
+            max_runs_per_world: 4,
+            lease: Duration::from_secs(30),
+            poll: Duration::from_secs(2),
+            retention: Duration::from_secs(30 * 86_400),
+            chat_history: 40,
+            max_streams: 256,
         }
     }
 }
@@ -890,6 +915,29 @@ impl Config {
             "SPECTRAL_AGENT_MAX_RUN_MS",
             &mut a.max_run_time,
             1_000..=86_400_000,
+        )?;
+        v.number("SPECTRAL_AGENT_CONCURRENCY", &mut a.concurrency, 1..=256)?;
+        v.number(
+            "SPECTRAL_AGENT_MAX_RUNS_PER_WORLD",
+            &mut a.max_runs_per_world,
+            1..=10_000,
+        )?;
+        v.millis("SPECTRAL_AGENT_LEASE_MS", &mut a.lease, 300..=3_600_000)?;
+        v.millis("SPECTRAL_AGENT_POLL_MS", &mut a.poll, 10..=600_000)?;
+        v.millis(
+            "SPECTRAL_AGENT_RETENTION_MS",
+            &mut a.retention,
+            1_000..=u64::MAX / 2,
+        )?;
+        v.number(
+            "SPECTRAL_AGENT_CHAT_HISTORY",
+            &mut a.chat_history,
+            2..=1_000,
+        )?;
+        v.number(
+            "SPECTRAL_AGENT_MAX_STREAMS",
+            &mut a.max_streams,
+            1..=100_000,
         )?;
 
         let l = &mut c.log;

@@ -7,6 +7,7 @@
 mod mcp;
 mod problem;
 mod router;
+mod sse;
 mod unique;
 
 use std::convert::Infallible;
@@ -194,6 +195,21 @@ async fn handle(
             };
             (Route::Mcp, response)
         }
+        Ok(endpoint) if endpoint.streams() => {
+            let route = endpoint.route();
+            // Opening the stream is bounded like any request; the stream has its own bound.
+            let work = open_stream(app.clone(), &config, endpoint, req);
+            let response = match tokio::time::timeout(config.request_timeout, work).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(e)) => problem::from_error(&e).map(BodyExt::boxed),
+                Err(_) => problem::from_service(&ServiceError::Unavailable(format!(
+                    "the request took longer than {} ms",
+                    config.request_timeout.as_millis()
+                )))
+                .map(BodyExt::boxed),
+            };
+            (route, response)
+        }
         Ok(endpoint) => {
             let route = endpoint.route();
             let work = dispatch(surface, &app, &config, endpoint, req, started);
@@ -283,6 +299,47 @@ async fn dispatch(
             let caller = app.keys.authenticate(authorization(&req)).await?;
             authed(app, config, &caller, endpoint, req, started).await
         }
+    }
+}
+
+/// Authenticate, do what the request asks (post a message), and answer with the stream of
+/// the thread's events.
+async fn open_stream(
+    app: Arc<App>,
+    config: &ServerConfig,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+) -> Result<Response<mcp::Out>, HttpError> {
+    use crate::store::ThreadKind;
+    let caller = app.keys.authenticate(authorization(&req)).await?;
+    let last = sse::last_event_id(&req)?;
+    match endpoint {
+        Endpoint::RunEvents(world, id) => {
+            let thread = app
+                .agent_thread(&caller, &world, ThreadKind::Run, &id)
+                .await?;
+            sse::respond(app, thread, last.unwrap_or(0), sse::Until::ThreadEnds)
+        }
+        Endpoint::ThreadEvents(world, name) => {
+            let thread = app
+                .agent_thread(&caller, &world, ThreadKind::Chat, &name)
+                .await?;
+            let after = last.unwrap_or(0);
+            let until = if thread.status == crate::store::RUNNING {
+                sse::Until::TurnAfter(after)
+            } else {
+                sse::Until::ThreadEnds
+            };
+            sse::respond(app, thread, after, until)
+        }
+        Endpoint::PostMessage(world, name) => {
+            let body = json_body(req, config).await?;
+            let input: crate::service::agent::MessageInput = parse(&body)?;
+            let (thread, seq) = app.post_message(&caller, &world, &name, input).await?;
+            // The stream starts with the message itself, so its id is the first one.
+            sse::respond(app, thread, seq - 1, sse::Until::TurnAfter(seq))
+        }
+        _ => Err(ServiceError::Internal("a non-stream endpoint routed as a stream".into()).into()),
     }
 }
 
@@ -392,6 +449,51 @@ async fn authed(
             let created = app.create_webhook(caller, &world, input).await?;
             Ok(json(StatusCode::CREATED, &created))
         }
+        Endpoint::StartRun(world) => {
+            let body = json_body(req, config).await?;
+            let input: crate::service::agent::RunInput = parse(&body)?;
+            let started = app.start_run(caller, &world, input).await?;
+            Ok(json(StatusCode::ACCEPTED, &started))
+        }
+        Endpoint::Runs(world) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"runs": app.agent_runs(caller, &world).await?}),
+        )),
+        Endpoint::Run(world, id) => Ok(json(
+            StatusCode::OK,
+            &app.agent_run(caller, &world, &id).await?,
+        )),
+        Endpoint::Candidates(world) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"candidates": app.candidates(caller, &world).await?}),
+        )),
+        Endpoint::Approve(world, id) => {
+            review(
+                app,
+                config,
+                caller,
+                &world,
+                &id,
+                crate::store::Verdict::Approved,
+                req,
+            )
+            .await
+        }
+        Endpoint::Reject(world, id) => {
+            review(
+                app,
+                config,
+                caller,
+                &world,
+                &id,
+                crate::store::Verdict::Rejected,
+                req,
+            )
+            .await
+        }
+        Endpoint::RunEvents(..) | Endpoint::PostMessage(..) | Endpoint::ThreadEvents(..) => {
+            Err(ServiceError::Internal("a stream endpoint routed as a plain one".into()).into())
+        }
         Endpoint::Health
         | Endpoint::Version
         | Endpoint::Metrics
@@ -401,6 +503,23 @@ async fn authed(
         )
         .into()),
     }
+}
+
+async fn review(
+    app: &App,
+    config: &ServerConfig,
+    caller: &Caller,
+    world: &str,
+    id: &str,
+    verdict: crate::store::Verdict,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, HttpError> {
+    let input: crate::service::agent::ReviewInput = match optional_json_body(req, config).await? {
+        Some(body) => parse(&body)?,
+        None => Default::default(),
+    };
+    let reviewed = app.review(caller, world, id, verdict, input).await?;
+    Ok(json(StatusCode::OK, &reviewed))
 }
 
 #[derive(Deserialize)]

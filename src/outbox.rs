@@ -23,9 +23,9 @@ use rand::Rng;
 
 pub use consumer::{Consumer, OutboxState, Wiring};
 pub use event::{
-    events, DecisionRecorded, Delivery, Event, EventError, ListedDecision, ModuleDeployed,
-    PublishedModule, RecordedBatch, RuleCandidateProposed, RuleCount, VersionPublished,
-    VersionRetired,
+    events, AgentTaskCreated, DecisionRecorded, Delivery, Event, EventError, ListedDecision,
+    ModuleDeployed, PublishedModule, RecordedBatch, RuleCandidateProposed, RuleCount,
+    VersionPublished, VersionRetired,
 };
 
 use crate::store::{Effect, OutboxRow};

@@ -7,6 +7,7 @@
 //! key cache (a store read on a miss), a pinned version's first load, and the decision
 //! queue's bounded wait.
 
+pub mod agent;
 pub mod audit;
 pub mod auth;
 pub mod cache;
@@ -77,6 +78,12 @@ pub enum ServiceError {
     /// A batch request spent its operations or its time before reaching this item.
     #[error("{0}")]
     BatchBudget(String),
+    /// The World Agent has no model endpoint configured.
+    #[error("{0}")]
+    AgentUnconfigured(String),
+    /// A world has as many agent runs running as it may.
+    #[error("{0}")]
+    TooManyRuns(String),
     /// The store failed; the cause is logged, never shown (docs/operations.md, "Errors").
     #[error("store unavailable: {0}")]
     Store(String),
@@ -89,7 +96,7 @@ impl ServiceError {
     pub(crate) fn from_store(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(what) => Self::NotFound(what),
-            StoreError::Conflict(what) => Self::Conflict(what),
+            StoreError::Conflict(what) | StoreError::Fenced(what) => Self::Conflict(what),
             StoreError::Database(_) => Self::Store(e.to_string()),
             other => Self::Internal(other.to_string()),
         }
@@ -286,8 +293,33 @@ pub struct App {
     pub evaluation: Evaluation,
     /// Where webhooks may be delivered.
     pub egress: crate::egress::Egress,
-    /// A model endpoint is configured for the World Agent (`/health`'s `agent`).
-    pub agent_configured: bool,
+    /// The World Agent's configuration and health, as the API sees them.
+    pub agent: AgentState,
+}
+
+/// What the API knows of the World Agent.
+pub struct AgentState {
+    /// A model endpoint is configured (`/health`'s `agent`).
+    pub configured: bool,
+    pub config: crate::config::AgentConfig,
+    /// The provider's health at the last call of this process's runner.
+    pub health: Arc<crate::agent::runner::AgentHealth>,
+    /// Event streams open at once (`SPECTRAL_AGENT_MAX_STREAMS`); more are answered 503.
+    pub streams: Arc<tokio::sync::Semaphore>,
+}
+
+impl AgentState {
+    /// `unconfigured`, `configured`, or `degraded` (the provider was unreachable at the last
+    /// call of this process's runner).
+    pub fn status(&self) -> &'static str {
+        if !self.configured {
+            "unconfigured"
+        } else if self.health.degraded() {
+            "degraded"
+        } else {
+            "configured"
+        }
+    }
 }
 
 /// The longest reason a retirement keeps, in characters.
@@ -931,7 +963,7 @@ impl App {
                 "evaluation": self.evaluation.status(),
                 "outbox": self.outbox.wiring(),
                 "outbox_rows": rows,
-                "agent": if self.agent_configured { "configured" } else { "unconfigured" },
+                "agent": self.agent.status(),
             }
         });
         (ready, body)

@@ -45,5 +45,6 @@ pub use records::{
 };
 pub use threads::{
     CandidateRecord, CheckpointRecord, NewCandidate, NewCheckpoint, NewThread, NewThreadEvent,
-    Pruned, Saved, ThreadEvent, ThreadKind, ThreadRecord, Usage, RUNNING,
+    Pruned, RecordedRun, Review, Saved, ThreadEvent, ThreadKind, ThreadRecord, Usage, Verdict,
+    RUNNING,
 };

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::agent::runner::{AgentHealth, Runner};
 use crate::config::{Config, OutboxConfig};
 use crate::outbox::{handlers, Consumer, OutboxState, Wiring};
 use crate::sandbox::Sandbox;
@@ -108,6 +109,7 @@ impl Workers {
         generation: i64,
         beside: Option<Store>,
         metrics: Arc<Metrics>,
+        health: Arc<AgentHealth>,
     ) -> Result<Self, StartError> {
         let state = Arc::new(OutboxState::new(metrics));
         let stop = CancellationToken::new();
@@ -115,6 +117,12 @@ impl Workers {
         let mut store_config = config.store.clone();
         store_config.migrate_on_start = false;
         let outbox = config.outbox.clone();
+        let agent = AgentWiring {
+            config: config.agent.clone(),
+            sandbox: config.sandbox.clone(),
+            health: health.clone(),
+            metrics: state.metrics(),
+        };
         let (thread_state, thread_stop, thread_ended) =
             (state.clone(), stop.clone(), ended.clone());
         let nice = config.background.nice;
@@ -124,6 +132,7 @@ impl Workers {
                     &store_config,
                     beside,
                     outbox,
+                    agent,
                     generation,
                     thread_state.clone(),
                     thread_stop,
@@ -161,11 +170,21 @@ impl Workers {
     }
 }
 
-/// The body of the workers thread: a runtime, a store, the consumer until `stop`.
+/// What the workers need to run the World Agent.
+struct AgentWiring {
+    config: crate::config::AgentConfig,
+    sandbox: crate::sandbox::Limits,
+    health: Arc<AgentHealth>,
+    metrics: Arc<Metrics>,
+}
+
+/// The body of the workers thread: a runtime, a store, the consumer and (when a model is
+/// configured) the World Agent's runner until `stop`.
 fn run_workers(
     config: &StoreConfig,
     beside: Option<Store>,
     outbox: OutboxConfig,
+    agent: AgentWiring,
     generation: i64,
     state: Arc<OutboxState>,
     stop: CancellationToken,
@@ -188,16 +207,43 @@ fn run_workers(
             .is_some_and(|api| std::ptr::eq(api.local_wake(), store.local_wake()));
         drop(beside);
         store.set_generation(generation);
+        let wake = Arc::new(tokio::sync::Notify::new());
         let registry = handlers::registry(
             store.clone(),
             outbox.webhook_timeout,
             &outbox.webhook_egress,
+            wake.clone(),
         )
         .map_err(|e| format!("cannot build the webhook client: {e}"))?;
-        let result = Consumer::new(store.clone(), registry, outbox, generation, state)
+        let runner = match crate::agent::provider::Provider::new(&agent.config) {
+            Ok(provider) => Some(Arc::new(Runner {
+                store: store.clone(),
+                provider: Arc::new(provider),
+                sandbox: Arc::new(crate::sandbox::Sandbox::new(agent.sandbox)),
+                config: agent.config,
+                owner: format!(
+                    "worker-{}-{}",
+                    std::process::id(),
+                    uuid::Uuid::now_v7().simple()
+                ),
+                wake,
+                metrics: agent.metrics,
+                health: agent.health,
+            })),
+            Err(e) => {
+                tracing::info!(reason = %e, "the World Agent is not running");
+                None
+            }
+        };
+        let agent_runs = async {
+            if let Some(runner) = runner {
+                runner.run(stop.clone()).await;
+            }
+        };
+        let consumed = Consumer::new(store.clone(), registry, outbox, generation, state)
             .woken_in_process(woken)
-            .run(stop)
-            .await;
+            .run(stop.clone());
+        let (result, ()) = tokio::join!(consumed, agent_runs);
         store.close().await;
         result.map_err(|e| format!("the outbox consumer cannot reach the store: {e}"))
     })
@@ -294,12 +340,14 @@ pub async fn start_mode(
         metrics.clone(),
     )
     .map_err(|e| StartError::DecisionLog(format!("cannot start its thread: {e}")))?;
+    let agent_health = Arc::new(AgentHealth::default());
     let workers = match mode {
         Mode::Both => Some(Workers::spawn(
             &config,
             generation,
             Some(store.clone()),
             metrics.clone(),
+            agent_health.clone(),
         )?),
         Mode::Api => None,
     };
@@ -321,7 +369,12 @@ pub async fn start_mode(
         generation,
         evaluation: crate::service::Evaluation::new(&config.evaluation),
         egress: config.outbox.webhook_egress.clone(),
-        agent_configured: crate::agent::provider::Provider::new(&config.agent).is_ok(),
+        agent: crate::service::AgentState {
+            configured: crate::agent::provider::Provider::new(&config.agent).is_ok(),
+            config: config.agent.clone(),
+            health: agent_health,
+            streams: Arc::new(tokio::sync::Semaphore::new(config.agent.max_streams)),
+        },
     });
 
     let generated_operator_key = ensure_operator_key(&store, &config).await?;
@@ -491,7 +544,13 @@ pub async fn run_workers_until_signal(config: Config) -> Result<(), StartError> 
     store.close().await;
     let grace = config.server.shutdown_grace;
     // No API in this process: nothing wakes the consumer but notifications and its poll.
-    let workers = Workers::spawn(&config, generation, None, Arc::new(Metrics::default()))?;
+    let workers = Workers::spawn(
+        &config,
+        generation,
+        None,
+        Arc::new(Metrics::default()),
+        Arc::new(AgentHealth::default()),
+    )?;
     tracing::info!(generation, "spectral workers running");
     tokio::select! {
         _ = signal() => {

@@ -46,11 +46,15 @@ pub enum Route {
     Metrics,
     OpenApi,
     Mcp,
+    /// The World Agent's endpoints that answer at once.
+    Agent,
+    /// The World Agent's event streams (the time is the stream's whole life).
+    AgentStream,
     NotFound,
 }
 
 impl Route {
-    pub const ALL: [Route; 18] = [
+    pub const ALL: [Route; 20] = [
         Self::Decide,
         Self::DecideBatch,
         Self::Draft,
@@ -68,6 +72,8 @@ impl Route {
         Self::Metrics,
         Self::OpenApi,
         Self::Mcp,
+        Self::Agent,
+        Self::AgentStream,
         Self::NotFound,
     ];
 
@@ -90,6 +96,8 @@ impl Route {
             Self::Metrics => "metrics",
             Self::OpenApi => "openapi",
             Self::Mcp => "mcp",
+            Self::Agent => "agent",
+            Self::AgentStream => "agent_stream",
             Self::NotFound => "not_found",
         }
     }
@@ -176,6 +184,54 @@ impl OutboxMetrics {
     }
 }
 
+/// The World Agent's usage, per world (the admin listener's `/metrics` only, as every
+/// per-world metric).
+pub struct AgentMetrics {
+    /// Model calls, by world.
+    pub calls: IntCounterVec,
+    /// Tokens, by world and `kind` (`prompt`, `completion`).
+    pub tokens: IntCounterVec,
+    /// Time spent waiting for the model, by world.
+    pub call_seconds: prometheus::CounterVec,
+    /// Runs ended, by world and final status.
+    pub runs: IntCounterVec,
+}
+
+impl AgentMetrics {
+    #[expect(clippy::expect_used, reason = "constant names, help and labels")]
+    fn new(r: &Registry) -> Self {
+        let call_seconds = prometheus::CounterVec::new(
+            Opts::new(
+                "spectral_agent_llm_seconds_total",
+                "Time the World Agent spent in model calls, by world.",
+            ),
+            &["world"],
+        )
+        .expect("a valid family");
+        Self {
+            calls: counter_vec(
+                r,
+                "spectral_agent_llm_calls_total",
+                "Model calls made by the World Agent, by world.",
+                &["world"],
+            ),
+            tokens: counter_vec(
+                r,
+                "spectral_agent_tokens_total",
+                "Tokens the World Agent used, by world and kind (prompt, completion).",
+                &["world", "kind"],
+            ),
+            call_seconds: register(r, call_seconds),
+            runs: counter_vec(
+                r,
+                "spectral_agent_runs_total",
+                "World Agent threads ended (runs) or turns answered (chats), by world and status.",
+                &["world", "status"],
+            ),
+        }
+    }
+}
+
 /// The process's metrics, in a registry of their own (one per running service, so that
 /// several services in one test process do not share counters).
 pub struct Metrics {
@@ -191,6 +247,7 @@ pub struct Metrics {
     pub decision_log_write_errors: IntCounter,
     pub connections_shed: IntCounter,
     pub outbox: OutboxMetrics,
+    pub agent: AgentMetrics,
 }
 
 impl Default for Metrics {
@@ -378,6 +435,7 @@ impl Metrics {
                 "Connections refused because the connection limit was reached.",
             ),
             outbox,
+            agent: AgentMetrics::new(r),
             registry,
         }
     }

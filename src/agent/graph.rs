@@ -248,7 +248,7 @@ impl RunState {
         }
     }
 
-    fn end(&mut self, status: Status) {
+    pub fn end(&mut self, status: Status) {
         self.status = status;
     }
 

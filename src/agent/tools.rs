@@ -407,6 +407,7 @@ fn rule_from(map: &Map<String, Value>) -> Result<Rule, Problem> {
         predicate,
         work_frame,
         cases: Vec::new(),
+        provenance: None,
     })
 }
 
@@ -683,6 +684,7 @@ mod tests {
                         applies_when: None,
                         predicate: "context.amount > 1".into(),
                         work_frame: None,
+                        provenance: None,
                         cases: vec![Case {
                             name: String::new(),
                             context: [("amount".to_string(), json!(2))].into_iter().collect(),

@@ -298,6 +298,7 @@ mod tests {
             applies_when: None,
             predicate: predicate.into(),
             work_frame: None,
+            provenance: None,
             cases: Vec::new(),
         }
     }

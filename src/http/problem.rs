@@ -195,6 +195,18 @@ fn classify_service(e: &ServiceError) -> (StatusCode, &'static str, String, Opti
             d.clone(),
             None,
         ),
+        ServiceError::AgentUnconfigured(d) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "agent_unconfigured",
+            d.clone(),
+            None,
+        ),
+        ServiceError::TooManyRuns(d) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_runs",
+            d.clone(),
+            None,
+        ),
         // Internals never leak: the detail is generic, the cause is in the log under the
         // body's error id.
         ServiceError::Store(_) => (

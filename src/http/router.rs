@@ -26,6 +26,30 @@ pub enum Endpoint {
     OpenApi,
     /// The MCP endpoint; its methods are the transport's to judge.
     Mcp,
+    /// `POST …/agent/runs`: start an authoring run.
+    StartRun(String),
+    /// `GET …/agent/runs`.
+    Runs(String),
+    Run(String, String),
+    /// A run's events, as a stream (`text/event-stream`).
+    RunEvents(String, String),
+    /// A user message to a chat thread, answered as a stream.
+    PostMessage(String, String),
+    /// A chat thread's events, as a stream (to reconnect with `Last-Event-ID`).
+    ThreadEvents(String, String),
+    Candidates(String),
+    Approve(String, String),
+    Reject(String, String),
+}
+
+impl Endpoint {
+    /// Whether the endpoint answers with an event stream.
+    pub fn streams(&self) -> bool {
+        matches!(
+            self,
+            Self::RunEvents(..) | Self::PostMessage(..) | Self::ThreadEvents(..)
+        )
+    }
 }
 
 impl Endpoint {
@@ -48,6 +72,15 @@ impl Endpoint {
             Self::Metrics => Route::Metrics,
             Self::OpenApi => Route::OpenApi,
             Self::Mcp => Route::Mcp,
+            Self::StartRun(_)
+            | Self::Runs(_)
+            | Self::Run(..)
+            | Self::Candidates(_)
+            | Self::Approve(..)
+            | Self::Reject(..) => Route::Agent,
+            Self::RunEvents(..) | Self::PostMessage(..) | Self::ThreadEvents(..) => {
+                Route::AgentStream
+            }
         }
     }
 }
@@ -96,6 +129,41 @@ pub fn route(method: &Method, path: &str) -> Result<Endpoint, RouteError> {
         ["metrics"] => one(Method::GET, Endpoint::Metrics),
         ["api", "openapi.json"] => one(Method::GET, Endpoint::OpenApi),
         ["mcp"] => Ok(Endpoint::Mcp),
+        ["api", "worlds", w, "agent", "runs"] => match *method {
+            Method::POST => Ok(Endpoint::StartRun(w.to_string())),
+            Method::GET | Method::HEAD => Ok(Endpoint::Runs(w.to_string())),
+            _ => Err(RouteError::MethodNotAllowed(vec![
+                Method::GET,
+                Method::HEAD,
+                Method::POST,
+            ])),
+        },
+        ["api", "worlds", w, "agent", "runs", id] => {
+            one(Method::GET, Endpoint::Run(w.to_string(), id.to_string()))
+        }
+        ["api", "worlds", w, "agent", "runs", id, "events"] => one(
+            Method::GET,
+            Endpoint::RunEvents(w.to_string(), id.to_string()),
+        ),
+        ["api", "worlds", w, "agent", "threads", t, "messages"] => one(
+            Method::POST,
+            Endpoint::PostMessage(w.to_string(), t.to_string()),
+        ),
+        ["api", "worlds", w, "agent", "threads", t, "events"] => one(
+            Method::GET,
+            Endpoint::ThreadEvents(w.to_string(), t.to_string()),
+        ),
+        ["api", "worlds", w, "agent", "candidates"] => {
+            one(Method::GET, Endpoint::Candidates(w.to_string()))
+        }
+        ["api", "worlds", w, "agent", "candidates", id, "approve"] => one(
+            Method::POST,
+            Endpoint::Approve(w.to_string(), id.to_string()),
+        ),
+        ["api", "worlds", w, "agent", "candidates", id, "reject"] => one(
+            Method::POST,
+            Endpoint::Reject(w.to_string(), id.to_string()),
+        ),
         _ => Err(RouteError::NotFound(path.to_string())),
     }
 }
@@ -154,6 +222,51 @@ mod tests {
             (Method::GET, "/api/openapi.json", Endpoint::OpenApi),
             (Method::POST, "/mcp", Endpoint::Mcp),
             (Method::DELETE, "/mcp", Endpoint::Mcp),
+            (
+                Method::POST,
+                "/api/worlds/acme/agent/runs",
+                Endpoint::StartRun("acme".into()),
+            ),
+            (
+                Method::GET,
+                "/api/worlds/acme/agent/runs",
+                Endpoint::Runs("acme".into()),
+            ),
+            (
+                Method::GET,
+                "/api/worlds/acme/agent/runs/r1",
+                Endpoint::Run("acme".into(), "r1".into()),
+            ),
+            (
+                Method::GET,
+                "/api/worlds/acme/agent/runs/r1/events",
+                Endpoint::RunEvents("acme".into(), "r1".into()),
+            ),
+            (
+                Method::POST,
+                "/api/worlds/acme/agent/threads/t1/messages",
+                Endpoint::PostMessage("acme".into(), "t1".into()),
+            ),
+            (
+                Method::GET,
+                "/api/worlds/acme/agent/threads/t1/events",
+                Endpoint::ThreadEvents("acme".into(), "t1".into()),
+            ),
+            (
+                Method::GET,
+                "/api/worlds/acme/agent/candidates",
+                Endpoint::Candidates("acme".into()),
+            ),
+            (
+                Method::POST,
+                "/api/worlds/acme/agent/candidates/c1/approve",
+                Endpoint::Approve("acme".into(), "c1".into()),
+            ),
+            (
+                Method::POST,
+                "/api/worlds/acme/agent/candidates/c1/reject",
+                Endpoint::Reject("acme".into(), "c1".into()),
+            ),
         ];
         for (method, path, expected) in cases {
             assert_eq!(route(&method, path), Ok(expected), "{method} {path}");

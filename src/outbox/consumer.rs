@@ -67,6 +67,11 @@ impl Default for OutboxState {
 }
 
 impl OutboxState {
+    /// The metrics the state counts in.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// A consumer's state that counts in `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {

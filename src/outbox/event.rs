@@ -28,6 +28,9 @@ pub mod events {
     /// A World Agent run proposed a rule candidate for review:
     /// [`super::RuleCandidateProposed`].
     pub const RULE_CANDIDATE_PROPOSED: &str = "worlds.rule_candidate.proposed";
+    /// An agent thread has work for a worker (a run was started, or a chat message posted):
+    /// [`super::AgentTaskCreated`].
+    pub const AGENT_TASK_CREATED: &str = "agent.task.created";
 }
 
 /// An event, as producers build it and handlers read it.
@@ -46,6 +49,17 @@ pub enum Event {
     WebhookDelivery(Delivery),
     #[serde(rename = "worlds.rule_candidate.proposed")]
     RuleCandidateProposed(RuleCandidateProposed),
+    #[serde(rename = "agent.task.created")]
+    AgentTaskCreated(AgentTaskCreated),
+}
+
+/// `agent.task.created`: a thread is `running` and waits for a worker to take its lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentTaskCreated {
+    pub world: String,
+    pub thread: String,
+    /// `run` or `chat`.
+    pub kind: String,
 }
 
 /// `worlds.rule_candidate.proposed`: a run's candidate awaits review.
@@ -169,13 +183,14 @@ pub enum EventError {
 
 impl Event {
     /// Every event type this build knows; each is at layout version [`Event::VERSION`].
-    pub(crate) const TYPES: [&'static str; 6] = [
+    pub(crate) const TYPES: [&'static str; 7] = [
         events::VERSION_PUBLISHED,
         events::MODULE_DEPLOYED,
         events::VERSION_RETIRED,
         events::DECISION_RECORDED,
         events::WEBHOOK_DELIVERY,
         events::RULE_CANDIDATE_PROPOSED,
+        events::AGENT_TASK_CREATED,
     ];
 
     /// The payload layout version this build writes and reads, for every type. It is the
@@ -190,6 +205,7 @@ impl Event {
             Self::DecisionRecorded(_) => events::DECISION_RECORDED,
             Self::WebhookDelivery(_) => events::WEBHOOK_DELIVERY,
             Self::RuleCandidateProposed(_) => events::RULE_CANDIDATE_PROPOSED,
+            Self::AgentTaskCreated(_) => events::AGENT_TASK_CREATED,
         }
     }
 
@@ -312,6 +328,11 @@ mod tests {
                 run_thread: "t".into(),
                 action: "pay".into(),
                 model: "m".into(),
+            }),
+            Event::AgentTaskCreated(AgentTaskCreated {
+                world: "w".into(),
+                thread: "t".into(),
+                kind: "run".into(),
             }),
         ];
         for (event, name) in events.into_iter().zip(Event::TYPES) {

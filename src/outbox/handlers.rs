@@ -20,6 +20,7 @@ pub fn registry(
     store: Store,
     webhook_timeout: Duration,
     egress: &Egress,
+    agent_wake: Arc<tokio::sync::Notify>,
 ) -> Result<Registry, reqwest::Error> {
     let delivery = WebhookDelivery::new(store.clone(), webhook_timeout, egress)?;
     let mut r = Registry::new();
@@ -31,8 +32,37 @@ pub fn registry(
         .register(events::MODULE_DEPLOYED, fanout.clone())
         .register(events::VERSION_RETIRED, fanout.clone())
         .register(events::RULE_CANDIDATE_PROPOSED, fanout)
-        .register(events::WEBHOOK_DELIVERY, Arc::new(delivery));
+        .register(events::WEBHOOK_DELIVERY, Arc::new(delivery))
+        .register(
+            events::AGENT_TASK_CREATED,
+            Arc::new(AgentTask { wake: agent_wake }),
+        );
     Ok(r)
+}
+
+/// `agent.task.created` → wake this process's World Agent runner. The thread itself is in
+/// the store, `running`: the runner takes its lease, and a runner that was not woken (another
+/// process's, or this one after a restart) finds it at its next look.
+pub struct AgentTask {
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Handler for AgentTask {
+    fn name(&self) -> &'static str {
+        "agent_task"
+    }
+
+    fn handle<'a>(&'a self, row: &'a OutboxRow) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            match event(row)? {
+                Event::AgentTaskCreated(_) => {
+                    self.wake.notify_one();
+                    Ok(Effect::None)
+                }
+                other => Err(unexpected(self.name(), &other)),
+            }
+        })
+    }
 }
 
 /// A row's event, or the terminal failure that sends a row this build cannot read to the

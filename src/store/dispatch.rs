@@ -10,7 +10,7 @@ use super::protocol::{self, Dialect};
 use super::{postgres, sqlite, OUTBOX_CHANNEL};
 use super::{
     CandidateRecord, CheckpointRecord, NewCandidate, NewCheckpoint, NewThread, NewThreadEvent,
-    Pruned, Saved, ThreadEvent, ThreadRecord, Usage,
+    Pruned, RecordedRun, Review, Saved, ThreadEvent, ThreadKind, ThreadRecord, Usage,
 };
 use super::{
     Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision, NewEvent, NewKey,
@@ -500,7 +500,8 @@ impl Store {
         events: &[NewThreadEvent],
         usage: &Usage,
     ) -> Result<Saved, StoreError> {
-        dispatch!(self, s => protocol::save_checkpoint(s, thread, fence, checkpoint, events, usage).await)
+        // Woken: a stream of this thread in this process looks at once.
+        self.woke(dispatch!(self, s => protocol::save_checkpoint(s, thread, fence, checkpoint, events, usage).await))
     }
 
     /// The thread's checkpoint with the highest step.
@@ -549,10 +550,82 @@ impl Store {
     /// End the thread with a final `status` and release its lease, under the lease
     /// (`Fenced` when `fence` lost it).
     pub async fn finish(&self, thread: &str, fence: u64, status: &str) -> Result<(), StoreError> {
-        dispatch!(self, s => protocol::finish(s, thread, fence, status).await)
+        self.woke(dispatch!(self, s => protocol::finish(s, thread, fence, status).await))
     }
 
-    /// Running runs whose lease expired or was never taken: what a worker resumes.
+    /// Create a `running` thread with an `agent.task.created` outbox row, in one transaction,
+    /// so that a worker takes it up. `Conflict` when the id is taken.
+    pub async fn start_thread(&self, thread: &NewThread) -> Result<(), StoreError> {
+        self.woke(dispatch!(self, s => protocol::start_thread(s, thread).await))
+    }
+
+    /// Append an event from outside a step (a user's chat message) to a thread of `world`,
+    /// set the thread `running` again and tell the workers, in one transaction; the event's
+    /// seq. `NotFound` when the thread is not `world`'s.
+    pub async fn post_to_thread(
+        &self,
+        thread: &str,
+        world: &str,
+        event: &NewThreadEvent,
+    ) -> Result<u64, StoreError> {
+        self.woke(dispatch!(self, s => protocol::post_to_thread(s, thread, world, event).await))
+    }
+
+    /// End a thread held under `fence` with `status` unless events newer than `last_seen`
+    /// arrived (a message was posted): then nothing changes and `false` is returned.
+    pub async fn finish_if_quiet(
+        &self,
+        thread: &str,
+        fence: u64,
+        status: &str,
+        last_seen: u64,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, s => protocol::finish_if_quiet(s, thread, fence, status, last_seen).await)
+    }
+
+    /// Under the lease of `parent`, record a run that ended inside it as a finished child run
+    /// thread with its final checkpoint and candidate (and the candidate's outbox row), in one
+    /// transaction; the candidate's id. Recording the same run again writes nothing.
+    pub async fn record_run(
+        &self,
+        parent: &str,
+        fence: u64,
+        run: &RecordedRun,
+    ) -> Result<Option<String>, StoreError> {
+        self.woke(dispatch!(self, s => protocol::record_run(s, parent, fence, run).await))
+    }
+
+    pub async fn candidate(&self, id: &str) -> Result<Option<CandidateRecord>, StoreError> {
+        dispatch!(self, s => protocol::candidate(s, id).await)
+    }
+
+    /// Record a verdict on a proposed candidate of the review's world and, for an approval,
+    /// replace the world's draft with `draft`, in one transaction. `Conflict` when it was
+    /// already reviewed, `NotFound` when it is not the world's.
+    pub async fn review(
+        &self,
+        review: &Review,
+        draft: Option<&serde_json::Value>,
+    ) -> Result<CandidateRecord, StoreError> {
+        dispatch!(self, s => protocol::review(s, review, draft).await)
+    }
+
+    /// How many threads of a kind are running in a world.
+    pub async fn running_threads(&self, world: &str, kind: ThreadKind) -> Result<u64, StoreError> {
+        dispatch!(self, s => protocol::running_threads(s, world, kind).await)
+    }
+
+    /// A world's threads of a kind, newest first, at most `limit`.
+    pub async fn world_threads(
+        &self,
+        world: &str,
+        kind: ThreadKind,
+        limit: u32,
+    ) -> Result<Vec<ThreadRecord>, StoreError> {
+        dispatch!(self, s => protocol::world_threads(s, world, kind, limit).await)
+    }
+
+    /// Running threads whose lease expired or was never taken: what a worker resumes.
     pub async fn expired_runs(&self, limit: u32) -> Result<Vec<ThreadRecord>, StoreError> {
         dispatch!(self, s => protocol::expired_runs(s, limit).await)
     }

@@ -27,7 +27,7 @@ use super::records::{
 use super::statements::{decision_columns, outbox_columns, shared_statements, Sql};
 use super::threads::{
     candidate_columns, thread_columns, CandidateRow, CheckpointRow, NewCandidate, NewThread,
-    NewThreadEvent, ThreadEventRow, ThreadLockRow, ThreadRow,
+    NewThreadEvent, Review, ThreadEventRow, ThreadLockRow, ThreadRow,
 };
 use super::{
     NewEvent, NewKey, NewModule, OutboxCounts, Retirement, StatDelta, StoreError, Webhook,
@@ -464,7 +464,7 @@ const SQL: Sql = Sql {
         "SELECT ",
         thread_columns!(),
         " FROM core.agent_threads
-          WHERE status = 'running' AND kind = 'run'
+          WHERE status = 'running'
             AND (lease_expires_at IS NULL OR lease_expires_at <= $1)
           ORDER BY lease_expires_at NULLS FIRST, created_at LIMIT $2"
     ),
@@ -493,4 +493,23 @@ const SQL: Sql = Sql {
                                                       WHERE thread = $1)",
     prune_events: "DELETE FROM core.agent_events WHERE thread = $1",
     mark_pruned: "UPDATE core.agent_threads SET pruned_at = $2 WHERE id = $1",
+    reopen_thread: "UPDATE core.agent_threads
+                    SET status = 'running', finished_at = NULL, updated_at = $2
+                    WHERE id = $1",
+    candidate: concat!(
+        "SELECT ",
+        candidate_columns!(),
+        " FROM core.rule_candidates WHERE id = $1"
+    ),
+    review_candidate: "UPDATE core.rule_candidates
+                       SET status = $3, reviewer = $4, rationale = $5, reviewed_at = $6
+                       WHERE id = $1 AND world = $2 AND status = 'proposed'",
+    running_threads: "SELECT COUNT(*) FROM core.agent_threads
+                      WHERE world = $1 AND kind = $2 AND status = 'running'",
+    world_threads: concat!(
+        "SELECT ",
+        thread_columns!(),
+        " FROM core.agent_threads WHERE world = $1 AND kind = $2
+          ORDER BY created_at DESC, id LIMIT $3"
+    ),
 };

@@ -22,8 +22,8 @@ use super::records::{
 use super::statements::Sql;
 use super::threads::{
     CandidateRecord, CandidateRow, CheckpointRecord, CheckpointRow, NewCandidate, NewCheckpoint,
-    NewThread, NewThreadEvent, Pruned, Saved, ThreadEvent, ThreadEventRow, ThreadLockRow,
-    ThreadRecord, ThreadRow, Usage, RUNNING,
+    NewThread, NewThreadEvent, Pruned, RecordedRun, Review, Saved, ThreadEvent, ThreadEventRow,
+    ThreadKind, ThreadLockRow, ThreadRecord, ThreadRow, Usage, RUNNING,
 };
 use super::{
     Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision, NewEvent, NewKey,
@@ -31,8 +31,8 @@ use super::{
     StoreError, VersionRecord, VersionSummary, Webhook, WorldDetail, WorldSummary,
 };
 use crate::outbox::{
-    DecisionRecorded, Event, ModuleDeployed, PublishedModule, RecordedBatch, RuleCandidateProposed,
-    RuleCount, VersionPublished, VersionRetired,
+    AgentTaskCreated, DecisionRecorded, Event, ModuleDeployed, PublishedModule, RecordedBatch,
+    RuleCandidateProposed, RuleCount, VersionPublished, VersionRetired,
 };
 
 /// A transaction of dialect `D`.
@@ -227,7 +227,11 @@ pub(crate) trait Dialect: Sync + Sized {
     async fn webhook(&self, id: &str) -> Result<Option<WebhookRow>, StoreError>;
 
     // The World Agent's threads.
-    async fn create_thread(&self, t: &NewThread, at: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn create_thread(
+        tx: &mut Tx<Self>,
+        t: &NewThread,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
     async fn thread(&self, id: &str) -> Result<Option<ThreadRow>, StoreError>;
     /// Take the lease of a running thread that is unowned, expired or already `owner`'s,
     /// bumping its fence; the new fence, `None` when another worker holds it.
@@ -328,6 +332,37 @@ pub(crate) trait Dialect: Sync + Sized {
         thread: &str,
         at: DateTime<Utc>,
     ) -> Result<(), StoreError>;
+    /// Set a finished thread `running` again (a chat that was posted to).
+    async fn reopen_thread(
+        tx: &mut Tx<Self>,
+        thread: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// `put_draft` inside a transaction.
+    async fn put_draft_in(
+        tx: &mut Tx<Self>,
+        world: &str,
+        model: &serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    async fn candidate(&self, id: &str) -> Result<Option<CandidateRow>, StoreError>;
+    /// The candidate of a run thread.
+    async fn candidate_of(&self, thread: &str) -> Result<Option<CandidateRow>, StoreError>;
+    /// Record a verdict on a `proposed` candidate of `world`; whether one was.
+    async fn review_candidate(
+        tx: &mut Tx<Self>,
+        review: &Review,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    /// A world's running threads of a kind.
+    async fn running_threads(&self, world: &str, kind: &str) -> Result<i64, StoreError>;
+    /// A world's threads of a kind, newest first.
+    async fn world_threads(
+        &self,
+        world: &str,
+        kind: &str,
+        limit: i64,
+    ) -> Result<Vec<ThreadRow>, StoreError>;
 }
 
 fn generation<D: Dialect>(db: &D) -> i64 {
@@ -898,9 +933,200 @@ async fn hold_lease<D: Dialect>(
 }
 
 pub(crate) async fn create_thread<D: Dialect>(db: &D, t: &NewThread) -> Result<(), StoreError> {
-    db.create_thread(t, now())
+    let mut tx = db.begin_write().await?;
+    insert_thread::<D>(&mut tx, t, now()).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn insert_thread<D: Dialect>(
+    tx: &mut Tx<D>,
+    t: &NewThread,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    D::create_thread(tx, t, at)
         .await
         .map_err(|e| e.conflict_as(|| format!("agent thread id '{}' is taken", t.id)))
+}
+
+/// The `agent.task.created` row that tells the workers a thread has work.
+fn task_created(
+    thread: &str,
+    world: &str,
+    kind: &str,
+    key: String,
+) -> Result<NewEvent, StoreError> {
+    Event::AgentTaskCreated(AgentTaskCreated {
+        world: world.to_owned(),
+        thread: thread.to_owned(),
+        kind: kind.to_owned(),
+    })
+    .into_new(Some(world), key)
+}
+
+pub(crate) async fn start_thread<D: Dialect>(db: &D, t: &NewThread) -> Result<(), StoreError> {
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    insert_thread::<D>(&mut tx, t, at).await?;
+    let event = task_created(&t.id, &t.world, t.kind.as_str(), format!("{}:0", t.id))?;
+    D::insert_event(&mut tx, &event, generation(db), at).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(crate) async fn post_to_thread<D: Dialect>(
+    db: &D,
+    thread: &str,
+    world: &str,
+    event: &NewThreadEvent,
+) -> Result<u64, StoreError> {
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    let Some(row) = D::lock_thread(&mut tx, thread).await? else {
+        return Err(no_thread(thread));
+    };
+    if row.world != world {
+        return Err(no_thread(thread));
+    }
+    let seq = D::last_event_seq(&mut tx, thread).await? + 1;
+    D::insert_thread_event(&mut tx, thread, seq, 0, event, at).await?;
+    if row.status != RUNNING {
+        D::reopen_thread(&mut tx, thread, at).await?;
+    }
+    let task = task_created(
+        thread,
+        world,
+        ThreadKind::Chat.as_str(),
+        format!("{thread}:{seq}"),
+    )?;
+    D::insert_event(&mut tx, &task, generation(db), at).await?;
+    tx.commit().await?;
+    to_u64(seq, "seq")
+}
+
+pub(crate) async fn finish_if_quiet<D: Dialect>(
+    db: &D,
+    thread: &str,
+    fence: u64,
+    status: &str,
+    last_seen: u64,
+) -> Result<bool, StoreError> {
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    hold_lease::<D>(&mut tx, thread, fence).await?;
+    // The lock on the thread holds posters off: nothing can arrive between this look and
+    // the end of the thread.
+    if to_u64(D::last_event_seq(&mut tx, thread).await?, "seq")? > last_seen {
+        return Ok(false);
+    }
+    D::finish_thread(&mut tx, thread, status, at).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+pub(crate) async fn record_run<D: Dialect>(
+    db: &D,
+    parent: &str,
+    fence: u64,
+    run: &RecordedRun,
+) -> Result<Option<String>, StoreError> {
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    let world = hold_lease::<D>(&mut tx, parent, fence).await?;
+    let thread = NewThread {
+        world: world.clone(),
+        parent: Some(parent.to_owned()),
+        ..run.thread.clone()
+    };
+    match insert_thread::<D>(&mut tx, &thread, at).await {
+        Ok(()) => {}
+        // Recorded before a crash: the first record stands.
+        Err(StoreError::Conflict(_)) => {
+            return Ok(db.candidate_of(&thread.id).await?.map(|c| c.id));
+        }
+        Err(e) => return Err(e),
+    }
+    D::insert_checkpoint(&mut tx, &thread.id, 1, None, "end", &run.state, at).await?;
+    let calls = bigint(run.usage.calls, "calls")?;
+    let prompt = bigint(run.usage.prompt_tokens, "prompt tokens")?;
+    let completion = bigint(run.usage.completion_tokens, "completion tokens")?;
+    D::set_usage(&mut tx, &thread.id, calls, prompt, completion, at).await?;
+    let mut proposed = None;
+    if let Some(candidate) = &run.candidate {
+        D::insert_candidate(&mut tx, &thread.id, &world, candidate, at).await?;
+        let Some(stored) = D::candidate_of_run(&mut tx, &thread.id).await? else {
+            return Err(StoreError::Conflict(format!(
+                "rule candidate id '{}' is taken",
+                candidate.id
+            )));
+        };
+        let event = Event::RuleCandidateProposed(RuleCandidateProposed {
+            world: world.clone(),
+            candidate: stored.id.clone(),
+            run_thread: thread.id.clone(),
+            action: stored.action.clone(),
+            model: stored.model.clone(),
+        });
+        let event = event.into_new(Some(&world), stored.id.clone())?;
+        D::insert_event(&mut tx, &event, generation(db), at).await?;
+        proposed = Some(stored.id);
+    }
+    D::finish_thread(&mut tx, &thread.id, &run.status, at).await?;
+    tx.commit().await?;
+    Ok(proposed)
+}
+
+pub(crate) async fn candidate<D: Dialect>(
+    db: &D,
+    id: &str,
+) -> Result<Option<CandidateRecord>, StoreError> {
+    Ok(db.candidate(id).await?.map(CandidateRecord::from))
+}
+
+pub(crate) async fn review<D: Dialect>(
+    db: &D,
+    review: &Review,
+    draft: Option<&serde_json::Value>,
+) -> Result<CandidateRecord, StoreError> {
+    let at = now();
+    let mut tx = db.begin_write().await?;
+    if !D::review_candidate(&mut tx, review, at).await? {
+        return Err(match db.candidate(&review.candidate).await? {
+            Some(c) if c.world == review.world => StoreError::Conflict(format!(
+                "rule candidate '{}' was already {}",
+                review.candidate, c.status
+            )),
+            _ => StoreError::NotFound(format!("rule candidate '{}'", review.candidate)),
+        });
+    }
+    if let Some(draft) = draft {
+        D::put_draft_in(&mut tx, &review.world, draft, at).await?;
+    }
+    tx.commit().await?;
+    db.candidate(&review.candidate)
+        .await?
+        .map(CandidateRecord::from)
+        .ok_or_else(|| StoreError::NotFound(format!("rule candidate '{}'", review.candidate)))
+}
+
+pub(crate) async fn running_threads<D: Dialect>(
+    db: &D,
+    world: &str,
+    kind: ThreadKind,
+) -> Result<u64, StoreError> {
+    to_u64(db.running_threads(world, kind.as_str()).await?, "count")
+}
+
+pub(crate) async fn world_threads<D: Dialect>(
+    db: &D,
+    world: &str,
+    kind: ThreadKind,
+    limit: u32,
+) -> Result<Vec<ThreadRecord>, StoreError> {
+    convert(
+        db.world_threads(world, kind.as_str(), i64::from(limit))
+            .await?,
+    )
 }
 
 pub(crate) async fn thread<D: Dialect>(

@@ -74,6 +74,11 @@ pub(crate) struct Sql {
     pub prune_checkpoints: &'static str,
     pub prune_events: &'static str,
     pub mark_pruned: &'static str,
+    pub reopen_thread: &'static str,
+    pub candidate: &'static str,
+    pub review_candidate: &'static str,
+    pub running_threads: &'static str,
+    pub world_threads: &'static str,
 }
 
 /// The columns of `decisions`, in the order of `DecisionRow` and of the inserts.
@@ -517,13 +522,17 @@ macro_rules! shared_statements {
             Ok(q.fetch_optional(&self.pool).await?)
         }
 
-        async fn create_thread(&self, t: &NewThread, at: DateTime<Utc>) -> Result<(), StoreError> {
+        async fn create_thread(
+            tx: &mut Tx<Self>,
+            t: &NewThread,
+            at: DateTime<Utc>,
+        ) -> Result<(), StoreError> {
             let q = sqlx::query(Self::SQL.create_thread)
                 .bind(&t.id)
                 .bind(&t.world);
             let q = q.bind(t.kind.as_str()).bind(&t.parent).bind(&t.created_by);
             let q = q.bind(Json(t.task.clone())).bind(Time(at));
-            Ok(q.execute(&self.pool).await.map(drop)?)
+            Ok(q.execute(&mut **tx).await.map(drop)?)
         }
 
         async fn thread(&self, id: &str) -> Result<Option<ThreadRow>, StoreError> {
@@ -745,6 +754,71 @@ macro_rules! shared_statements {
                 .bind(thread)
                 .bind(Time(at));
             Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn reopen_thread(
+            tx: &mut Tx<Self>,
+            thread: &str,
+            at: DateTime<Utc>,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.reopen_thread)
+                .bind(thread)
+                .bind(Time(at));
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn put_draft_in(
+            tx: &mut Tx<Self>,
+            world: &str,
+            model: &serde_json::Value,
+            at: DateTime<Utc>,
+        ) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.put_draft).bind(world);
+            let q = q.bind(Json(model.clone())).bind(Time(at));
+            Ok(q.execute(&mut **tx).await.map(drop)?)
+        }
+
+        async fn candidate_of(&self, thread: &str) -> Result<Option<CandidateRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.candidate_of_run).bind(thread);
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn candidate(&self, id: &str) -> Result<Option<CandidateRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.candidate).bind(id);
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn review_candidate(
+            tx: &mut Tx<Self>,
+            review: &Review,
+            at: DateTime<Utc>,
+        ) -> Result<bool, StoreError> {
+            let q = sqlx::query(Self::SQL.review_candidate)
+                .bind(&review.candidate)
+                .bind(&review.world);
+            let q = q.bind(review.verdict.as_str()).bind(&review.reviewer);
+            let q = q.bind(&review.rationale).bind(Time(at));
+            Ok(q.execute(&mut **tx).await?.rows_affected() == 1)
+        }
+
+        async fn running_threads(&self, world: &str, kind: &str) -> Result<i64, StoreError> {
+            let q = sqlx::query_scalar(Self::SQL.running_threads)
+                .bind(world)
+                .bind(kind);
+            Ok(q.fetch_one(&self.pool).await?)
+        }
+
+        async fn world_threads(
+            &self,
+            world: &str,
+            kind: &str,
+            limit: i64,
+        ) -> Result<Vec<ThreadRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.world_threads)
+                .bind(world)
+                .bind(kind)
+                .bind(limit);
+            Ok(q.fetch_all(&self.pool).await?)
         }
     };
 }

@@ -160,6 +160,47 @@ pub struct CandidateRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// A run that ended inside another thread (a chat), recorded as a finished run thread of its
+/// own, the other's child, with its final state and its candidate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedRun {
+    /// The run thread; its world and parent are the parent thread's.
+    pub thread: NewThread,
+    pub state: serde_json::Value,
+    pub usage: Usage,
+    /// The final status.
+    pub status: String,
+    pub candidate: Option<NewCandidate>,
+}
+
+/// A reviewer's verdict on a rule candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Approved,
+    Rejected,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Approved => "approved",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+/// A review of one candidate of one world.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Review {
+    pub candidate: String,
+    pub world: String,
+    pub verdict: Verdict,
+    /// The key id of the reviewer.
+    pub reviewer: String,
+    pub rationale: Option<String>,
+}
+
 /// What a pruning removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Pruned {

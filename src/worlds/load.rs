@@ -529,6 +529,7 @@ fn rule(
         predicate: predicate?,
         work_frame: raw.work_frame,
         cases,
+        provenance: None,
     })
 }
 

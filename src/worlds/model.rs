@@ -265,6 +265,30 @@ pub struct Rule {
     pub work_frame: Option<WorkFramePatch>,
     #[serde(default)]
     pub cases: Vec<Case>,
+    /// Where the rule came from, when the World Agent proposed it and a reviewer approved it.
+    /// Not module content: it never changes a decision or a module's hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+}
+
+/// The origin of a rule the World Agent authored (docs/agent.md, "Provenance").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    /// The rule candidate that was approved.
+    pub candidate: String,
+    /// The run thread that proposed it, and the chat thread it ran in, if any.
+    pub run: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+    pub model: String,
+    /// The prompt templates the run used (`draft.v1`, …).
+    pub prompts: Vec<String>,
+    /// The key that approved it, and when.
+    pub approved_by: String,
+    pub approved_at: String,
+    /// How many of the rule's cases were derived by the run.
+    pub derived_cases: usize,
 }
 
 /// An example context with the expected match result of one rule.

@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::llm::{self, Llm, Reply};
 
-const ACTION: &str = "refund.issue";
-const TEXT: &str = "A refund to store credit of more than 500 EUR needs a person to look at it.";
+pub(crate) const ACTION: &str = "refund.issue";
+pub(crate) const TEXT: &str =
+    "A refund to store credit of more than 500 EUR needs a person to look at it.";
 
 fn world() -> WorldModel {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("predicates/globex-support");
@@ -36,7 +37,7 @@ fn provider(llm: &Llm) -> Provider {
 }
 
 /// A streamed answer calling `tool` with `args`, the arguments split over deltas of 7 bytes.
-fn call(tool: &str, args: &Value) -> Reply {
+pub(crate) fn call(tool: &str, args: &Value) -> Reply {
     let text = args.to_string();
     let bytes = text.as_bytes();
     let mut events = vec![llm::role()];
@@ -54,7 +55,7 @@ fn call(tool: &str, args: &Value) -> Reply {
     Reply::stream(events)
 }
 
-fn rule(predicate: &str, inputs: &[&str]) -> Reply {
+pub(crate) fn rule(predicate: &str, inputs: &[&str]) -> Reply {
     call(
         "propose_rule",
         &json!({
@@ -68,10 +69,11 @@ fn rule(predicate: &str, inputs: &[&str]) -> Reply {
     )
 }
 
-const GOOD: &str = r#"context.refund_method == "store_credit" && context.refund_amount > 500.0"#;
-const INPUTS: [&str; 2] = ["refund_amount", "refund_method"];
+pub(crate) const GOOD: &str =
+    r#"context.refund_method == "store_credit" && context.refund_amount > 500.0"#;
+pub(crate) const INPUTS: [&str; 2] = ["refund_amount", "refund_method"];
 
-fn cases() -> Reply {
+pub(crate) fn cases() -> Reply {
     let case = |amount: f64, method: &str, matches: bool| json!({"context": {"refund_amount": amount, "refund_method": method}, "matches": matches});
     call(
         "propose_cases",

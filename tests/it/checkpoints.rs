@@ -439,6 +439,7 @@ async fn a_proposed_candidate_fans_out_to_the_worlds_webhooks(store: Store) {
         store.clone(),
         Duration::from_secs(1),
         &spectral::egress::Egress::default(),
+        std::sync::Arc::new(tokio::sync::Notify::new()),
     )
     .unwrap();
     let handler = registry

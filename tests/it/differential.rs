@@ -191,6 +191,7 @@ fn world(sandbox: &Sandbox, rules: &[GenRule]) -> WorldModel {
                 applies_when: r.guard.as_ref().map(|g| g.text.clone()),
                 predicate: r.predicate.text.clone(),
                 work_frame: None,
+                provenance: None,
                 cases: vec![Case {
                     name: String::new(),
                     context: Map::new(),

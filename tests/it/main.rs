@@ -9,6 +9,7 @@
 )]
 
 mod agent;
+mod agent_api;
 mod api;
 mod app;
 mod checkpoints;

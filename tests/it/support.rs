@@ -70,6 +70,7 @@ pub fn one_rule_world(predicate: &str, inputs: &[&str]) -> WorldModel {
                 applies_when: None,
                 predicate: predicate.into(),
                 work_frame: None,
+                provenance: None,
                 cases: vec![Case {
                     name: String::new(),
                     context: serde_json::Map::new(),
