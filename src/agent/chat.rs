@@ -67,14 +67,6 @@ impl ChatState {
         }
     }
 
-    /// The node the last step ran, for the checkpoint.
-    pub fn node(&self) -> &'static str {
-        match &self.run {
-            Some(run) => run.next.as_str(),
-            None => "respond",
-        }
-    }
-
     /// The run of the turn, once it has ended (taken out of the state).
     pub fn finished_run(&mut self) -> Option<RunState> {
         if self.run.as_ref().is_some_and(|r| r.status.is_done()) {

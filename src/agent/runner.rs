@@ -330,18 +330,19 @@ impl Runner {
                 });
                 break;
             };
+            let node = state.next.as_str();
             let (next, events) = self.step(state, world).await;
             state = next;
-            last_step = Some(self.save(thread, fence, &state, last_step, events).await?);
-        }
-        if last_step.is_none_or(|s| s < u64::from(state.step)) {
-            // Ended before any node ran (a bad task): keep that as its checkpoint.
             last_step = Some(
-                self.save(thread, fence, &state, last_step, Vec::new())
+                self.save(thread, fence, &state, last_step, node, events)
                     .await?,
             );
         }
-        let _ = last_step;
+        if last_step.is_none() {
+            // Ended before any node ran (a bad task): keep that as its checkpoint.
+            self.save(thread, fence, &state, last_step, "end", Vec::new())
+                .await?;
+        }
         self.conclude(thread, fence, &state).await
     }
 
@@ -399,6 +400,7 @@ impl Runner {
         fence: u64,
         state: &RunState,
         last_step: Option<u64>,
+        node: &str,
         mut events: Vec<NewThreadEvent>,
     ) -> Result<u64, Stop> {
         // A bound can end a run without a node running: it is a step of its own.
@@ -421,10 +423,11 @@ impl Runner {
             prompt_tokens: state.usage.prompt_tokens,
             completion_tokens: state.usage.completion_tokens,
         };
-        let node = if state.status.is_done() && state.step as u64 != step {
-            "end"
+        // A step in which a bound ended the run before its node ran is recorded as `end`.
+        let node = if u64::from(state.step) == step {
+            node
         } else {
-            state.next.as_str()
+            "end"
         };
         self.store
             .save_checkpoint(
@@ -493,6 +496,7 @@ impl Runner {
                 continue;
             }
             let (message, looked) = self.next_message(&thread.id, state.seen_seq).await?;
+            let node = state.run.as_ref().map_or("respond", |r| r.next.as_str());
             let (next, events) = match (state.run.is_some(), message) {
                 (true, _) => self.chat_run_step(state).await?,
                 (false, Some((seq, text))) => self.chat_turn(state, seq, text).await?,
@@ -521,7 +525,7 @@ impl Runner {
                     &NewCheckpoint {
                         step,
                         parent_step: last_step,
-                        node: state.node().to_owned(),
+                        node: node.to_owned(),
                         state: json,
                     },
                     &events,

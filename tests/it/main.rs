@@ -10,6 +10,7 @@
 
 mod agent;
 mod agent_api;
+mod agent_crash;
 mod api;
 mod app;
 mod checkpoints;
