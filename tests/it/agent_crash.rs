@@ -118,7 +118,7 @@ async fn a_run_whose_worker_is_killed_resumes_from_its_checkpoint_and_proposes_o
     // is answered at once.
     let llm = Llm::start(vec![
         rule(GOOD, &INPUTS),
-        cases().first_delay(Duration::from_secs(120)),
+        cases().first_delay(Duration::from_secs(20)),
         cases(),
     ])
     .await;
