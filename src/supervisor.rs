@@ -188,10 +188,13 @@ fn run_workers(
             .is_some_and(|api| std::ptr::eq(api.local_wake(), store.local_wake()));
         drop(beside);
         store.set_generation(generation);
+        let seal = crate::seal::Sealer::for_store(outbox.webhook_secret_key.as_ref(), config)
+            .map_err(|e| format!("webhook secrets: {e}"))?;
         let registry = handlers::registry(
             store.clone(),
             outbox.webhook_timeout,
             &outbox.webhook_egress,
+            seal,
         )
         .map_err(|e| format!("cannot build the webhook client: {e}"))?;
         let result = Consumer::new(store.clone(), registry, outbox, generation, state)
@@ -307,7 +310,7 @@ pub async fn start_mode(
         sandbox,
         store: store.clone(),
         cache: cache.clone(),
-        keys: Keys::new(store.clone()),
+        keys: Keys::new(store.clone(), &config.keys),
         log,
         // The health of this process shows the consumer of its own workers runtime.
         outbox: workers.as_ref().map_or_else(
@@ -322,6 +325,11 @@ pub async fn start_mode(
         evaluation: crate::service::Evaluation::new(&config.evaluation),
         egress: config.outbox.webhook_egress.clone(),
         agent_configured: crate::agent::provider::Provider::new(&config.agent).is_ok(),
+        webhook_seal: crate::seal::Sealer::for_store(
+            config.outbox.webhook_secret_key.as_ref(),
+            &config.store,
+        )
+        .map_err(|e| StartError::Config(e.to_string()))?,
     });
 
     let generated_operator_key = ensure_operator_key(&store, &config).await?;
@@ -339,6 +347,8 @@ pub async fn start_mode(
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(cache.clone().watch(notifications, stop.child_token()));
+    let key_changes = app.keys.listen().await;
+    tasks.spawn(app.keys.watch(key_changes, stop.child_token()));
     let grace = config.server.shutdown_grace;
     let reserve = reserve(grace);
     tasks.spawn(crate::http::serve(
@@ -456,6 +466,7 @@ async fn ensure_operator_key(store: &Store, config: &Config) -> Result<Option<St
                     world: None,
                     scopes: Scope::ALL.to_vec(),
                     label: "operator (SPECTRAL_OPERATOR_KEY)".into(),
+                    expires_at: None,
                 })
                 .await?;
         }
@@ -472,6 +483,7 @@ async fn ensure_operator_key(store: &Store, config: &Config) -> Result<Option<St
             world: None,
             scopes: Scope::ALL.to_vec(),
             label: "operator (generated at first start)".into(),
+            expires_at: None,
         })
         .await?;
     Ok(Some(secret))

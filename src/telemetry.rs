@@ -47,10 +47,12 @@ pub enum Route {
     OpenApi,
     Mcp,
     NotFound,
+    /// `/api/keys` and the revocations and rotations under it.
+    Keys,
 }
 
 impl Route {
-    pub const ALL: [Route; 18] = [
+    pub const ALL: [Route; 19] = [
         Self::Decide,
         Self::DecideBatch,
         Self::Draft,
@@ -69,6 +71,7 @@ impl Route {
         Self::OpenApi,
         Self::Mcp,
         Self::NotFound,
+        Self::Keys,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +94,7 @@ impl Route {
             Self::OpenApi => "openapi",
             Self::Mcp => "mcp",
             Self::NotFound => "not_found",
+            Self::Keys => "keys",
         }
     }
 

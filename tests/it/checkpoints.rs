@@ -439,6 +439,7 @@ async fn a_proposed_candidate_fans_out_to_the_worlds_webhooks(store: Store) {
         store.clone(),
         Duration::from_secs(1),
         &spectral::egress::Egress::default(),
+        spectral::seal::Sealer::none(),
     )
     .unwrap();
     let handler = registry
