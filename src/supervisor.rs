@@ -468,7 +468,15 @@ async fn ensure_operator_key(store: &Store, config: &Config) -> Result<Option<St
                     label: "operator (SPECTRAL_OPERATOR_KEY)".into(),
                     expires_at: None,
                 })
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    // Its id is taken but its secret matches nothing: it was revoked.
+                    StoreError::Conflict(_) => StartError::Config(
+                        "SPECTRAL_OPERATOR_KEY is a key that was revoked; configure a new one"
+                            .into(),
+                    ),
+                    other => other.into(),
+                })?;
         }
         return Ok(None);
     }

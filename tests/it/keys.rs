@@ -23,6 +23,7 @@ crate::both_backends!(
     an_expired_key_is_refused,
     a_change_made_behind_an_instances_back_reaches_it_within_the_cache_ttl,
     last_use_is_recorded,
+    a_revoked_operator_key_is_not_brought_back_by_a_restart,
 );
 
 /// A key created in the store as `spectral keys create` does; its id and secret.
@@ -298,6 +299,32 @@ async fn last_use_is_recorded(backend: Backend) {
         .expect("a time");
     assert!(at <= Utc::now());
     app.stop().await;
+}
+
+async fn a_revoked_operator_key_is_not_brought_back_by_a_restart(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let (_, keys) = app.get(Some(OPERATOR), "/api/keys").await;
+    let id = keys["keys"]
+        .as_array()
+        .and_then(|k| k.iter().find(|k| k["world"].is_null()))
+        .and_then(|k| k["id"].as_str())
+        .expect("the operator key")
+        .to_string();
+    let (s, _) = app
+        .post(OPERATOR, &format!("/api/keys/{id}/revoke"), &json!({}))
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(decide_status(&app, OPERATOR).await.0, 401);
+    app.stop().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let err = match spectral::supervisor::start(test_config(&db), listener).await {
+        Ok(_) => panic!("started with a revoked operator key"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("revoked"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
