@@ -198,7 +198,67 @@ enum KeysCommand {
         /// A note to recognise the key by.
         #[arg(long, default_value = "")]
         label: String,
+        /// Refuse the key after this long, e.g. 90d, 12h or 30m; it never expires when omitted.
+        #[arg(long, value_parser = parse_lifetime)]
+        expires_in: Option<chrono::TimeDelta>,
     },
+    /// List a running service's keys (id, world, scopes, created, last used, expiry,
+    /// revocation); never a secret.
+    List {
+        /// The service's base URL, e.g. http://127.0.0.1:8000.
+        #[arg(long)]
+        url: String,
+        /// An operator key.
+        #[arg(long, env = "SPECTRAL_KEY", hide_env_values = true)]
+        key: String,
+    },
+    /// Revoke a key on a running service for good; every instance refuses it within the
+    /// bound in docs/operations.md ("Keys").
+    Revoke {
+        /// The service's base URL, e.g. http://127.0.0.1:8000.
+        #[arg(long)]
+        url: String,
+        /// An operator key.
+        #[arg(long, env = "SPECTRAL_KEY", hide_env_values = true)]
+        key: String,
+        /// The id of the key to revoke, e.g. key_0123456789ab.
+        id: String,
+    },
+    /// Give a key a new secret, printed once; the old one stays valid for
+    /// SPECTRAL_KEY_ROTATION_OVERLAP_MS.
+    Rotate {
+        /// The service's base URL, e.g. http://127.0.0.1:8000.
+        #[arg(long)]
+        url: String,
+        /// An operator key.
+        #[arg(long, env = "SPECTRAL_KEY", hide_env_values = true)]
+        key: String,
+        /// The id of the key to rotate.
+        id: String,
+    },
+}
+
+/// A key's lifetime: a whole number followed by d, h, m or s.
+fn parse_lifetime(text: &str) -> Result<chrono::TimeDelta, String> {
+    let text = text.trim();
+    let split = text.len().saturating_sub(1);
+    let (n, unit) = text.split_at(split);
+    let n: i64 = n
+        .parse()
+        .map_err(|_| format!("'{text}' is not a lifetime such as 90d, 12h, 30m or 45s"))?;
+    let secs = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err(format!("'{text}' must end in d, h, m or s")),
+    };
+    if n <= 0 {
+        return Err(format!("'{text}' must be positive"));
+    }
+    n.checked_mul(secs)
+        .and_then(chrono::TimeDelta::try_seconds)
+        .ok_or_else(|| format!("'{text}' is too long"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -322,10 +382,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     scopes,
                     operator,
                     label,
+                    expires_in,
                 },
         } => {
-            return runtime()?.block_on(create_key(&config, world, scopes, operator, label));
+            let expires_at = expires_in.map(|d| chrono::Utc::now() + d);
+            return runtime()?.block_on(create_key(
+                &config, world, scopes, operator, label, expires_at,
+            ));
         }
+        Command::Keys { command } => return runtime()?.block_on(manage_keys(command)),
         Command::Audit {
             command: AuditCommand::Verify { world },
         } => return runtime()?.block_on(audit(&config, &world)),
@@ -400,6 +465,7 @@ async fn create_key(
     scopes: Vec<String>,
     operator: bool,
     label: String,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> anyhow::Result<ExitCode> {
     let scopes: Vec<Scope> = if operator {
         Scope::ALL.to_vec()
@@ -422,19 +488,92 @@ async fn create_key(
             world: if operator { None } else { world.clone() },
             scopes: scopes.clone(),
             label,
+            expires_at,
         })
         .await?;
     store.close().await;
     println!("{secret}");
     eprintln!(
-        "created {id} for {} with scopes {} (the secret above is shown once)",
+        "created {id} for {} with scopes {}{} (the secret above is shown once)",
         world.map_or("every world".to_string(), |w| format!("world '{w}'")),
         scopes
             .iter()
             .map(|s| s.as_str())
             .collect::<Vec<_>>()
-            .join(",")
+            .join(","),
+        expires_at.map_or(String::new(), |at| format!(
+            ", expiring at {}",
+            at.to_rfc3339()
+        ))
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keys list|revoke|rotate`: calls to a running service's `/api/keys` with an operator key.
+async fn manage_keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()?;
+    let at = |url: &str, path: &str| format!("{}/api/keys{path}", url.trim_end_matches('/'));
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    match command {
+        KeysCommand::List { url, key } => {
+            let keys = answer(client.get(at(&url, "")).bearer_auth(&key).send().await?)
+                .await
+                .context("listing keys")?;
+            println!("id\tworld\tscopes\tcreated\tlast used\texpires\trevoked\tlabel");
+            for k in keys["keys"].as_array().into_iter().flatten() {
+                let scopes: Vec<String> = k["scopes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(text)
+                    .collect();
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    text(&k["id"]),
+                    k["world"].as_str().unwrap_or("*"),
+                    scopes.join(","),
+                    text(&k["created_at"]),
+                    text(&k["last_used_at"]),
+                    text(&k["expires_at"]),
+                    text(&k["revoked_at"]),
+                    text(&k["label"]),
+                );
+            }
+        }
+        KeysCommand::Revoke { url, key, id } => {
+            let path = format!("/{id}/revoke");
+            let revoked = answer(
+                client
+                    .post(at(&url, &path))
+                    .bearer_auth(&key)
+                    .send()
+                    .await?,
+            )
+            .await
+            .context("revoking")?;
+            println!("{id}: revoked at {}", text(&revoked["revoked_at"]));
+        }
+        KeysCommand::Rotate { url, key, id } => {
+            let path = format!("/{id}/rotate");
+            let rotated = answer(
+                client
+                    .post(at(&url, &path))
+                    .bearer_auth(&key)
+                    .send()
+                    .await?,
+            )
+            .await
+            .context("rotating")?;
+            println!("{}", text(&rotated["secret"]));
+            eprintln!(
+                "rotated {id} (the secret above is shown once); the previous secret is accepted until {}",
+                text(&rotated["previous_valid_until"])
+            );
+        }
+        KeysCommand::Create { .. } => return Err(anyhow!("keys create runs against the store")),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

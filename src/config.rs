@@ -131,6 +131,30 @@ impl Default for CacheConfig {
     }
 }
 
+/// API keys: how long an instance trusts what it looked up, and rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeysConfig {
+    /// How long a looked-up key is trusted before the store is asked again
+    /// (`SPECTRAL_KEY_CACHE_TTL_MS`): the bound on how long a revoked key keeps working on an
+    /// instance that missed the notification (every instance on SQLite).
+    pub cache_ttl: Duration,
+    /// How long a rotated key's replaced secret is still accepted
+    /// (`SPECTRAL_KEY_ROTATION_OVERLAP_MS`), so that callers can switch without an outage.
+    pub rotation_overlap: Duration,
+    /// Listen for Postgres notifications of revocations and rotations (`SPECTRAL_KEY_LISTEN`).
+    pub listen: bool,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            cache_ttl: Duration::from_secs(30),
+            rotation_overlap: Duration::from_secs(24 * 3600),
+            listen: true,
+        }
+    }
+}
+
 /// What the decision log does when its writer cannot keep up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overflow {
@@ -210,6 +234,10 @@ pub struct OutboxConfig {
     /// Internal networks webhooks may reach (`SPECTRAL_WEBHOOK_ALLOW_NETWORKS`); none by
     /// default.
     pub webhook_egress: crate::egress::Egress,
+    /// The key webhook secrets are sealed with at rest (`SPECTRAL_WEBHOOK_SECRET_KEY`, 64 hex
+    /// digits). Unset: on SQLite a key generated into the data directory, on PostgreSQL no
+    /// webhook can be created (`src/seal.rs`).
+    pub webhook_secret_key: Option<Secret>,
 }
 
 impl Default for OutboxConfig {
@@ -225,6 +253,7 @@ impl Default for OutboxConfig {
             max_attempts: 5,
             webhook_timeout: Duration::from_secs(10),
             webhook_egress: crate::egress::Egress::default(),
+            webhook_secret_key: None,
         }
     }
 }
@@ -374,6 +403,7 @@ pub struct Config {
     /// `SPECTRAL_MIGRATE_ON_START`.
     pub store: StoreConfig,
     pub cache: CacheConfig,
+    pub keys: KeysConfig,
     pub decision_log: DecisionLogConfig,
     pub evaluation: EvaluationConfig,
     pub outbox: OutboxConfig,
@@ -708,6 +738,19 @@ impl Config {
             1..=100_000,
         )?;
 
+        let k = &mut c.keys;
+        v.millis(
+            "SPECTRAL_KEY_CACHE_TTL_MS",
+            &mut k.cache_ttl,
+            10..=3_600_000,
+        )?;
+        v.millis(
+            "SPECTRAL_KEY_ROTATION_OVERLAP_MS",
+            &mut k.rotation_overlap,
+            0..=31 * 86_400_000,
+        )?;
+        v.flag("SPECTRAL_KEY_LISTEN", &mut k.listen)?;
+
         let dl = &mut c.decision_log;
         v.number(
             "SPECTRAL_DECISION_LOG_CAPACITY",
@@ -803,6 +846,21 @@ impl Config {
         if let Some(list) = v.get("SPECTRAL_WEBHOOK_ALLOW_NETWORKS") {
             o.webhook_egress = crate::egress::Egress::parse(list)
                 .map_err(|why| Vars::err("SPECTRAL_WEBHOOK_ALLOW_NETWORKS", list, why))?;
+        }
+
+        if let Some(key) = v
+            .get("SPECTRAL_WEBHOOK_SECRET_KEY")
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+        {
+            if crate::seal::Sealer::from_hex(key).is_err() {
+                return Err(Vars::err(
+                    "SPECTRAL_WEBHOOK_SECRET_KEY",
+                    "<redacted>",
+                    "must be 64 hex digits (32 bytes), e.g. from `openssl rand -hex 32`",
+                ));
+            }
+            o.webhook_secret_key = Some(Secret::new(key));
         }
 
         let b = &mut c.bootstrap;

@@ -449,6 +449,24 @@ async fn authed(
             let created = app.create_webhook(caller, &world, input).await?;
             Ok(json(StatusCode::CREATED, &created))
         }
+        // The life cycle of keys, and webhook management.
+        Endpoint::Keys => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"keys": app.list_keys(caller).await?}),
+        )),
+        Endpoint::KeyRevoke(id) => Ok(json(StatusCode::OK, &app.revoke_key(caller, &id).await?)),
+        Endpoint::KeyRotate(id) => Ok(json(StatusCode::OK, &app.rotate_key(caller, &id).await?)),
+        Endpoint::WebhookList(world) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"webhooks": app.webhooks(caller, &world).await?}),
+        )),
+        Endpoint::Webhook(world, id) => {
+            app.delete_webhook(caller, &world, &id).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"world": world, "deleted": id}),
+            ))
+        }
         Endpoint::StartRun(world) => {
             let body = json_body(req, config).await?;
             let input: crate::service::agent::RunInput = parse(&body)?;

@@ -13,6 +13,7 @@ pub mod http;
 pub mod mcp;
 pub mod outbox;
 pub mod sandbox;
+pub mod seal;
 pub mod service;
 pub mod store;
 pub mod supervisor;

@@ -25,8 +25,8 @@ use sha2::{Digest, Sha256};
 
 use crate::sandbox::Sandbox;
 use crate::store::{
-    Deployment, MatchedRule, NewDecision, NewModule, NewVersion, Scope, Store, StoreError,
-    VersionRecord, WorldDetail, WorldSummary,
+    Deployment, KeyRecord, MatchedRule, NewDecision, NewModule, NewVersion, Scope, Store,
+    StoreError, VersionRecord, WorldDetail, WorldSummary,
 };
 use crate::telemetry::Metrics;
 use crate::worlds::cases::run_cases;
@@ -295,6 +295,8 @@ pub struct App {
     pub egress: crate::egress::Egress,
     /// The World Agent's configuration and health, as the API sees them.
     pub agent: AgentState,
+    /// Seals webhook secrets before they are stored (`src/seal.rs`).
+    pub webhook_seal: crate::seal::Sealer,
 }
 
 /// What the API knows of the World Agent.
@@ -866,12 +868,28 @@ impl App {
                 "world '{world}' does not exist"
             )));
         }
+        if input
+            .secret
+            .as_deref()
+            .is_some_and(|s| s.starts_with(crate::seal::SEALED_PREFIX))
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "a webhook secret may not start with '{}'",
+                crate::seal::SEALED_PREFIX
+            )));
+        }
         let secret = input.secret.unwrap_or_else(|| auth::generate().1);
-        let webhook = crate::store::Webhook {
-            id: format!("wh_{}", uuid::Uuid::now_v7().simple()),
+        let id = format!("wh_{}", uuid::Uuid::now_v7().simple());
+        // Stored sealed, shown in plain this once.
+        let sealed = self
+            .webhook_seal
+            .seal(&id, &secret)
+            .map_err(|e| ServiceError::Unavailable(format!("webhooks cannot be created: {e}")))?;
+        let mut webhook = crate::store::Webhook {
+            id,
             world: world.to_string(),
             url: url.to_string(),
-            secret: secret.clone(),
+            secret: sealed,
             events,
             created_at: chrono::Utc::now(),
         };
@@ -879,6 +897,7 @@ impl App {
             .create_webhook(&webhook)
             .await
             .map_err(ServiceError::from_store)?;
+        webhook.secret = secret.clone();
         Ok(CreatedWebhook { webhook, secret })
     }
 
@@ -968,6 +987,102 @@ impl App {
         });
         (ready, body)
     }
+
+    // The life cycle of keys, and webhook management.
+
+    /// Every key (id, world, scopes, label, times); never a secret or its hash. Operators
+    /// only.
+    pub async fn list_keys(&self, caller: &Caller) -> Result<Vec<KeyRecord>, ServiceError> {
+        operator_only(caller)?;
+        self.store
+            .list_keys()
+            .await
+            .map_err(ServiceError::from_store)
+    }
+
+    /// Revoke a key for good: refused at once here, and on every other instance as soon as
+    /// it hears of it (Postgres NOTIFY), or when its cached lookup expires (the key cache's
+    /// TTL). Operators only.
+    pub async fn revoke_key(&self, caller: &Caller, id: &str) -> Result<KeyRecord, ServiceError> {
+        operator_only(caller)?;
+        let revoked = self
+            .store
+            .revoke_key(id)
+            .await
+            .map_err(ServiceError::from_store)?;
+        self.keys.forget(id);
+        tracing::info!(key = %id, by = %caller.key_id, "API key revoked");
+        Ok(revoked)
+    }
+
+    /// Give a key a new secret, shown this once; the one it had stays valid for the
+    /// configured overlap. Operators only.
+    pub async fn rotate_key(&self, caller: &Caller, id: &str) -> Result<RotatedKey, ServiceError> {
+        operator_only(caller)?;
+        let (_, secret) = auth::generate();
+        let overlap = chrono::TimeDelta::from_std(self.keys.rotation_overlap())
+            .map_err(|e| ServiceError::Internal(format!("rotation overlap: {e}")))?;
+        let key = self
+            .store
+            .rotate_key(
+                id,
+                &auth::hash_secret(&secret),
+                chrono::Utc::now() + overlap,
+            )
+            .await
+            .map_err(ServiceError::from_store)?;
+        self.keys.forget(id);
+        tracing::info!(key = %id, by = %caller.key_id, "API key rotated");
+        Ok(RotatedKey { key, secret })
+    }
+
+    /// A world's webhooks, without their secrets; for keys of that world with the author
+    /// scope (the one that creates them) and operators.
+    pub async fn webhooks(
+        &self,
+        caller: &Caller,
+        world: &str,
+    ) -> Result<Vec<crate::store::Webhook>, ServiceError> {
+        caller.check(world, Scope::Author)?;
+        self.store
+            .webhooks(world)
+            .await
+            .map_err(ServiceError::from_store)
+    }
+
+    /// Delete a world's webhook: nothing more is delivered to it (a delivery already queued
+    /// fails for good, saying the webhook no longer exists).
+    pub async fn delete_webhook(
+        &self,
+        caller: &Caller,
+        world: &str,
+        id: &str,
+    ) -> Result<(), ServiceError> {
+        caller.check(world, Scope::Author)?;
+        self.store
+            .delete_webhook(world, id)
+            .await
+            .map_err(ServiceError::from_store)
+    }
+}
+
+/// Refuse a key bound to a world: only operator keys manage keys.
+fn operator_only(caller: &Caller) -> Result<(), ServiceError> {
+    match &caller.world {
+        None => Ok(()),
+        Some(_) => Err(ServiceError::Forbidden(format!(
+            "key '{}' is bound to a world; only an operator key manages keys",
+            caller.key_id
+        ))),
+    }
+}
+
+/// A rotated key, with its new secret shown this once.
+#[derive(Debug, Serialize)]
+pub struct RotatedKey {
+    #[serde(flatten)]
+    pub key: KeyRecord,
+    pub secret: String,
 }
 
 /// The public view of a detailed health report: the build, the status and each feature's

@@ -208,11 +208,14 @@ fn run_workers(
         drop(beside);
         store.set_generation(generation);
         let wake = Arc::new(tokio::sync::Notify::new());
+        let seal = crate::seal::Sealer::for_store(outbox.webhook_secret_key.as_ref(), config)
+            .map_err(|e| format!("webhook secrets: {e}"))?;
         let registry = handlers::registry(
             store.clone(),
             outbox.webhook_timeout,
             &outbox.webhook_egress,
             wake.clone(),
+            seal,
         )
         .map_err(|e| format!("cannot build the webhook client: {e}"))?;
         let runner = match crate::agent::provider::Provider::new(&agent.config) {
@@ -355,7 +358,7 @@ pub async fn start_mode(
         sandbox,
         store: store.clone(),
         cache: cache.clone(),
-        keys: Keys::new(store.clone()),
+        keys: Keys::new(store.clone(), &config.keys),
         log,
         // The health of this process shows the consumer of its own workers runtime.
         outbox: workers.as_ref().map_or_else(
@@ -375,6 +378,11 @@ pub async fn start_mode(
             health: agent_health,
             streams: Arc::new(tokio::sync::Semaphore::new(config.agent.max_streams)),
         },
+        webhook_seal: crate::seal::Sealer::for_store(
+            config.outbox.webhook_secret_key.as_ref(),
+            &config.store,
+        )
+        .map_err(|e| StartError::Config(e.to_string()))?,
     });
 
     let generated_operator_key = ensure_operator_key(&store, &config).await?;
@@ -392,6 +400,8 @@ pub async fn start_mode(
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(cache.clone().watch(notifications, stop.child_token()));
+    let key_changes = app.keys.listen().await;
+    tasks.spawn(app.keys.watch(key_changes, stop.child_token()));
     let grace = config.server.shutdown_grace;
     let reserve = reserve(grace);
     tasks.spawn(crate::http::serve(
@@ -509,8 +519,17 @@ async fn ensure_operator_key(store: &Store, config: &Config) -> Result<Option<St
                     world: None,
                     scopes: Scope::ALL.to_vec(),
                     label: "operator (SPECTRAL_OPERATOR_KEY)".into(),
+                    expires_at: None,
                 })
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    // Its id is taken but its secret matches nothing: it was revoked.
+                    StoreError::Conflict(_) => StartError::Config(
+                        "SPECTRAL_OPERATOR_KEY is a key that was revoked; configure a new one"
+                            .into(),
+                    ),
+                    other => other.into(),
+                })?;
         }
         return Ok(None);
     }
@@ -525,6 +544,7 @@ async fn ensure_operator_key(store: &Store, config: &Config) -> Result<Option<St
             world: None,
             scopes: Scope::ALL.to_vec(),
             label: "operator (generated at first start)".into(),
+            expires_at: None,
         })
         .await?;
     Ok(Some(secret))

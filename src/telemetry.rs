@@ -51,10 +51,12 @@ pub enum Route {
     /// The World Agent's event streams (the time is the stream's whole life).
     AgentStream,
     NotFound,
+    /// `/api/keys` and the revocations and rotations under it.
+    Keys,
 }
 
 impl Route {
-    pub const ALL: [Route; 20] = [
+    pub const ALL: [Route; 21] = [
         Self::Decide,
         Self::DecideBatch,
         Self::Draft,
@@ -75,6 +77,7 @@ impl Route {
         Self::Agent,
         Self::AgentStream,
         Self::NotFound,
+        Self::Keys,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -99,6 +102,7 @@ impl Route {
             Self::Agent => "agent",
             Self::AgentStream => "agent_stream",
             Self::NotFound => "not_found",
+            Self::Keys => "keys",
         }
     }
 

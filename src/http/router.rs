@@ -26,6 +26,17 @@ pub enum Endpoint {
     OpenApi,
     /// The MCP endpoint; its methods are the transport's to judge.
     Mcp,
+    // The life cycle of keys, and webhook management.
+    /// `GET /api/keys`.
+    Keys,
+    /// `POST /api/keys/{id}/revoke`.
+    KeyRevoke(String),
+    /// `POST /api/keys/{id}/rotate`.
+    KeyRotate(String),
+    /// `GET /api/worlds/{world}/webhooks` (`POST` is [`Endpoint::Webhooks`]).
+    WebhookList(String),
+    /// `DELETE /api/worlds/{world}/webhooks/{id}`.
+    Webhook(String, String),
     /// `POST …/agent/runs`: start an authoring run.
     StartRun(String),
     /// `GET …/agent/runs`.
@@ -72,6 +83,8 @@ impl Endpoint {
             Self::Metrics => Route::Metrics,
             Self::OpenApi => Route::OpenApi,
             Self::Mcp => Route::Mcp,
+            Self::Keys | Self::KeyRevoke(_) | Self::KeyRotate(_) => Route::Keys,
+            Self::WebhookList(_) | Self::Webhook(..) => Route::Webhooks,
             Self::StartRun(_)
             | Self::Runs(_)
             | Self::Run(..)
@@ -123,7 +136,24 @@ pub fn route(method: &Method, path: &str) -> Result<Endpoint, RouteError> {
         ["api", "worlds", w, "deployments"] => one(Method::POST, Endpoint::Deploy(w.to_string())),
         ["api", "worlds", w, "actions"] => one(Method::GET, Endpoint::Actions(w.to_string())),
         ["api", "worlds", w, "stats"] => one(Method::GET, Endpoint::Stats(w.to_string())),
+        ["api", "worlds", w, "webhooks"] if *method == Method::GET || *method == Method::HEAD => {
+            Ok(Endpoint::WebhookList(w.to_string()))
+        }
+        ["api", "worlds", w, "webhooks"] if *method != Method::POST => {
+            Err(RouteError::MethodNotAllowed(vec![
+                Method::GET,
+                Method::HEAD,
+                Method::POST,
+            ]))
+        }
         ["api", "worlds", w, "webhooks"] => one(Method::POST, Endpoint::Webhooks(w.to_string())),
+        ["api", "worlds", w, "webhooks", id] => one(
+            Method::DELETE,
+            Endpoint::Webhook(w.to_string(), id.to_string()),
+        ),
+        ["api", "keys"] => one(Method::GET, Endpoint::Keys),
+        ["api", "keys", id, "revoke"] => one(Method::POST, Endpoint::KeyRevoke(id.to_string())),
+        ["api", "keys", id, "rotate"] => one(Method::POST, Endpoint::KeyRotate(id.to_string())),
         ["health"] => one(Method::GET, Endpoint::Health),
         ["version"] => one(Method::GET, Endpoint::Version),
         ["metrics"] => one(Method::GET, Endpoint::Metrics),
@@ -222,6 +252,32 @@ mod tests {
             (Method::GET, "/api/openapi.json", Endpoint::OpenApi),
             (Method::POST, "/mcp", Endpoint::Mcp),
             (Method::DELETE, "/mcp", Endpoint::Mcp),
+            (Method::GET, "/api/keys", Endpoint::Keys),
+            (
+                Method::POST,
+                "/api/keys/key_1/revoke",
+                Endpoint::KeyRevoke("key_1".into()),
+            ),
+            (
+                Method::POST,
+                "/api/keys/key_1/rotate",
+                Endpoint::KeyRotate("key_1".into()),
+            ),
+            (
+                Method::POST,
+                "/api/worlds/acme/webhooks",
+                Endpoint::Webhooks("acme".into()),
+            ),
+            (
+                Method::GET,
+                "/api/worlds/acme/webhooks",
+                Endpoint::WebhookList("acme".into()),
+            ),
+            (
+                Method::DELETE,
+                "/api/worlds/acme/webhooks/wh_1",
+                Endpoint::Webhook("acme".into(), "wh_1".into()),
+            ),
             (
                 Method::POST,
                 "/api/worlds/acme/agent/runs",

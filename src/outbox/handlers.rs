@@ -11,6 +11,7 @@ use sha2::Sha256;
 use super::{events, Delivery, Event, RecordedBatch};
 use super::{Handler, HandlerError, HandlerFuture, Registry};
 use crate::egress::Egress;
+use crate::seal::Sealer;
 use crate::store::{Effect, OutboxRow, StatDelta, Store};
 
 /// The handlers the service runs, by event type.
@@ -21,8 +22,9 @@ pub fn registry(
     webhook_timeout: Duration,
     egress: &Egress,
     agent_wake: Arc<tokio::sync::Notify>,
+    seal: Sealer,
 ) -> Result<Registry, reqwest::Error> {
-    let delivery = WebhookDelivery::new(store.clone(), webhook_timeout, egress)?;
+    let delivery = WebhookDelivery::new(store.clone(), webhook_timeout, egress, seal)?;
     let mut r = Registry::new();
     let fanout: Arc<dyn super::Handler> = Arc::new(WebhookFanout {
         store: store.clone(),
@@ -201,6 +203,8 @@ pub(crate) struct WebhookDelivery {
     store: Store,
     client: reqwest::Client,
     egress: Egress,
+    /// Opens the stored secrets (`src/seal.rs`).
+    seal: Sealer,
 }
 
 impl WebhookDelivery {
@@ -210,6 +214,7 @@ impl WebhookDelivery {
         store: Store,
         timeout: Duration,
         egress: &Egress,
+        seal: Sealer,
     ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
@@ -220,6 +225,7 @@ impl WebhookDelivery {
             store,
             client,
             egress: egress.clone(),
+            seal,
         })
     }
 }
@@ -263,6 +269,12 @@ impl Handler for WebhookDelivery {
             self.egress.check_url(&url).map_err(|why| {
                 HandlerError::Terminal(format!("not delivered to {}: {why}", hook.url))
             })?;
+            // A sealed secret this process cannot open waits in the dead-letter queue, to be
+            // replayed once the key is configured.
+            let secret = self
+                .seal
+                .open(&hook.id, &hook.secret)
+                .map_err(|e| HandlerError::Terminal(e.to_string()))?;
             let event_type = delivery.event_type.as_str();
             let body = serde_json::to_vec(&json!({
                 "event_type": event_type,
@@ -279,7 +291,7 @@ impl Handler for WebhookDelivery {
                 .header("x-spectral-timestamp", timestamp.to_string())
                 .header(
                     "x-spectral-signature",
-                    format!("v1={}", signature(&hook.secret, timestamp, &body)),
+                    format!("v1={}", signature(&secret, timestamp, &body)),
                 )
                 // Subscribers deduplicate redeliveries with it.
                 .header("idempotency-key", &row.idempotency_key)

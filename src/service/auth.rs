@@ -1,15 +1,19 @@
 //! API keys: generation, hashing, and authentication with a small cache in front of the
-//! store, so that the decide path does not query the database per request.
+//! store, so that the decide path does not query the database per request. A cached lookup
+//! is trusted for `SPECTRAL_KEY_CACHE_TTL_MS` at most, and dropped at once when Postgres
+//! notifies that its key was revoked or rotated; the key's `last_used_at` is written off the
+//! request, only by lookups that reach the store.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use super::ServiceError;
-use crate::store::{KeyRecord, Scope, Store};
+use crate::config::KeysConfig;
+use crate::store::{KeyRecord, Notifications, Scope, Store};
 
 /// Who is asking: an authenticated key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,27 +76,38 @@ pub fn generate() -> (String, String) {
     )
 }
 
-/// How long a looked-up key is trusted before the store is asked again; bounds how long a
-/// revoked key keeps working on an instance.
-const POSITIVE_TTL: Duration = Duration::from_secs(30);
 /// Unknown keys are remembered briefly so that a client retrying a bad key does not reach
 /// the database on every request.
 const NEGATIVE_TTL: Duration = Duration::from_secs(2);
 /// Entries kept at most; the map is cleared when it is full.
 const MAX_ENTRIES: usize = 10_000;
+/// A key's `last_used_at` is written when a lookup finds it older than this: at most about
+/// once a minute per key (and instance), never on a request that the cache answers.
+const TOUCH_EVERY: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// A looked-up key (or its absence) and when it was looked up.
+type Entry = (Option<KeyRecord>, Instant);
 
 /// Authenticates `Authorization: Bearer …` headers.
 pub struct Keys {
     store: Store,
-    cache: RwLock<HashMap<String, (Option<KeyRecord>, Instant)>>,
+    /// By secret hash.
+    cache: Arc<RwLock<HashMap<String, Entry>>>,
+    config: KeysConfig,
 }
 
 impl Keys {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Store, config: &KeysConfig) -> Self {
         Self {
             store,
-            cache: RwLock::new(HashMap::new()),
+            cache: Arc::default(),
+            config: config.clone(),
         }
+    }
+
+    /// How long a rotated key's replaced secret stays valid.
+    pub fn rotation_overlap(&self) -> Duration {
+        self.config.rotation_overlap
     }
 
     /// The caller behind an `Authorization` header value.
@@ -113,7 +128,7 @@ impl Keys {
         let cached = self.cache.read().ok().and_then(|c| {
             c.get(&hash).and_then(|(record, at)| {
                 let ttl = if record.is_some() {
-                    POSITIVE_TTL
+                    self.config.cache_ttl
                 } else {
                     NEGATIVE_TTL
                 };
@@ -128,6 +143,9 @@ impl Keys {
                     .key_by_hash(&hash)
                     .await
                     .map_err(ServiceError::from_store)?;
+                if let Some(r) = &record {
+                    self.touch(r);
+                }
                 if let Ok(mut c) = self.cache.write() {
                     if c.len() >= MAX_ENTRIES {
                         c.clear();
@@ -139,11 +157,116 @@ impl Keys {
         };
         let record =
             record.ok_or_else(|| ServiceError::Unauthenticated("unknown API key".into()))?;
+        if let Some(why) = record.refusal(chrono::Utc::now()) {
+            return Err(ServiceError::Unauthenticated(why));
+        }
         Ok(Caller {
             key_id: record.id,
             world: record.world,
             scopes: record.scopes,
         })
+    }
+
+    /// Record, off the request, that a key just looked up from the store is in use, when
+    /// what the store has is older than [`TOUCH_EVERY`].
+    fn touch(&self, record: &KeyRecord) {
+        let now = chrono::Utc::now();
+        if record.last_used_at.is_some_and(|at| now - at < TOUCH_EVERY) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, id) = (self.store.clone(), record.id.clone());
+        runtime.spawn(async move {
+            if let Err(e) = store.touch_key(&id).await {
+                tracing::debug!(key = %id, error = %e, "recording the key's last use failed");
+            }
+        });
+    }
+
+    /// Forget every cached lookup of key `id`, so the next request with it asks the store.
+    pub fn forget(&self, id: &str) {
+        forget(&self.cache, Some(id));
+    }
+
+    /// Listen for revocations and rotations made anywhere (`None` on SQLite, or when
+    /// listening is off or fails: cached lookups then expire after the TTL).
+    pub async fn listen(&self) -> Option<Notifications> {
+        if !self.config.listen {
+            return None;
+        }
+        match self.store.listen_keys().await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for key changes; cached keys expire after the TTL");
+                None
+            }
+        }
+    }
+
+    /// Drop cached lookups of every key a notification names until `stop`; when the
+    /// listener is lost, drop them all (notifications may have been missed) and listen again
+    /// with backoff. Without a listener there is nothing to do: the TTL bounds staleness.
+    pub fn watch(
+        &self,
+        mut listener: Option<Notifications>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (store, cache, listen) = (self.store.clone(), self.cache.clone(), self.config.listen);
+        async move {
+            let mut backoff = Duration::from_millis(250);
+            loop {
+                let Some(l) = listener.as_mut() else {
+                    if !listen || store.backend() != crate::store::Backend::Postgres {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    match store.listen_keys().await {
+                        Ok(l) => {
+                            listener = l;
+                            backoff = Duration::from_millis(250);
+                            // Whatever changed while nobody listened.
+                            forget(&cache, None);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot listen for key changes");
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                    }
+                    continue;
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    n = l.next() => match n {
+                        Ok(id) => {
+                            tracing::debug!(key = %id, "key change notification");
+                            forget(&cache, Some(&id));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "key change listener lost; forgetting cached keys");
+                            forget(&cache, None);
+                            listener = None;
+                        }
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Drop the cached lookups of key `id` (of every key with `None`). Unknown-key entries stay:
+/// a change never makes an unknown secret valid except a rotation's new one, which was never
+/// sent before it was made.
+fn forget(cache: &RwLock<HashMap<String, Entry>>, id: Option<&str>) {
+    if let Ok(mut c) = cache.write() {
+        match id {
+            Some(id) => c.retain(|_, (r, _)| r.as_ref().is_none_or(|r| r.id != id)),
+            None => c.retain(|_, (r, _)| r.is_none()),
+        }
     }
 }
 

@@ -665,6 +665,35 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
             },
             "required": ["id", "world", "url", "events", "created_at", "secret"]
         },
+        "webhook_summary": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"}, "world": {"type": "string"}, "url": {"type": "string"},
+                "events": {"type": "array", "items": {"type": "string"}},
+                "created_at": datetime
+            },
+            "required": ["id", "world", "url", "events", "created_at"]
+        },
+        "key": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "world": {"type": ["string", "null"], "description": "null for an operator key."},
+                "scopes": {"type": "array", "items": {"enum": ["decide", "read", "author", "deploy", "pin"]}},
+                "label": {"type": "string"},
+                "created_at": datetime,
+                "expires_at": {"type": ["string", "null"], "format": "date-time"},
+                "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+                "last_used_at": {"type": ["string", "null"], "format": "date-time"},
+                "previous_valid_until": {"type": ["string", "null"], "format": "date-time"}
+            },
+            "required": ["id", "world", "scopes", "label", "created_at", "expires_at", "revoked_at", "last_used_at", "previous_valid_until"]
+        },
+        "rotated_key": {
+            "allOf": [{"$ref": "#/components/schemas/key"}],
+            "properties": {"secret": {"type": "string", "description": "The new secret, shown this once."}},
+            "required": ["secret"]
+        },
         "health": {
             "type": "object",
             "properties": {
@@ -684,6 +713,11 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
     let version_param = json!({
         "name": "version", "in": "path", "required": true,
         "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX}
+    });
+    let id_param = json!({
+        "name": "id", "in": "path", "required": true,
+        "schema": {"type": "string"},
+        "description": "The id of a key (`key_…`) or a webhook (`wh_…`)."
     });
     let not_routed =
         problem_response("No such route (`route_not_found`), e.g. a version that is not a number.");
@@ -752,10 +786,25 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
         "/api/worlds/{world}/stats": {"parameters": [world.clone()], "get": operation(
             "getStats", "Decision statistics as counted so far.", None,
             ("200", "The statistics.", reference("stats")), &[])},
-        "/api/worlds/{world}/webhooks": {"parameters": [world], "post": operation(
+        "/api/worlds/{world}/webhooks": {"parameters": [world.clone()], "post": operation(
             "createWebhook", "Subscribe a URL to the world's events (signed deliveries).",
             Some(reference("webhook_request")),
-            ("201", "The webhook, with its secret shown this once.", reference("webhook")), &[])},
+            ("201", "The webhook, with its secret shown this once.", reference("webhook")), &[]),
+            "get": operation(
+            "listWebhooks", "The world's webhooks, never their secrets (the author scope, or an operator key).", None,
+            ("200", "The webhooks.", json!({"type": "object", "properties": {"webhooks": {"type": "array", "items": reference("webhook_summary")}}, "required": ["webhooks"]})), &[])},
+        "/api/worlds/{world}/webhooks/{id}": {"parameters": [world, id_param.clone()], "delete": operation(
+            "deleteWebhook", "Delete one of the world's webhooks; nothing more is delivered to it.", None,
+            ("200", "Deleted.", json!({"type": "object", "properties": {"world": {"type": "string"}, "deleted": {"type": "string"}}, "required": ["world", "deleted"]})), &[])},
+        "/api/keys": {"get": operation(
+            "listKeys", "Every API key, never a secret or its hash (operator keys only).", None,
+            ("200", "The keys.", json!({"type": "object", "properties": {"keys": {"type": "array", "items": reference("key")}}, "required": ["keys"]})), &[])},
+        "/api/keys/{id}/revoke": {"parameters": [id_param.clone()], "post": operation(
+            "revokeKey", "Revoke a key for good (operator keys only); every instance refuses it within the documented bound.", None,
+            ("200", "The revoked key.", reference("key")), &[])},
+        "/api/keys/{id}/rotate": {"parameters": [id_param], "post": operation(
+            "rotateKey", "Give a key a new secret, shown this once; the replaced one is accepted until `previous_valid_until` (operator keys only).", None,
+            ("200", "The key with its new secret.", reference("rotated_key")), &[("409", "The key is revoked (`conflict`).")])},
         "/api/openapi.json": {"get": {
             "operationId": "getOpenApi", "summary": "This document.", "security": [],
             "responses": {

@@ -636,4 +636,52 @@ impl Store {
     pub async fn prune(&self, before: DateTime<Utc>, batch: u32) -> Result<Pruned, StoreError> {
         dispatch!(self, s => protocol::prune(s, before, batch).await)
     }
+
+    /// Every key, oldest first; never a secret or its hash.
+    pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        dispatch!(self, s => protocol::list_keys(s).await)
+    }
+
+    pub async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        dispatch!(self, s => protocol::key_by_id(s, id).await)
+    }
+
+    /// Revoke a key for good (its secrets then match nothing) and notify every instance;
+    /// `NotFound` when there is no such key. Revoking twice keeps the first time.
+    pub async fn revoke_key(&self, id: &str) -> Result<KeyRecord, StoreError> {
+        dispatch!(self, s => protocol::revoke_key(s, id).await)
+    }
+
+    /// Give a key the secret hashed as `secret_hash`; the secret it had is still accepted
+    /// until `previous_valid_until` (a secret replaced earlier is dropped). `Conflict` when
+    /// the key is revoked, `NotFound` when there is none.
+    pub async fn rotate_key(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        previous_valid_until: DateTime<Utc>,
+    ) -> Result<KeyRecord, StoreError> {
+        dispatch!(self, s => protocol::rotate_key(s, id, secret_hash, previous_valid_until).await)
+    }
+
+    /// Record that a key was used now.
+    pub async fn touch_key(&self, id: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => protocol::touch_key(s, id).await)
+    }
+
+    /// Listen for revocations and rotations (payload: the key's id); `None` on SQLite, which
+    /// has no such channel.
+    pub async fn listen_keys(&self) -> Result<Option<Notifications>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => Ok(Some(Notifications {
+                inner: s.listen(postgres::KEYS_CHANNEL).await?,
+            })),
+        }
+    }
+
+    /// Delete webhook `id` of `world`; `NotFound` when the world has no such webhook.
+    pub async fn delete_webhook(&self, world: &str, id: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => protocol::delete_webhook(s, world, id).await)
+    }
 }

@@ -24,7 +24,7 @@ use super::records::{
     DecisionRow, DeploymentRow, Json, KeyRow, ScopeList, Time, VersionModelRow, VersionRow,
     WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
 };
-use super::statements::{decision_columns, outbox_columns, shared_statements, Sql};
+use super::statements::{decision_columns, key_columns, outbox_columns, shared_statements, Sql};
 use super::threads::{
     candidate_columns, thread_columns, CandidateRow, CheckpointRow, NewCandidate, NewThread,
     NewThreadEvent, Review, ThreadEventRow, ThreadLockRow, ThreadRow,
@@ -45,6 +45,9 @@ static MIGRATOR: Migrator = {
 
 /// The channel deployments and retirements notify on commit; the payload is the world's slug.
 pub(super) const DEPLOYMENTS_CHANNEL: &str = "spectral_deployments";
+
+/// The channel revocations and rotations notify on commit; the payload is the key's id.
+pub(super) const KEYS_CHANNEL: &str = "spectral_keys";
 
 /// The Postgres backend: a pool over one database.
 #[derive(Debug, Clone)]
@@ -277,6 +280,14 @@ impl Dialect for PgStore {
         Ok(q.execute(&self.pool).await?.rows_affected())
     }
 
+    async fn notify_keys(tx: &mut Tx<Self>, id: &str) -> Result<(), StoreError> {
+        // Delivered when (and only if) the transaction commits, like deployments.
+        let q = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(KEYS_CHANNEL)
+            .bind(id);
+        Ok(q.execute(&mut **tx).await.map(drop)?)
+    }
+
     shared_statements!();
 }
 
@@ -335,10 +346,16 @@ const SQL: Sql = Sql {
     deployed: r#"SELECT slug AS world, deployed_version AS version FROM core.worlds
                  WHERE deployed_version IS NOT NULL ORDER BY slug COLLATE "C""#,
     module: "SELECT content FROM core.modules WHERE hash = $1",
-    create_key: "INSERT INTO core.api_keys (id, secret_hash, world, scopes, label, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-    key_by_hash: "SELECT id, world, scopes, label, created_at FROM core.api_keys
-                  WHERE secret_hash = $1",
+    create_key: "INSERT INTO core.api_keys (id, secret_hash, world, scopes, label, created_at,
+                                       expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    // The current secret or, until its overlap ends, the one the last rotation replaced.
+    key_by_hash: concat!(
+        "SELECT ",
+        key_columns!(),
+        ", secret_hash <> $1 AS found_by_previous FROM core.api_keys
+         WHERE secret_hash = $1 OR previous_secret_hash = $1"
+    ),
     has_operator_key: "SELECT EXISTS (SELECT 1 FROM core.api_keys WHERE world IS NULL)",
     decisions_table: "core.decisions",
     set_chain_head: "UPDATE core.decision_chain_heads SET seq = $2, hash = $3 WHERE world = $1",
@@ -512,4 +529,26 @@ const SQL: Sql = Sql {
         " FROM core.agent_threads WHERE world = $1 AND kind = $2
           ORDER BY created_at DESC, id LIMIT $3"
     ),
+    list_keys: concat!(
+        "SELECT ",
+        key_columns!(),
+        ", false AS found_by_previous FROM core.api_keys ORDER BY created_at, id"
+    ),
+    key_by_id: concat!(
+        "SELECT ",
+        key_columns!(),
+        ", false AS found_by_previous FROM core.api_keys WHERE id = $1"
+    ),
+    // No secret hashes to `revoked:<id>` (hashes are hex), so a build that knows nothing of
+    // `revoked_at` refuses the key too; a second revocation keeps the first time.
+    revoke_key: "UPDATE core.api_keys
+                 SET revoked_at = COALESCE(revoked_at, $2), secret_hash = 'revoked:' || id,
+                     previous_secret_hash = NULL, previous_valid_until = NULL
+                 WHERE id = $1",
+    rotate_key: "UPDATE core.api_keys
+                 SET previous_secret_hash = secret_hash, previous_valid_until = $3,
+                     secret_hash = $2
+                 WHERE id = $1 AND revoked_at IS NULL",
+    touch_key: "UPDATE core.api_keys SET last_used_at = $2 WHERE id = $1",
+    delete_webhook: "DELETE FROM core.webhooks WHERE world = $1 AND id = $2",
 };

@@ -363,6 +363,25 @@ pub(crate) trait Dialect: Sync + Sized {
         kind: &str,
         limit: i64,
     ) -> Result<Vec<ThreadRow>, StoreError>;
+
+    // The life cycle of keys, and webhook management.
+    async fn list_keys(&self) -> Result<Vec<KeyRow>, StoreError>;
+    async fn key_by_id(&self, id: &str) -> Result<Option<KeyRow>, StoreError>;
+    /// Mark a key revoked and make its secrets match nothing; how many rows (0 or 1).
+    async fn revoke_key(tx: &mut Tx<Self>, id: &str, at: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// Give an unrevoked key a new secret, keeping the current one until
+    /// `previous_valid_until`; how many rows (0 or 1).
+    async fn rotate_key(
+        tx: &mut Tx<Self>,
+        id: &str,
+        secret_hash: &str,
+        previous_valid_until: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
+    async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Tell every instance, on commit, that key `id` changed (nothing where the database
+    /// cannot notify).
+    async fn notify_keys(tx: &mut Tx<Self>, id: &str) -> Result<(), StoreError>;
+    async fn delete_webhook(&self, world: &str, id: &str) -> Result<u64, StoreError>;
 }
 
 fn generation<D: Dialect>(db: &D) -> i64 {
@@ -1344,4 +1363,79 @@ pub(crate) async fn prune<D: Dialect>(
             return Ok(pruned);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The life cycle of keys, and webhook management. A revocation or rotation commits with a
+// notification on the keys channel, so that every instance listening drops its cached copy
+// at once; an instance that is not listening trusts its copy for the key cache's TTL at most.
+
+pub(crate) async fn list_keys<D: Dialect>(db: &D) -> Result<Vec<KeyRecord>, StoreError> {
+    db.list_keys()
+        .await?
+        .into_iter()
+        .map(KeyRecord::try_from)
+        .collect()
+}
+
+pub(crate) async fn key_by_id<D: Dialect>(
+    db: &D,
+    id: &str,
+) -> Result<Option<KeyRecord>, StoreError> {
+    db.key_by_id(id).await?.map(KeyRecord::try_from).transpose()
+}
+
+pub(crate) async fn revoke_key<D: Dialect>(db: &D, id: &str) -> Result<KeyRecord, StoreError> {
+    let mut tx = db.begin_write().await?;
+    if D::revoke_key(&mut tx, id, now()).await? == 0 {
+        return Err(StoreError::NotFound(format!("API key '{id}'")));
+    }
+    D::notify_keys(&mut tx, id).await?;
+    tx.commit().await?;
+    key_by_id(db, id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("API key '{id}'")))
+}
+
+pub(crate) async fn rotate_key<D: Dialect>(
+    db: &D,
+    id: &str,
+    secret_hash: &str,
+    previous_valid_until: DateTime<Utc>,
+) -> Result<KeyRecord, StoreError> {
+    let mut tx = db.begin_write().await?;
+    if D::rotate_key(&mut tx, id, secret_hash, previous_valid_until)
+        .await
+        .map_err(|e| e.conflict_as(|| "the new secret is already taken".to_string()))?
+        == 0
+    {
+        drop(tx);
+        return Err(match key_by_id(db, id).await? {
+            Some(_) => StoreError::Conflict(format!("API key '{id}' is revoked")),
+            None => StoreError::NotFound(format!("API key '{id}'")),
+        });
+    }
+    D::notify_keys(&mut tx, id).await?;
+    tx.commit().await?;
+    key_by_id(db, id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("API key '{id}'")))
+}
+
+pub(crate) async fn touch_key<D: Dialect>(db: &D, id: &str) -> Result<(), StoreError> {
+    db.touch_key(id, now()).await
+}
+
+/// Delete a world's webhook; `NotFound` when that world has none of that id.
+pub(crate) async fn delete_webhook<D: Dialect>(
+    db: &D,
+    world: &str,
+    id: &str,
+) -> Result<(), StoreError> {
+    if db.delete_webhook(world, id).await? == 0 {
+        return Err(StoreError::NotFound(format!(
+            "webhook '{id}' of world '{world}'"
+        )));
+    }
+    Ok(())
 }

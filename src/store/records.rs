@@ -57,16 +57,54 @@ pub struct NewKey {
     pub world: Option<String>,
     pub scopes: Vec<Scope>,
     pub label: String,
+    /// When the key stops being accepted; `None` for a key that does not expire.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
-/// A stored API key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A stored API key: what may be shown of it. Neither its secret nor the secret's hash is
+/// ever part of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyRecord {
     pub id: String,
     pub world: Option<String>,
     pub scopes: Vec<Scope>,
     pub label: String,
     pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Recorded at most about once a minute per key (docs/operations.md, "Keys").
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// Until when the secret that the last rotation replaced is still accepted.
+    pub previous_valid_until: Option<DateTime<Utc>>,
+    /// Whether the lookup that found this record matched the secret the last rotation
+    /// replaced rather than the current one; always `false` in listings.
+    #[serde(skip_serializing)]
+    pub found_by_previous: bool,
+}
+
+impl KeyRecord {
+    /// Why a request made with the secret that found this record is refused at `now`, or
+    /// `None` when it is accepted: revoked, expired, or a replaced secret past its overlap.
+    pub fn refusal(&self, now: DateTime<Utc>) -> Option<String> {
+        if let Some(at) = self.revoked_at {
+            return Some(format!("API key '{}' was revoked at {at}", self.id));
+        }
+        if let Some(at) = self.expires_at.filter(|at| *at <= now) {
+            return Some(format!("API key '{}' expired at {at}", self.id));
+        }
+        if self.found_by_previous {
+            match self.previous_valid_until {
+                Some(until) if until > now => {}
+                _ => {
+                    return Some(format!(
+                        "this secret of API key '{}' was replaced by a rotation and its overlap has ended",
+                        self.id
+                    ))
+                }
+            }
+        }
+        None
+    }
 }
 
 /// A module to store with a new version.
@@ -311,6 +349,11 @@ pub(crate) struct KeyRow {
     pub scopes: ScopeList,
     pub label: String,
     pub created_at: Time,
+    pub expires_at: Option<Time>,
+    pub revoked_at: Option<Time>,
+    pub last_used_at: Option<Time>,
+    pub previous_valid_until: Option<Time>,
+    pub found_by_previous: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -431,6 +474,11 @@ impl TryFrom<KeyRow> for KeyRecord {
             scopes: parse_scopes(r.scopes.0.iter().map(String::as_str))?,
             label: r.label,
             created_at: r.created_at.0,
+            expires_at: r.expires_at.map(|t| t.0),
+            revoked_at: r.revoked_at.map(|t| t.0),
+            last_used_at: r.last_used_at.map(|t| t.0),
+            previous_valid_until: r.previous_valid_until.map(|t| t.0),
+            found_by_previous: r.found_by_previous,
         })
     }
 }

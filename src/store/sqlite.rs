@@ -28,7 +28,7 @@ use super::records::{
     from_micros, DecisionRow, DeploymentRow, Json, KeyRow, ScopeList, Time, VersionModelRow,
     VersionRow, WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
 };
-use super::statements::{decision_columns, outbox_columns, shared_statements, Sql};
+use super::statements::{decision_columns, key_columns, outbox_columns, shared_statements, Sql};
 use super::threads::{
     candidate_columns, thread_columns, CandidateRow, CheckpointRow, NewCandidate, NewThread,
     NewThreadEvent, Review, ThreadEventRow, ThreadLockRow, ThreadRow,
@@ -271,6 +271,11 @@ impl Dialect for SqliteStore {
         Ok(released)
     }
 
+    async fn notify_keys(_: &mut Tx<Self>, _: &str) -> Result<(), StoreError> {
+        // SQLite cannot notify: another process sees a change when its cached copy expires.
+        Ok(())
+    }
+
     shared_statements!();
 }
 
@@ -326,9 +331,16 @@ const SQL: Sql = Sql {
     deployed: "SELECT slug AS world, deployed_version AS version FROM worlds
                WHERE deployed_version IS NOT NULL ORDER BY slug",
     module: "SELECT content FROM modules WHERE hash = ?1",
-    create_key: "INSERT INTO api_keys (id, secret_hash, world, scopes, label, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    key_by_hash: "SELECT id, world, scopes, label, created_at FROM api_keys WHERE secret_hash = ?1",
+    create_key: "INSERT INTO api_keys (id, secret_hash, world, scopes, label, created_at,
+                                       expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    // The current secret or, until its overlap ends, the one the last rotation replaced.
+    key_by_hash: concat!(
+        "SELECT ",
+        key_columns!(),
+        ", secret_hash <> ?1 AS found_by_previous FROM api_keys
+         WHERE secret_hash = ?1 OR previous_secret_hash = ?1"
+    ),
     has_operator_key: "SELECT EXISTS (SELECT 1 FROM api_keys WHERE world IS NULL)",
     decisions_table: "decisions",
     set_chain_head: "INSERT INTO decision_chain_heads (world, seq, hash) VALUES (?1, ?2, ?3)
@@ -489,4 +501,26 @@ const SQL: Sql = Sql {
         " FROM agent_threads WHERE world = ?1 AND kind = ?2
           ORDER BY created_at DESC, id LIMIT ?3"
     ),
+    list_keys: concat!(
+        "SELECT ",
+        key_columns!(),
+        ", 0 AS found_by_previous FROM api_keys ORDER BY created_at, id"
+    ),
+    key_by_id: concat!(
+        "SELECT ",
+        key_columns!(),
+        ", 0 AS found_by_previous FROM api_keys WHERE id = ?1"
+    ),
+    // No secret hashes to `revoked:<id>` (hashes are hex), so a build that knows nothing of
+    // `revoked_at` refuses the key too; a second revocation keeps the first time.
+    revoke_key: "UPDATE api_keys
+                 SET revoked_at = COALESCE(revoked_at, ?2), secret_hash = 'revoked:' || id,
+                     previous_secret_hash = NULL, previous_valid_until = NULL
+                 WHERE id = ?1",
+    rotate_key: "UPDATE api_keys
+                 SET previous_secret_hash = secret_hash, previous_valid_until = ?3,
+                     secret_hash = ?2
+                 WHERE id = ?1 AND revoked_at IS NULL",
+    touch_key: "UPDATE api_keys SET last_used_at = ?2 WHERE id = ?1",
+    delete_webhook: "DELETE FROM webhooks WHERE world = ?1 AND id = ?2",
 };

@@ -79,6 +79,13 @@ pub(crate) struct Sql {
     pub review_candidate: &'static str,
     pub running_threads: &'static str,
     pub world_threads: &'static str,
+    // The life cycle of keys, and webhook management.
+    pub list_keys: &'static str,
+    pub key_by_id: &'static str,
+    pub revoke_key: &'static str,
+    pub rotate_key: &'static str,
+    pub touch_key: &'static str,
+    pub delete_webhook: &'static str,
 }
 
 /// The columns of `decisions`, in the order of `DecisionRow` and of the inserts.
@@ -313,6 +320,7 @@ macro_rules! shared_statements {
             let q = q.bind(&key.world).bind(ScopeList::of(&key.scopes));
             Ok(q.bind(&key.label)
                 .bind(Time(at))
+                .bind(key.expires_at.map(Time))
                 .execute(&self.pool)
                 .await
                 .map(drop)?)
@@ -820,7 +828,60 @@ macro_rules! shared_statements {
                 .bind(limit);
             Ok(q.fetch_all(&self.pool).await?)
         }
+
+        async fn list_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+            Ok(sqlx::query_as(Self::SQL.list_keys)
+                .fetch_all(&self.pool)
+                .await?)
+        }
+
+        async fn key_by_id(&self, id: &str) -> Result<Option<KeyRow>, StoreError> {
+            let q = sqlx::query_as(Self::SQL.key_by_id).bind(id);
+            Ok(q.fetch_optional(&self.pool).await?)
+        }
+
+        async fn revoke_key(
+            tx: &mut Tx<Self>,
+            id: &str,
+            at: DateTime<Utc>,
+        ) -> Result<u64, StoreError> {
+            let q = sqlx::query(Self::SQL.revoke_key).bind(id).bind(Time(at));
+            Ok(q.execute(&mut **tx).await?.rows_affected())
+        }
+
+        async fn rotate_key(
+            tx: &mut Tx<Self>,
+            id: &str,
+            secret_hash: &str,
+            previous_valid_until: DateTime<Utc>,
+        ) -> Result<u64, StoreError> {
+            let q = sqlx::query(Self::SQL.rotate_key)
+                .bind(id)
+                .bind(secret_hash)
+                .bind(Time(previous_valid_until));
+            Ok(q.execute(&mut **tx).await?.rows_affected())
+        }
+
+        async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.touch_key).bind(id).bind(Time(at));
+            Ok(q.execute(&self.pool).await.map(drop)?)
+        }
+
+        async fn delete_webhook(&self, world: &str, id: &str) -> Result<u64, StoreError> {
+            let q = sqlx::query(Self::SQL.delete_webhook).bind(world).bind(id);
+            Ok(q.execute(&self.pool).await?.rows_affected())
+        }
     };
 }
 
+/// The columns of `api_keys` a [`KeyRow`](super::records::KeyRow) decodes, less
+/// `found_by_previous`, which each lookup computes.
+macro_rules! key_columns {
+    () => {
+        "id, world, scopes, label, created_at, expires_at, revoked_at, last_used_at, \
+         previous_valid_until"
+    };
+}
+
+pub(crate) use key_columns;
 pub(crate) use {decision_columns, outbox_columns, shared_statements};

@@ -11,9 +11,9 @@ use serde_json::{json, Value};
 use crate::agent::{cases, rule, ACTION, GOOD, INPUTS, TEXT};
 use crate::agent_api::{stream, Sse};
 use crate::app::{Backend, Db, OPERATOR};
-use crate::support::predicates_dir;
 use crate::llm::Llm;
 use crate::support::eventually;
+use crate::support::predicates_dir;
 use crate::support::process::Process;
 
 const WORLD: &str = "globex-support";
@@ -138,18 +138,28 @@ async fn a_run_whose_worker_is_killed_resumes_from_its_checkpoint_and_proposes_o
         .await
         .expect("checkpoint")
         .expect("a checkpoint after draft");
-    assert_eq!(before.node, "draft", "the draft was checkpointed, the cases not");
+    assert_eq!(
+        before.node, "draft",
+        "the draft was checkpointed, the cases not"
+    );
 
     let mut workers = Process::spawn(&["workers"], &env(&db, &llm), dir.path());
     let events = log(&base, &run).await;
     let ids: Vec<u64> = events.iter().filter_map(|e| e.id).collect();
-    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>(), "no event twice");
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "no event twice"
+    );
     assert_eq!(
         started_nodes(&events),
         ["intake", "draft", "derive_cases", "verify", "propose"],
         "each node once in the log: the cut node's events were never kept"
     );
-    assert_eq!(events.last().expect("events").data["data"]["status"], "proposed");
+    assert_eq!(
+        events.last().expect("events").data["data"]["status"],
+        "proposed"
+    );
     assert_eq!(
         llm.received().len(),
         3,
@@ -176,7 +186,11 @@ async fn two_workers_racing_for_one_run_advance_it_once(backend: Backend) {
     let run = start_run(&base).await;
     let events = log(&base, &run).await;
     let ids: Vec<u64> = events.iter().filter_map(|e| e.id).collect();
-    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>(), "no event twice");
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "no event twice"
+    );
     assert_eq!(
         started_nodes(&events),
         ["intake", "draft", "derive_cases", "verify", "propose"]

@@ -13,6 +13,10 @@ use crate::support::predicates_dir;
 /// The operator key every test app bootstraps with.
 pub const OPERATOR: &str = "spk_test_operator_key_0123456789";
 
+/// The key webhook secrets are sealed with on PostgreSQL in the tests.
+pub const WEBHOOK_SECRET_KEY: &str =
+    "5eca1ed5eca1ed5eca1ed5eca1ed5eca1ed5eca1ed5eca1ed5eca1ed5eca1ed5";
+
 /// Which backend a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -86,6 +90,10 @@ pub fn test_config(db: &Db) -> Config {
     config.sandbox.deadline_us = 500_000;
     // Likewise the clock of a whole decision; the tests of it set their own.
     config.sandbox.decision_deadline_us = 5_000_000;
+    // PostgreSQL has no zero-setup key for webhook secrets (src/seal.rs); SQLite makes its own.
+    if matches!(db, Db::Postgres(_)) {
+        config.outbox.webhook_secret_key = Some(Secret::new(WEBHOOK_SECRET_KEY));
+    }
     // The webhook receivers of the tests listen on loopback.
     config.outbox.webhook_egress =
         spectral::egress::Egress::parse("127.0.0.0/8, ::1").expect("networks");
@@ -204,6 +212,7 @@ impl TestApp {
                 world: world.map(String::from),
                 scopes: scopes.to_vec(),
                 label: "test".into(),
+                expires_at: None,
             })
             .await
             .expect("key created");

@@ -440,6 +440,7 @@ async fn a_proposed_candidate_fans_out_to_the_worlds_webhooks(store: Store) {
         Duration::from_secs(1),
         &spectral::egress::Egress::default(),
         std::sync::Arc::new(tokio::sync::Notify::new()),
+        spectral::seal::Sealer::none(),
     )
     .unwrap();
     let handler = registry

@@ -142,6 +142,11 @@ fn common_env(db: &db::TestDb) -> Vec<(&'static str, String)> {
         ("SPECTRAL_DB_MAX_CONNECTIONS", "4".into()),
         // The webhook receivers of the tests listen on loopback.
         ("SPECTRAL_WEBHOOK_ALLOW_NETWORKS", "127.0.0.0/8".into()),
+        // PostgreSQL has no zero-setup key for webhook secrets (src/seal.rs).
+        (
+            "SPECTRAL_WEBHOOK_SECRET_KEY",
+            crate::app::WEBHOOK_SECRET_KEY.into(),
+        ),
     ]
 }
 

@@ -25,6 +25,7 @@ mod flood;
 mod gate;
 mod hostile;
 mod image;
+mod keys;
 mod llm;
 mod mcp;
 mod migrations;

@@ -502,6 +502,7 @@ async fn keys_are_stored_and_looked_up_by_hash(store: Store) {
         world: Some("w".into()),
         scopes: vec![Scope::Decide, Scope::Read],
         label: "payments bot".into(),
+        expires_at: None,
     };
     store.create_key(&world_key).await.unwrap();
     assert!(
@@ -515,6 +516,7 @@ async fn keys_are_stored_and_looked_up_by_hash(store: Store) {
         world: None,
         scopes: Scope::ALL.to_vec(),
         label: "operator".into(),
+        expires_at: None,
     };
     store.create_key(&operator).await.unwrap();
     assert!(store.has_operator_key().await.unwrap());
@@ -525,6 +527,7 @@ async fn keys_are_stored_and_looked_up_by_hash(store: Store) {
         world: Some("w".into()),
         scopes: vec![],
         label: String::new(),
+        expires_at: None,
     };
     store.create_key(&no_scopes).await.unwrap();
 

@@ -291,3 +291,239 @@ async fn failed_delivery(store: &spectral::store::Store) -> spectral::store::Out
     )
     .await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Webhook management and sealed secrets.
+
+crate::both_backends!(
+    webhook_secrets_are_sealed_at_rest_and_deliveries_still_verify,
+    a_plaintext_secret_from_before_sealing_still_signs,
+    webhooks_are_listed_without_secrets_and_deleted_only_within_their_world,
+);
+
+/// Deploy version 1 of the payments world again (a `module.deployed` event).
+async fn redeploy(app: &TestApp) {
+    let (s, dep) = app
+        .post(
+            OPERATOR,
+            "/api/worlds/acme-payments/deployments",
+            &json!({"version": 1}),
+        )
+        .await;
+    assert_eq!(s, 200, "{dep}");
+}
+
+/// Whether a delivery carries the signature of `secret`.
+fn signed_with(d: &crate::receiver::Delivery, secret: &str) -> bool {
+    let ts: i64 = d
+        .header("x-spectral-timestamp")
+        .and_then(|t| t.parse().ok())
+        .expect("timestamp");
+    d.header("x-spectral-signature")
+        == Some(format!("v1={}", signature(secret, ts, &d.body)).as_str())
+}
+
+async fn webhook_secrets_are_sealed_at_rest_and_deliveries_still_verify(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let receiver = Receiver::start().await;
+    let secret = "whsec_sealed_0123456789";
+    let (s, hook) = app
+        .post(
+            OPERATOR,
+            "/api/worlds/acme-payments/webhooks",
+            &json!({"url": receiver.url, "events": ["module.deployed"], "secret": secret}),
+        )
+        .await;
+    assert_eq!(s, 201, "{hook}");
+    // Shown once, at creation.
+    assert_eq!(hook["secret"], secret);
+    // The row holds a sealed value, not the secret.
+    let store = db.store().await;
+    let rows = store.webhooks("acme-payments").await.expect("webhooks");
+    assert_eq!(rows.len(), 1);
+    assert!(
+        rows[0].secret.starts_with(spectral::seal::SEALED_PREFIX),
+        "{}",
+        rows[0].secret
+    );
+    assert!(!rows[0].secret.contains(secret));
+    store.close().await;
+    redeploy(&app).await;
+    let deliveries = receiver.until(1).await;
+    assert!(signed_with(&deliveries[0], secret), "a bad signature");
+    assert!(!signed_with(&deliveries[0], &rows[0].secret));
+    app.stop().await;
+}
+
+async fn a_plaintext_secret_from_before_sealing_still_signs(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let receiver = Receiver::start().await;
+    // As a build from before sealing stored it.
+    let store = db.store().await;
+    store
+        .create_webhook(&spectral::store::Webhook {
+            id: "wh_legacy".into(),
+            world: "acme-payments".into(),
+            url: receiver.url.clone(),
+            secret: "whsec_plain_from_an_older_build".into(),
+            events: vec!["module.deployed".into()],
+            created_at: chrono::Utc::now(),
+        })
+        .await
+        .expect("stored");
+    store.close().await;
+    redeploy(&app).await;
+    let deliveries = receiver.until(1).await;
+    assert!(signed_with(
+        &deliveries[0],
+        "whsec_plain_from_an_older_build"
+    ));
+    app.stop().await;
+}
+
+async fn webhooks_are_listed_without_secrets_and_deleted_only_within_their_world(backend: Backend) {
+    use spectral::store::Scope;
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    let receiver = Receiver::start().await;
+    let a = app.key(Some("acme-payments"), &[Scope::Author]).await;
+    let b = app.key(Some("globex-support"), &[Scope::Author]).await;
+    let a_reader = app
+        .key(Some("acme-payments"), &[Scope::Read, Scope::Decide])
+        .await;
+    let mut ids = Vec::new();
+    for (key, world) in [(&a, "acme-payments"), (&b, "globex-support")] {
+        let (s, hook) = app
+            .post(
+                key,
+                &format!("/api/worlds/{world}/webhooks"),
+                &json!({"url": receiver.url, "secret": format!("whsec_{world}_secret")}),
+            )
+            .await;
+        assert_eq!(s, 201, "{hook}");
+        ids.push(hook["id"].as_str().expect("id").to_string());
+    }
+    let (s, listed) = app
+        .get(Some(&a), "/api/worlds/acme-payments/webhooks")
+        .await;
+    assert_eq!(s, 200, "{listed}");
+    let hooks = listed["webhooks"].as_array().expect("webhooks");
+    assert_eq!(hooks.len(), 1, "{listed}");
+    assert_eq!(hooks[0]["id"], ids[0].as_str());
+    assert_eq!(hooks[0]["url"], receiver.url.as_str());
+    let text = listed.to_string();
+    assert!(
+        !text.contains("secret") && !text.contains("sealed"),
+        "{text}"
+    );
+    // World A's key reaches nothing of world B's, and a key without the author scope nothing.
+    let (s, _) = app
+        .get(Some(&a), "/api/worlds/globex-support/webhooks")
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = app
+        .get(Some(&a_reader), "/api/worlds/acme-payments/webhooks")
+        .await;
+    assert_eq!(s, 403);
+    for (key, world, id) in [
+        (&a, "globex-support", &ids[1]),
+        (&a_reader, "acme-payments", &ids[0]),
+    ] {
+        let (s, p) = app
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/api/worlds/{world}/webhooks/{id}"),
+                Some(key),
+                None,
+            )
+            .await;
+        assert_eq!(s, 403, "{p}");
+    }
+    // B's webhook named under world A is not A's to delete: not found, and still there.
+    let (s, _) = app
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/worlds/acme-payments/webhooks/{}", ids[1]),
+            Some(&a),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+    let (_, theirs) = app
+        .get(Some(&b), "/api/worlds/globex-support/webhooks")
+        .await;
+    assert_eq!(theirs["webhooks"].as_array().map(Vec::len), Some(1));
+    // Their own keys (and operators) delete them.
+    let (s, p) = app
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/worlds/acme-payments/webhooks/{}", ids[0]),
+            Some(&a),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    let (s, _) = app
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/worlds/globex-support/webhooks/{}", ids[1]),
+            Some(OPERATOR),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    for (key, world) in [(&a, "acme-payments"), (&b, "globex-support")] {
+        let (_, listed) = app
+            .get(Some(key), &format!("/api/worlds/{world}/webhooks"))
+            .await;
+        assert_eq!(listed["webhooks"], json!([]), "{listed}");
+    }
+    // Nothing is delivered to a deleted webhook.
+    redeploy(&app).await;
+    let store = db.store().await;
+    eventually(
+        Duration::from_secs(10),
+        "the deployment handled",
+        || async {
+            let rows = store.outbox_list(None, None, 50).await.ok()?;
+            rows.iter()
+                .any(|r| r.event_type == "module.deployed" && r.status.as_str() == "delivered")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(receiver.all().is_empty(), "delivered to a deleted webhook");
+    store.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_key_postgres_refuses_to_create_a_webhook_and_says_why() {
+    let db = Db::fresh(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    config.outbox.webhook_secret_key = None;
+    let app = TestApp::start(config).await;
+    let receiver = Receiver::start().await;
+    let (s, p) = app
+        .post(
+            OPERATOR,
+            "/api/worlds/acme-payments/webhooks",
+            &json!({"url": receiver.url}),
+        )
+        .await;
+    assert_eq!(s, 503, "{p}");
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("SPECTRAL_WEBHOOK_SECRET_KEY"),
+        "{p}"
+    );
+    let (_, listed) = app
+        .get(Some(OPERATOR), "/api/worlds/acme-payments/webhooks")
+        .await;
+    assert_eq!(listed["webhooks"], json!([]));
+    app.stop().await;
+}
