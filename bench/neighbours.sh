@@ -14,7 +14,9 @@
 # then rows 1 and 2 again with SPECTRAL_RATE_LIMITS=off.
 #
 # Settings (environment), with defaults: DURATION=10 WARMUP=2 B_RATE=1000 B_CONNS=8
-# A_CONNS=32 A_LIMIT=1000 PORT=18083 BUILD=1 (0: use the binaries already built).
+# A_CONNS=32 A_LIMIT=1000 PORT=18083 BUILD=1 (0: use the binaries already built),
+# PROFILE=release (debug: the unoptimized build, for a quick look; its figures are not the
+# recorded ones).
 # Needs: cargo, curl, jq. Sends traffic to 127.0.0.1 only. Figures: bench/RESULTS.md.
 
 set -euo pipefail
@@ -28,6 +30,7 @@ A_CONNS=${A_CONNS:-32}
 A_LIMIT=${A_LIMIT:-1000}
 PORT=${PORT:-18083}
 BUILD=${BUILD:-1}
+PROFILE=${PROFILE:-release}
 # A fixed test key (never a real secret): the operator key of the throwaway store.
 OPERATOR_KEY=spk_bench_operator_key_0123456789
 
@@ -51,9 +54,13 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 if [ "$BUILD" != 0 ]; then
-    cargo build --release --examples --bin spectral
+    if [ "$PROFILE" = release ]; then
+        cargo build --release --examples --bin spectral
+    else
+        cargo build --examples --bin spectral
+    fi
 fi
-BIN=target/release
+BIN=target/$PROFILE
 
 # The two worlds.
 mkdir -p "$TMP/worlds"
