@@ -6,8 +6,9 @@
 # Usage: bash bench/neighbours.sh   (about 90 s once built)
 #
 # Both worlds are copies of the `acme-payments` example (B is renamed `acme-neighbour`), so a
-# request costs the same in either; both are asked with the operator key, so only the
-# per-world limit applies (the per-key one is set out of reach). Rows, each DURATION s after
+# request costs the same in either; each is asked with a key bound to it (made with
+# `spectral keys create`), and the per-key limit is set out of reach, so A's flood meets its
+# world's limit. Rows, each DURATION s after
 # WARMUP s of uncounted traffic, on `spectral serve` with its SQLite store in TMPDIR:
 #   1. B alone        open loop at B_RATE/s, c=B_CONNS
 #   2. B + A flood    the same, while A runs closed loop with c=A_CONNS, limited to A_LIMIT/s
@@ -73,7 +74,6 @@ body() { # world -> a GREEN wire release of that world
 }
 body acme-payments >"$TMP/a.json"
 body acme-neighbour >"$TMP/b.json"
-AUTH="authorization: Bearer $OPERATOR_KEY"
 URL=http://127.0.0.1:$PORT/api/decide
 
 SERVER_PID=
@@ -96,7 +96,12 @@ start_server() { # limits: on|off
         sleep 0.1
     done
     for w in a b; do
-        code=$(curl -sS -o "$TMP/first.json" -w '%{http_code}' -H "$AUTH" \
+        local world=acme-payments
+        [ "$w" = b ] && world=acme-neighbour
+        local key
+        key=$(SPECTRAL_DATA_DIR=$TMP/data "$BIN/spectral" keys create --world "$world" 2>/dev/null | head -n 1)
+        echo "authorization: Bearer $key" >"$TMP/$w.auth"
+        code=$(curl -sS -o "$TMP/first.json" -w '%{http_code}' -H "$(cat "$TMP/$w.auth")" \
             -H 'content-type: application/json' --data-binary "@$TMP/$w.json" "$URL")
         [ "$code" = 200 ] || { echo "decide on world $w answered $code" >&2; cat "$TMP/first.json" >&2; exit 1; }
     done
@@ -106,8 +111,8 @@ stop_server() {
     wait "$SERVER_PID" 2>/dev/null || true
 }
 
-loadgen() { # label body conns [rate] -> JSON line
-    local args=(--url "$URL" -X POST --body-file "$2" -H "$AUTH"
+loadgen() { # label world(a|b) conns [rate] -> JSON line
+    local args=(--url "$URL" -X POST --body-file "$TMP/$2.json" -H "$(cat "$TMP/$2.auth")"
         -H 'content-type: application/json' -c "$3"
         --duration "$DURATION" --warmup "$WARMUP" --label "$1")
     [ -n "${4:-}" ] && args+=(--rate "$4")
@@ -123,11 +128,11 @@ echo "| row | rate limits | world B req/s | B p50 | B p99 | B p99.9 | B non-2xx 
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 for limits in on off; do
     start_server "$limits"
-    alone=$(loadgen b-alone "$TMP/b.json" "$B_CONNS" "$B_RATE")
+    alone=$(loadgen b-alone b "$B_CONNS" "$B_RATE")
     row "$limits" "B alone at $B_RATE/s" "$alone"
-    loadgen a-flood "$TMP/a.json" "$A_CONNS" >"$TMP/flood.json" &
+    loadgen a-flood a "$A_CONNS" >"$TMP/flood.json" &
     FLOOD_PID=$!
-    flooded=$(loadgen b-flooded "$TMP/b.json" "$B_CONNS" "$B_RATE")
+    flooded=$(loadgen b-flooded b "$B_CONNS" "$B_RATE")
     wait "$FLOOD_PID"
     row "$limits" "B at $B_RATE/s while A floods (c=$A_CONNS)" "$flooded"
     jq -r --arg limits "$limits" \
