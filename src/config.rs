@@ -49,8 +49,8 @@ pub struct ServerConfig {
     pub admin_addr: SocketAddr,
     /// Largest request body accepted (`SPECTRAL_MAX_BODY_BYTES`); larger bodies get 413.
     pub max_body_bytes: usize,
-    /// Time a client has to send a request's headers (`SPECTRAL_HEADER_TIMEOUT_MS`); also
-    /// how long an idle keep-alive connection is kept.
+    /// Time a client has to send a request's headers (`SPECTRAL_HEADER_TIMEOUT_MS`), the
+    /// first bytes of a new connection included.
     pub header_timeout: Duration,
     /// Time a request may take end to end (`SPECTRAL_REQUEST_TIMEOUT_MS`).
     pub request_timeout: Duration,
@@ -63,6 +63,74 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// The MCP endpoint at `/mcp`.
     pub mcp: McpConfig,
+    /// Connections held open by one client address and how long an idle one is kept.
+    pub connections: ConnectionLimits,
+    /// Request rates per key and per world (`SPECTRAL_RATE_*`).
+    pub rate: RateConfig,
+}
+
+/// What one client address may hold, and how long a connection may sit idle: connections are
+/// the resource a hoarder takes, so each has a bound below the global one
+/// (docs/operations.md, "Connections").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections one client address may hold at once (`SPECTRAL_MAX_CONNECTIONS_PER_IP`);
+    /// the next is answered 503 `too_many_connections_from_address` and closed. Behind a proxy
+    /// that hides client addresses, set it to `SPECTRAL_MAX_CONNECTIONS`.
+    pub per_ip: usize,
+    /// A connection with no request in flight is closed after this long
+    /// (`SPECTRAL_IDLE_TIMEOUT_MS`), HTTP/2 included whatever PINGs it answers.
+    pub idle_timeout: Duration,
+    /// Near the connection limit, the connection idle longest is closed to let a new client
+    /// in, once it has been idle for this long (`SPECTRAL_EVICT_IDLE_MS`).
+    pub evict_idle_after: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            per_ip: 256,
+            idle_timeout: Duration::from_secs(10),
+            evict_idle_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Request rates, per key and per world, of decisions and of authoring calls; each is a token
+/// bucket refilled at `per_second` that holds `burst` (docs/operations.md, "Rate limits").
+/// The defaults are far above what one tenant's normal use reaches: they bound a flood, not
+/// a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateConfig {
+    /// Whether any rate is enforced (`SPECTRAL_RATE_LIMITS`, on by default).
+    pub enabled: bool,
+    /// Decisions per second one key may ask for (`SPECTRAL_RATE_DECIDE_PER_KEY`); a batch counts
+    /// each of its items.
+    pub decide_per_key: u32,
+    /// Decisions per second asked of one world by all its keys
+    /// (`SPECTRAL_RATE_DECIDE_PER_WORLD`).
+    pub decide_per_world: u32,
+    /// Authoring calls (drafts, publish, deploy, retire, webhooks) per second of one key
+    /// (`SPECTRAL_RATE_AUTHORING_PER_KEY`).
+    pub authoring_per_key: u32,
+    /// Authoring calls per second on one world (`SPECTRAL_RATE_AUTHORING_PER_WORLD`).
+    pub authoring_per_world: u32,
+    /// How many seconds of its rate a bucket holds (`SPECTRAL_RATE_BURST_SECONDS`): the burst a
+    /// quiet client may send at once.
+    pub burst_seconds: u32,
+}
+
+impl Default for RateConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            decide_per_key: 50_000,
+            decide_per_world: 100_000,
+            authoring_per_key: 50,
+            authoring_per_world: 100,
+            burst_seconds: 2,
+        }
+    }
 }
 
 /// The MCP endpoint (`/mcp`) on the API's listener.
@@ -105,6 +173,8 @@ impl Default for ServerConfig {
             batch_max_items: 100,
             shutdown_grace: Duration::from_secs(30),
             mcp: McpConfig::default(),
+            connections: ConnectionLimits::default(),
+            rate: RateConfig::default(),
         }
     }
 }
@@ -678,6 +748,43 @@ impl Config {
             "SPECTRAL_SHUTDOWN_GRACE_MS",
             &mut srv.shutdown_grace,
             0..=3_600_000,
+        )?;
+        let cl = &mut c.server.connections;
+        v.number(
+            "SPECTRAL_MAX_CONNECTIONS_PER_IP",
+            &mut cl.per_ip,
+            1..=1_000_000,
+        )?;
+        v.millis(
+            "SPECTRAL_IDLE_TIMEOUT_MS",
+            &mut cl.idle_timeout,
+            10..=3_600_000,
+        )?;
+        v.millis(
+            "SPECTRAL_EVICT_IDLE_MS",
+            &mut cl.evict_idle_after,
+            0..=3_600_000,
+        )?;
+        let rate = &mut c.server.rate;
+        v.flag("SPECTRAL_RATE_LIMITS", &mut rate.enabled)?;
+        for (name, target) in [
+            ("SPECTRAL_RATE_DECIDE_PER_KEY", &mut rate.decide_per_key),
+            ("SPECTRAL_RATE_DECIDE_PER_WORLD", &mut rate.decide_per_world),
+            (
+                "SPECTRAL_RATE_AUTHORING_PER_KEY",
+                &mut rate.authoring_per_key,
+            ),
+            (
+                "SPECTRAL_RATE_AUTHORING_PER_WORLD",
+                &mut rate.authoring_per_world,
+            ),
+        ] {
+            v.number(name, target, 1..=100_000_000)?;
+        }
+        v.number(
+            "SPECTRAL_RATE_BURST_SECONDS",
+            &mut rate.burst_seconds,
+            1..=3600,
         )?;
         let mcp = &mut c.server.mcp;
         if let Some(list) = v.get("SPECTRAL_MCP_ALLOWED_ORIGINS") {

@@ -4,6 +4,7 @@
 //! **Boundary:** the only module that names hyper types. Nothing else depends on it but the
 //! supervisor. Errors become responses in exactly one place, `problem`.
 
+mod limits;
 mod mcp;
 mod problem;
 mod router;
@@ -23,16 +24,17 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
 use crate::service::auth::Caller;
+use crate::service::ratelimit::{Kind, RateLimited, RateLimiter};
 use crate::service::{App, DecideInput, ServiceError};
 use crate::telemetry::Route;
 use router::Endpoint;
@@ -74,11 +76,22 @@ pub async fn serve(
     drain: Duration,
 ) {
     let config = Arc::new(config);
-    // Each connection holds a permit while it is open; with none left, new connections are
-    // answered 503 and closed at once, so idle clients cannot starve the server of memory
-    // or file descriptors, and the ones already connected keep being served.
+    // Each connection holds a permit while it is open; with none left, the connection idle
+    // longest is closed to make room, and when none is idle, new connections are answered
+    // 503 and closed at once: idle clients cannot starve the server of memory or file
+    // descriptors, and the ones already connected keep being served.
     let permits = Arc::new(Semaphore::new(config.max_connections));
-    let graceful = GracefulShutdown::new();
+    // Below this many free permits, every new connection closes the idlest one, so that
+    // room is made before the limit is reached.
+    let reserve = (config.max_connections / 64).max(1);
+    let conns = Arc::new(limits::Conns::new(
+        config.connections.clone(),
+        app.metrics.clone(),
+    ));
+    let rates = Arc::new(RateLimiter::new(&config.rate, app.metrics.clone()));
+    // Cancelled when the server stops: every connection is asked to close gracefully.
+    let closing = CancellationToken::new();
+    let tracker = TaskTracker::new();
     // MCP event streams can stay open indefinitely; they end when the server stops.
     let mcp_stop = tokio_util::sync::CancellationToken::new();
     let mcp = Arc::new(mcp::Mcp::new(app.clone(), &config, mcp_stop.clone()));
@@ -106,29 +119,51 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    app.metrics.connections_shed.inc();
-                    tokio::spawn(shed(stream));
-                    continue;
+                let registered = match conns.register(peer.ip(), &closing) {
+                    Ok(registered) => registered,
+                    Err(limits::AddressFull(cap)) => {
+                        tokio::spawn(shed(stream, Shed::Address(cap)));
+                        continue;
+                    }
                 };
-                let app = app.clone();
-                let mcp = mcp.clone();
-                let cfg = config.clone();
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    // hyper starts its header timeout only once the first bytes arrive, so a
-                    // client that connects and says nothing is timed out here.
-                    let mut probe = [0u8; 1];
-                    match tokio::time::timeout(cfg.header_timeout, stream.peek(&mut probe)).await {
-                        Ok(Ok(n)) if n > 0 => {}
-                        _ => return,
+                let permit = match permits.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) if conns.evict_idlest() => None,
+                    Err(_) => {
+                        app.metrics.connections_shed.inc();
+                        tokio::spawn(shed(stream, Shed::Global));
+                        continue;
                     }
-                    let service = service_fn(move |req| handle(surface, app.clone(), cfg.clone(), mcp.clone(), req));
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
+                };
+                if permit.is_some() && permits.available_permits() < reserve {
+                    conns.evict_idlest();
+                }
+                let connection = Connection {
+                    surface,
+                    app: app.clone(),
+                    mcp: mcp.clone(),
+                    cfg: config.clone(),
+                    rates: rates.clone(),
+                    builder: builder.clone(),
+                };
+                let permits = permits.clone();
+                tracker.spawn(async move {
+                    let permit = match permit {
+                        Some(permit) => permit,
+                        // A connection idle longest is closing to make room: its permit is
+                        // this one's, within the header timeout.
+                        None => match tokio::time::timeout(connection.cfg.header_timeout, permits.acquire_owned()).await {
+                            Ok(Ok(permit)) => permit,
+                            _ => {
+                                connection.app.metrics.connections_shed.inc();
+                                shed(stream, Shed::Global).await;
+                                return;
+                            }
+                        },
+                    };
+                    registered.conn.admitted();
+                    connection.run(stream, peer, &registered).await;
+                    drop(registered);
                     drop(permit);
                 });
             }
@@ -137,22 +172,138 @@ pub async fn serve(
     }
     drop(listener);
     mcp_stop.cancel();
+    closing.cancel();
+    tracker.close();
     tracing::info!(?surface, "HTTP server draining");
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("HTTP server drained"),
+        _ = tracker.wait() => tracing::info!("HTTP server drained"),
         _ = tokio::time::sleep(drain) => {
             tracing::warn!(drain_ms = drain.as_millis() as u64, "the drain's share of the shutdown deadline ended with connections still open");
         }
     }
 }
 
-/// Answer a connection over the limit with a 503 and close it.
-async fn shed(mut stream: tokio::net::TcpStream) {
-    let body = problem::body(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "too_many_connections",
-        "the server is at its connection limit; retry later",
-    );
+/// What one connection's task needs.
+struct Connection {
+    surface: Surface,
+    app: Arc<App>,
+    mcp: Arc<mcp::Mcp>,
+    cfg: Arc<ServerConfig>,
+    rates: Arc<RateLimiter>,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl Connection {
+    /// Serve one connection until it ends, it has been idle for the idle timeout, or it is
+    /// asked to close (shutdown, or room made for a new client).
+    async fn run(
+        self,
+        stream: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+        registered: &limits::Registered,
+    ) {
+        let conn = registered.conn.clone();
+        let cfg = self.cfg.clone();
+        // hyper starts its header timeout only once the first bytes arrive, so a client
+        // that connects and says nothing is timed out here.
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            peeked = tokio::time::timeout(cfg.header_timeout, stream.peek(&mut probe)) => match peeked {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            },
+            _ = conn.close.cancelled() => return,
+        }
+        let Connection {
+            surface,
+            app,
+            mcp,
+            cfg: config,
+            rates,
+            builder,
+        } = self;
+        let metrics = app.metrics.clone();
+        let for_requests = conn.clone();
+        let service = service_fn(move |req| {
+            let active = for_requests.begin();
+            let work = handle(
+                surface,
+                app.clone(),
+                config.clone(),
+                mcp.clone(),
+                rates.clone(),
+                req,
+            );
+            async move {
+                let response = work.await?;
+                Ok::<_, Infallible>(response.map(|body| limits::Tracked::new(body, active)))
+            }
+        });
+        let served = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(served);
+        let idle_timeout = cfg.connections.idle_timeout;
+        let ended = loop {
+            let deadline = conn
+                .idle_deadline(idle_timeout)
+                .unwrap_or_else(|| Instant::now() + idle_timeout);
+            tokio::select! {
+                ended = served.as_mut() => break Some(ended),
+                _ = conn.close.cancelled() => break None,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    // Idle for the whole timeout, whatever PINGs or keep-alive said: closed.
+                    if conn.idle_deadline(idle_timeout).is_some_and(|d| d <= Instant::now()) {
+                        metrics.connections_closed_idle[0].inc();
+                        conn.close.cancel();
+                        break None;
+                    }
+                }
+            }
+        };
+        let ended = match ended {
+            Some(ended) => ended,
+            None => {
+                // GOAWAY on HTTP/2, `connection: close` or a plain close on HTTP/1; requests in
+                // flight finish, within the request timeout; a peer that keeps the connection
+                // open past that is cut off.
+                served.as_mut().graceful_shutdown();
+                match tokio::time::timeout(
+                    cfg.header_timeout.max(cfg.request_timeout),
+                    served.as_mut(),
+                )
+                .await
+                {
+                    Ok(ended) => ended,
+                    Err(_) => return,
+                }
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+/// Which connection limit a refused connection met.
+enum Shed {
+    /// The server's (`SPECTRAL_MAX_CONNECTIONS`), with no idle connection to close.
+    Global,
+    /// The client address's share (`SPECTRAL_MAX_CONNECTIONS_PER_IP`).
+    Address(usize),
+}
+
+/// Answer a connection over a limit with a 503 and close it.
+async fn shed(mut stream: tokio::net::TcpStream, limit: Shed) {
+    let body = match limit {
+        Shed::Global => problem::body(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "the server is at its connection limit; retry later",
+        ),
+        Shed::Address(cap) => problem::body(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections_from_address",
+            &format!("this client address holds {cap} connections, its limit; reuse or close one"),
+        ),
+    };
     let head = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
         body.len()
@@ -167,6 +318,7 @@ async fn handle(
     app: Arc<App>,
     config: Arc<ServerConfig>,
     mcp: Arc<mcp::Mcp>,
+    rates: Arc<RateLimiter>,
     req: Request<Incoming>,
 ) -> Result<Response<mcp::Out>, Infallible> {
     let started = Instant::now();
@@ -212,7 +364,7 @@ async fn handle(
         }
         Ok(endpoint) => {
             let route = endpoint.route();
-            let work = dispatch(surface, &app, &config, endpoint, req, started);
+            let work = dispatch(surface, &app, &config, &rates, endpoint, req, started);
             let response = match tokio::time::timeout(config.request_timeout, work).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(e)) => problem::from_error(&e),
@@ -258,6 +410,7 @@ async fn dispatch(
     surface: Surface,
     app: &App,
     config: &ServerConfig,
+    rates: &RateLimiter,
     endpoint: Endpoint,
     req: Request<Incoming>,
     started: Instant,
@@ -297,7 +450,7 @@ async fn dispatch(
         }
         endpoint => {
             let caller = app.keys.authenticate(authorization(&req)).await?;
-            authed(app, config, &caller, endpoint, req, started).await
+            authed(app, config, rates, &caller, endpoint, req, started).await
         }
     }
 }
@@ -352,15 +505,35 @@ fn authorization(req: &Request<Incoming>) -> Option<&str> {
 async fn authed(
     app: &App,
     config: &ServerConfig,
+    rates: &RateLimiter,
     caller: &Caller,
     endpoint: Endpoint,
     req: Request<Incoming>,
     started: Instant,
 ) -> Result<Response<Body>, HttpError> {
+    // Authoring calls are counted before their body is read: a flood of them costs the
+    // server no more than the check.
+    if let Some(world) = authoring_world(&endpoint) {
+        // A key bound to another world is refused further on; it spends only its own rate,
+        // never the rate of a world it cannot act on.
+        let world = match &caller.world {
+            Some(own) if own != world => None,
+            _ => Some(world),
+        };
+        rates.check(Kind::Authoring, &caller.key_id, world, 1)?;
+    }
     match endpoint {
         Endpoint::Decide => {
+            // A world-bound key's world is known before its body is read: over the limit, its
+            // request costs no read and no parse. An operator key names the world in the body.
+            if caller.world.is_some() {
+                rates.check(Kind::Decide, &caller.key_id, caller.world.as_ref(), 1)?;
+            }
             let body = json_body(req, config).await?;
             let input: DecideInput = parse(&body)?;
+            if caller.world.is_none() {
+                rates.check(Kind::Decide, &caller.key_id, input.world.as_ref(), 1)?;
+            }
             let decision = app.decide(caller, &input).await?;
             Ok(json(StatusCode::OK, &decision))
         }
@@ -375,6 +548,10 @@ async fn authed(
                 ))
                 .into());
             }
+            // Every item counts; an operator key's items may name several worlds, so only a
+            // world-bound key's batch is counted against its world too.
+            let items = u32::try_from(batch.requests.len()).unwrap_or(u32::MAX);
+            rates.check(Kind::Decide, &caller.key_id, caller.world.as_ref(), items)?;
             // Items start only while they can finish within the request timeout, with room
             // to answer: every decision is bounded by its own deadline.
             let reserve = (config.request_timeout / 10)
@@ -540,6 +717,22 @@ async fn review(
     Ok(json(StatusCode::OK, &reviewed))
 }
 
+/// The world an authoring call works on; `None` for every other endpoint.
+fn authoring_world(endpoint: &Endpoint) -> Option<&String> {
+    match endpoint {
+        Endpoint::Draft(w)
+        | Endpoint::Publish(w)
+        | Endpoint::Deploy(w)
+        | Endpoint::Retire(w, _)
+        | Endpoint::Webhooks(w)
+        | Endpoint::StartRun(w)
+        | Endpoint::PostMessage(w, _)
+        | Endpoint::Approve(w, _)
+        | Endpoint::Reject(w, _) => Some(w),
+        _ => None,
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchInput<'a> {
@@ -570,6 +763,14 @@ pub(crate) enum HttpError {
     Malformed(String),
     /// An object in the body repeats a key; the path of the first repeat.
     DuplicateKey(String),
+    /// Over a rate limit (429 with `Retry-After`).
+    RateLimited(RateLimited),
+}
+
+impl From<RateLimited> for HttpError {
+    fn from(e: RateLimited) -> Self {
+        Self::RateLimited(e)
+    }
 }
 
 impl From<ServiceError> for HttpError {

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod cache;
 pub mod decision_log;
 pub mod openapi;
+pub mod ratelimit;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -123,6 +123,14 @@ pub const STATUSES: [&str; 4] = ["GREEN", "GREEN-SKIP", "YELLOW", "RED"];
 /// The status classes of responses, in the order of the per-route counters.
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// The rate limits, as the values of `spectral_rate_limited_total`'s `limit` label.
+pub const RATE_LIMITS: [&str; 4] = [
+    "decide_key",
+    "decide_world",
+    "authoring_key",
+    "authoring_world",
+];
+
 /// The states of the outbox consumer, as the values of `spectral_outbox_consumer_state`'s
 /// `state` label.
 pub const CONSUMER_STATES: [&str; 4] = ["wired", "polling", "off", "failed"];
@@ -250,6 +258,13 @@ pub struct Metrics {
     pub decision_log_written: IntCounter,
     pub decision_log_write_errors: IntCounter,
     pub connections_shed: IntCounter,
+    /// Connections refused because their client address held its share already.
+    pub connections_refused_per_address: IntCounter,
+    /// Idle connections closed: `[0]` after the idle timeout, `[1]` to make room near the
+    /// connection limit.
+    pub connections_closed_idle: [IntCounter; 2],
+    /// Requests answered 429, one counter per limit in the order of [`RATE_LIMITS`].
+    pub rate_limited: [IntCounter; 4],
     pub outbox: OutboxMetrics,
     pub agent: AgentMetrics,
 }
@@ -438,6 +453,32 @@ impl Metrics {
                 "spectral_connections_shed_total",
                 "Connections refused because the connection limit was reached.",
             ),
+            connections_refused_per_address: counter(
+                r,
+                "spectral_connections_refused_per_address_total",
+                "Connections refused because their client address reached its connection cap.",
+            ),
+            connections_closed_idle: {
+                let v = counter_vec(
+                    r,
+                    "spectral_connections_closed_idle_total",
+                    "Idle connections closed, after the idle timeout or to make room near the limit.",
+                    &["reason"],
+                );
+                [
+                    v.with_label_values(&["timeout"]),
+                    v.with_label_values(&["evicted"]),
+                ]
+            },
+            rate_limited: {
+                let v = counter_vec(
+                    r,
+                    "spectral_rate_limited_total",
+                    "Requests answered 429 by a rate limit.",
+                    &["limit"],
+                );
+                RATE_LIMITS.map(|limit| v.with_label_values(&[limit]))
+            },
             outbox,
             agent: AgentMetrics::new(r),
             registry,
@@ -511,6 +552,9 @@ mod tests {
             "spectral_decision_log_queue_depth 7",
             "spectral_decision_log_dropped_total 0",
             "spectral_connections_shed_total 0",
+            "spectral_connections_refused_per_address_total 0",
+            "spectral_connections_closed_idle_total{reason=\"evicted\"} 0",
+            "spectral_rate_limited_total{limit=\"decide_world\"} 0",
             "spectral_outbox_claimed_total{event_type=\"world.published\"} 1",
             "spectral_outbox_consumer_state{state=\"wired\"} 1",
             "spectral_outbox_consumer_state{state=\"off\"} 0",

@@ -4,7 +4,7 @@
 //! (docs/operations.md, "Errors").
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Value};
@@ -54,6 +54,12 @@ fn classify(e: &HttpError) -> (StatusCode, &'static str, String, Option<Value>) 
             "unreadable_body",
             format!("the request body could not be read: {detail}"),
             None,
+        ),
+        HttpError::RateLimited(e) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            e.to_string(),
+            Some(json!({ "limit": e.limit.as_str(), "retry_after": e.retry_after_secs() })),
         ),
         HttpError::Service(e) => classify_service(e),
     }
@@ -133,7 +139,12 @@ pub fn parts(e: &HttpError) -> (StatusCode, Value) {
 
 pub(crate) fn from_error(e: &HttpError) -> Response<Full<Bytes>> {
     let (status, doc) = parts(e);
-    respond(status, &doc)
+    let mut r = respond(status, &doc);
+    if let HttpError::RateLimited(limited) = e {
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(limited.retry_after_secs()));
+    }
+    r
 }
 
 pub(crate) fn from_service(e: &ServiceError) -> Response<Full<Bytes>> {

@@ -350,9 +350,15 @@ fn problems(extra: &[(&str, &str)]) -> Map<String, Value> {
             "Not ready, the store is down, a decision record cannot be queued in time, every \
              evaluation slot for expensive decisions is taken, the request took longer than the \
              request timeout, or the server is at its connection limit (`unavailable`, \
-             `evaluation_overloaded`, `too_many_connections`).",
+             `evaluation_overloaded`, `too_many_connections`, \
+             `too_many_connections_from_address`).",
         ),
         ("500", "A fault of the service (`internal`); the detail is logged, not shown."),
+        (
+            "429",
+            "The key or the world is over its rate (`rate_limited`); `Retry-After` says when to \
+             retry.",
+        ),
         (
             "408",
             "The request body did not arrive within the header timeout (`body_timeout`).",
