@@ -12,6 +12,7 @@
 mod consumer;
 mod event;
 pub mod handlers;
+mod retention;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use rand::Rng;
 
 pub use consumer::{Consumer, OutboxState, Wiring};
+pub use retention::Retention;
 pub use event::{
     events, DecisionRecorded, Delivery, Event, EventError, ListedDecision, ModuleDeployed,
     PublishedModule, RecordedBatch, RuleCandidateProposed, RuleCount, VersionPublished,

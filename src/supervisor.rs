@@ -194,10 +194,18 @@ fn run_workers(
             &outbox.webhook_egress,
         )
         .map_err(|e| format!("cannot build the webhook client: {e}"))?;
+        // Retention runs beside the consumer, on this runtime, until the consumer returns.
+        let retention_stop = stop.child_token();
+        let retention = tokio::spawn(
+            crate::outbox::Retention::new(store.clone(), &outbox, state.clone())
+                .run(retention_stop.clone()),
+        );
         let result = Consumer::new(store.clone(), registry, outbox, generation, state)
             .woken_in_process(woken)
             .run(stop)
             .await;
+        retention_stop.cancel();
+        let _ = retention.await;
         store.close().await;
         result.map_err(|e| format!("the outbox consumer cannot reach the store: {e}"))
     })
@@ -322,6 +330,7 @@ pub async fn start_mode(
         evaluation: crate::service::Evaluation::new(&config.evaluation),
         egress: config.outbox.webhook_egress.clone(),
         agent_configured: crate::agent::provider::Provider::new(&config.agent).is_ok(),
+        stranded_after: config.outbox.stranded_after,
     });
 
     let generated_operator_key = ensure_operator_key(&store, &config).await?;

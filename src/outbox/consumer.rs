@@ -75,6 +75,11 @@ impl OutboxState {
         }
     }
 
+    /// The metrics this state counts in (retention counts there too).
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub fn wiring(&self) -> Wiring {
         match self.wiring.load(Ordering::Relaxed) {
             0 => Wiring::Wired,
