@@ -609,6 +609,14 @@ impl Store {
         dispatch!(self, s => protocol::exports(s, world).await)
     }
 
+    /// The database's plans for the outbox queries `/health` runs, by query name.
+    pub async fn health_query_plans(
+        &self,
+        generation: i64,
+    ) -> Result<Vec<(&'static str, String)>, StoreError> {
+        dispatch!(self, s => protocol::health_query_plans(s, generation).await)
+    }
+
     /// Remove `world`'s records up to `through`, keeping a checkpoint of its link; `Conflict`
     /// unless every record from the current checkpoint to `through` was exported. Deletes
     /// `batch` records per transaction.

@@ -295,6 +295,21 @@ impl Dialect for PgStore {
         Ok(q.execute(&mut **tx).await?.rows_affected())
     }
 
+    async fn plan(
+        &self,
+        sql: &str,
+        generation: i64,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<String, StoreError> {
+        let explain = format!("EXPLAIN {sql}");
+        let q = sqlx::query_scalar::<_, String>(&explain).bind(generation);
+        let q = match before {
+            Some(t) => q.bind(Time(t)),
+            None => q,
+        };
+        Ok(q.fetch_all(&self.pool).await?.join("\n"))
+    }
+
     retention_statements!();
 }
 

@@ -398,6 +398,14 @@ pub(crate) trait Dialect: Sync + Sized {
         from: i64,
         through: i64,
     ) -> Result<u64, StoreError>;
+    /// The database's plan for `sql`, bound with `generation` and, when the statement takes
+    /// it, `before`, one line per step.
+    async fn plan(
+        &self,
+        sql: &str,
+        generation: i64,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<String, StoreError>;
 }
 
 fn generation<D: Dialect>(db: &D) -> i64 {
@@ -1341,4 +1349,22 @@ pub(crate) async fn prune_decisions<D: Dialect>(
         },
         removed,
     })
+}
+
+/// The plans of the queries `/health` runs on the outbox, by name: what an operator (and the
+/// test suite) checks to see that they read an index, not the table.
+pub(crate) async fn health_query_plans<D: Dialect>(
+    db: &D,
+    generation: i64,
+) -> Result<Vec<(&'static str, String)>, StoreError> {
+    Ok(vec![
+        (
+            "outbox_counts",
+            db.plan(D::SQL.outbox_counts, generation, None).await?,
+        ),
+        (
+            "stranded",
+            db.plan(D::RETENTION.stranded, generation, Some(now())).await?,
+        ),
+    ])
 }

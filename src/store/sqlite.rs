@@ -292,6 +292,26 @@ impl Dialect for SqliteStore {
         Ok(q.execute(&mut **tx).await?.rows_affected())
     }
 
+    async fn plan(
+        &self,
+        sql: &str,
+        generation: i64,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<String, StoreError> {
+        let explain = format!("EXPLAIN QUERY PLAN {sql}");
+        let q = sqlx::query_as::<_, (i64, i64, i64, String)>(&explain).bind(generation);
+        let q = match before {
+            Some(t) => q.bind(Time(t)),
+            None => q,
+        };
+        let rows = q.fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(_, _, _, detail)| detail)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
     retention_statements!();
 }
 

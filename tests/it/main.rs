@@ -11,6 +11,7 @@
 mod agent;
 mod api;
 mod app;
+mod audit_export;
 mod checkpoints;
 mod cli;
 mod cluster;
@@ -32,6 +33,7 @@ mod properties;
 mod provider;
 mod public;
 mod receiver;
+mod retention;
 mod serve;
 mod shutdown;
 mod store;
