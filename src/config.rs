@@ -807,7 +807,11 @@ impl Config {
             &mut o.prune_interval,
             10..=86_400_000,
         )?;
-        v.number("SPECTRAL_OUTBOX_PRUNE_BATCH", &mut o.prune_batch, 1..=100_000)?;
+        v.number(
+            "SPECTRAL_OUTBOX_PRUNE_BATCH",
+            &mut o.prune_batch,
+            1..=100_000,
+        )?;
         if let Some(list) = v.get("SPECTRAL_WEBHOOK_ALLOW_NETWORKS") {
             o.webhook_egress = crate::egress::Egress::parse(list)
                 .map_err(|why| Vars::err("SPECTRAL_WEBHOOK_ALLOW_NETWORKS", list, why))?;

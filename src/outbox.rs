@@ -23,12 +23,12 @@ use std::time::Duration;
 use rand::Rng;
 
 pub use consumer::{Consumer, OutboxState, Wiring};
-pub use retention::Retention;
 pub use event::{
     events, DecisionRecorded, Delivery, Event, EventError, ListedDecision, ModuleDeployed,
     PublishedModule, RecordedBatch, RuleCandidateProposed, RuleCount, VersionPublished,
     VersionRetired,
 };
+pub use retention::Retention;
 
 use crate::store::{Effect, OutboxRow};
 

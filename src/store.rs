@@ -46,9 +46,7 @@ pub use records::{
     Retirement, Scope, StatDelta, VersionRecord, VersionSummary, Webhook, WorldDetail,
     WorldSummary,
 };
-pub use retention::{
-    ChainCheckpoint, ExportRecord, NewExport, PrunedDecisions, StrandedRows,
-};
+pub use retention::{ChainCheckpoint, ExportRecord, NewExport, PrunedDecisions, StrandedRows};
 pub use threads::{
     CandidateRecord, CheckpointRecord, NewCandidate, NewCheckpoint, NewThread, NewThreadEvent,
     Pruned, Saved, ThreadEvent, ThreadKind, ThreadRecord, Usage, RUNNING,

@@ -328,10 +328,7 @@ pub fn verify_file(path: &Path) -> Result<FileVerification, AuditError> {
     if header.format != EXPORT_FORMAT {
         return fail(
             report,
-            format!(
-                "line 1: format '{}' is not {EXPORT_FORMAT}",
-                header.format
-            ),
+            format!("line 1: format '{}' is not {EXPORT_FORMAT}", header.format),
         );
     }
     report.world = header.world.clone();

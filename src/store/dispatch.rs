@@ -8,11 +8,11 @@ use serde::Serialize;
 
 use super::protocol::{self, Dialect};
 use super::{postgres, sqlite, OUTBOX_CHANNEL};
-use super::{ChainCheckpoint, ExportRecord, NewExport, PrunedDecisions, StrandedRows};
 use super::{
     CandidateRecord, CheckpointRecord, NewCandidate, NewCheckpoint, NewThread, NewThreadEvent,
     Pruned, Saved, ThreadEvent, ThreadRecord, Usage,
 };
+use super::{ChainCheckpoint, ExportRecord, NewExport, PrunedDecisions, StrandedRows};
 use super::{
     Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision, NewEvent, NewKey,
     NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta, StoreError,
@@ -584,7 +584,10 @@ impl Store {
     }
 
     /// The last link pruned from `world`'s chain, if any was.
-    pub async fn chain_checkpoint(&self, world: &str) -> Result<Option<ChainCheckpoint>, StoreError> {
+    pub async fn chain_checkpoint(
+        &self,
+        world: &str,
+    ) -> Result<Option<ChainCheckpoint>, StoreError> {
         dispatch!(self, s => protocol::chain_checkpoint(s, world).await)
     }
 

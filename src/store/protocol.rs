@@ -15,13 +15,13 @@ use chrono::{DateTime, Utc};
 
 use super::chain::{extend_chain, group_by_world, insert_chunks, ChainedDecision};
 use super::outbox::{OutboxDbRow, Stamp};
-use super::retention::{
-    ChainCheckpoint, ExportRecord, ExportRow, NewExport, PrunedDecisions, RetentionSql,
-    StrandedRows,
-};
 use super::records::{
     bigint, convert, now, to_i64, to_u64, DecisionRow, DeploymentRow, KeyRow, VersionModelRow,
     VersionRow, WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
+};
+use super::retention::{
+    ChainCheckpoint, ExportRecord, ExportRow, NewExport, PrunedDecisions, RetentionSql,
+    StrandedRows,
 };
 use super::statements::Sql;
 use super::threads::{
@@ -1364,7 +1364,8 @@ pub(crate) async fn health_query_plans<D: Dialect>(
         ),
         (
             "stranded",
-            db.plan(D::RETENTION.stranded, generation, Some(now())).await?,
+            db.plan(D::RETENTION.stranded, generation, Some(now()))
+                .await?,
         ),
     ])
 }

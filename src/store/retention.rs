@@ -224,7 +224,8 @@ macro_rules! retention_statements {
         }
 
         async fn first_decision(tx: &mut Tx<Self>, world: &str) -> Result<Option<i64>, StoreError> {
-            let q = sqlx::query_scalar::<_, Option<i64>>(Self::RETENTION.first_decision).bind(world);
+            let q =
+                sqlx::query_scalar::<_, Option<i64>>(Self::RETENTION.first_decision).bind(world);
             Ok(q.fetch_one(&mut **tx).await?)
         }
 

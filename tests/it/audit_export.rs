@@ -102,26 +102,54 @@ async fn export_verify_prune_then_the_rest_verifies_from_the_checkpoint(backend:
 
     let (code, out, err) = spectral(
         &db,
-        &["audit", "export", "--world", "acme", "--until", &until(5), "--out", first_s],
+        &[
+            "audit",
+            "export",
+            "--world",
+            "acme",
+            "--until",
+            &until(5),
+            "--out",
+            first_s,
+        ],
     );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("records 1 to 5 (5)"), "{out}");
     // JSON lines: a header, five records with their links, a closing line.
     let text = std::fs::read_to_string(&first).expect("export");
     assert_eq!(text.lines().count(), 7, "{text}");
-    assert!(text.lines().nth(1).expect("record").contains("\"prev_hash\""));
+    assert!(text
+        .lines()
+        .nth(1)
+        .expect("record")
+        .contains("\"prev_hash\""));
     // An existing file is never overwritten.
     let (code, _, err) = spectral(
         &db,
-        &["audit", "export", "--world", "acme", "--until", &until(5), "--out", first_s],
+        &[
+            "audit",
+            "export",
+            "--world",
+            "acme",
+            "--until",
+            &until(5),
+            "--out",
+            first_s,
+        ],
     );
     assert_eq!(code, 2, "{err}");
 
     let (code, out, err) = spectral(&db, &["audit", "verify", "--file", first_s]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("acme: export intact (5 records, 1 to 5)"), "{out}");
+    assert!(
+        out.contains("acme: export intact (5 records, 1 to 5)"),
+        "{out}"
+    );
 
-    let (code, out, err) = spectral(&db, &["audit", "prune", "--world", "acme", "--until", &until(5)]);
+    let (code, out, err) = spectral(
+        &db,
+        &["audit", "prune", "--world", "acme", "--until", &until(5)],
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("5 record(s) removed"), "{out}");
     assert_eq!(seqs(&store, "acme").await, vec![6, 7, 8, 9, 10]);
@@ -131,8 +159,15 @@ async fn export_verify_prune_then_the_rest_verifies_from_the_checkpoint(backend:
     // What remains verifies from the checkpoint of record 5.
     let (code, out, err) = spectral(&db, &["audit", "verify", "--world", "acme"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("chain intact (5 records, after checkpoint 5)"), "{out}");
-    let checkpoint = store.chain_checkpoint("acme").await.expect("checkpoint").expect("some");
+    assert!(
+        out.contains("chain intact (5 records, after checkpoint 5)"),
+        "{out}"
+    );
+    let checkpoint = store
+        .chain_checkpoint("acme")
+        .await
+        .expect("checkpoint")
+        .expect("some");
     let exported_last = text.lines().nth(5).expect("record 5");
     assert!(exported_last.contains(&checkpoint.hash), "{exported_last}");
 
@@ -141,14 +176,29 @@ async fn export_verify_prune_then_the_rest_verifies_from_the_checkpoint(backend:
     let second_s = second.to_str().expect("utf-8 path");
     let (code, out, err) = spectral(
         &db,
-        &["audit", "export", "--world", "acme", "--until", &until(8), "--out", second_s],
+        &[
+            "audit",
+            "export",
+            "--world",
+            "acme",
+            "--until",
+            &until(8),
+            "--out",
+            second_s,
+        ],
     );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("records 6 to 8 (3)"), "{out}");
     let report = audit::verify_file(&second).expect("read");
     assert_eq!(report.problem, None);
-    assert_eq!((report.first_seq, report.last_seq, report.records), (6, 8, 3));
-    let (code, out, err) = spectral(&db, &["audit", "prune", "--world", "acme", "--until", &until(8)]);
+    assert_eq!(
+        (report.first_seq, report.last_seq, report.records),
+        (6, 8, 3)
+    );
+    let (code, out, err) = spectral(
+        &db,
+        &["audit", "prune", "--world", "acme", "--until", &until(8)],
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(seqs(&store, "acme").await, vec![9, 10]);
     let verified = audit::verify(&store, "acme").await.expect("verify");
@@ -159,7 +209,10 @@ async fn export_verify_prune_then_the_rest_verifies_from_the_checkpoint(backend:
     // Two exports recorded, each with the digest of its file.
     let exports = store.exports("acme").await.expect("exports");
     assert_eq!(
-        exports.iter().map(|e| (e.first_seq, e.last_seq)).collect::<Vec<_>>(),
+        exports
+            .iter()
+            .map(|e| (e.first_seq, e.last_seq))
+            .collect::<Vec<_>>(),
         vec![(1, 5), (6, 8)]
     );
     store.close().await;
@@ -188,23 +241,48 @@ async fn tampered_exports_fail_verification_naming_the_line(backend: Backend) {
     let mut changed = owned();
     changed[3] = changed[3].replacen("\"RED\"", "\"REX\"", 1);
     assert_ne!(changed[3], lines[3]);
-    cases.push(("one byte changed", write("byte.jsonl", changed), "line 4", "does not match"));
+    cases.push((
+        "one byte changed",
+        write("byte.jsonl", changed),
+        "line 4",
+        "does not match",
+    ));
     // A record removed from the middle.
     let mut removed = owned();
     removed.remove(3);
-    cases.push(("a line removed", write("removed.jsonl", removed), "line 4", "missing"));
+    cases.push((
+        "a line removed",
+        write("removed.jsonl", removed),
+        "line 4",
+        "missing",
+    ));
     // Two records swapped.
     let mut swapped = owned();
     swapped.swap(2, 3);
-    cases.push(("lines reordered", write("swapped.jsonl", swapped), "line 3", "expected record 2"));
+    cases.push((
+        "lines reordered",
+        write("swapped.jsonl", swapped),
+        "line 3",
+        "expected record 2",
+    ));
     // The last record removed: the closing line no longer matches.
     let mut last = owned();
     last.remove(6);
-    cases.push(("the last record removed", write("last.jsonl", last), "closing line", "counts 6"));
+    cases.push((
+        "the last record removed",
+        write("last.jsonl", last),
+        "closing line",
+        "counts 6",
+    ));
     // The end cut off.
     let mut cut = owned();
     cut.truncate(5);
-    cases.push(("cut short", write("cut.jsonl", cut), "cut short", "closing line"));
+    cases.push((
+        "cut short",
+        write("cut.jsonl", cut),
+        "cut short",
+        "closing line",
+    ));
     // A record's hash changed along with its content cannot hide either: its successor's link
     // no longer matches.
     let mut relinked = owned();
@@ -216,7 +294,12 @@ async fn tampered_exports_fail_verification_naming_the_line(backend: Backend) {
         .expect("hash")
         .into();
     relinked[2] = record.to_string();
-    cases.push(("a record rehashed", write("rehashed.jsonl", relinked), "line 4", "prev_hash"));
+    cases.push((
+        "a record rehashed",
+        write("rehashed.jsonl", relinked),
+        "line 4",
+        "prev_hash",
+    ));
 
     for (what, path, at_line, says) in &cases {
         let report = audit::verify_file(path).expect("read");
@@ -231,7 +314,12 @@ async fn tampered_exports_fail_verification_naming_the_line(backend: Backend) {
     // Through the command: exit 1 and the reason.
     let (code, out, err) = spectral(
         &db,
-        &["audit", "verify", "--file", cases[0].1.to_str().expect("utf-8")],
+        &[
+            "audit",
+            "verify",
+            "--file",
+            cases[0].1.to_str().expect("utf-8"),
+        ],
     );
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("export broken: line 4"), "{out}");
@@ -240,7 +328,10 @@ async fn tampered_exports_fail_verification_naming_the_line(backend: Backend) {
 
 async fn a_prune_of_a_range_not_exported_is_refused(backend: Backend) {
     let (db, store) = chain(backend, 10).await;
-    let (code, out, err) = spectral(&db, &["audit", "prune", "--world", "acme", "--until", &until(5)]);
+    let (code, out, err) = spectral(
+        &db,
+        &["audit", "prune", "--world", "acme", "--until", &until(5)],
+    );
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("were not all exported"), "{err}");
     assert_eq!(seqs(&store, "acme").await.len(), 10);
@@ -250,7 +341,10 @@ async fn a_prune_of_a_range_not_exported_is_refused(backend: Backend) {
     audit::export(&store, "acme", at(3), &dir.path().join("a.jsonl"))
         .await
         .expect("export");
-    let (code, out, err) = spectral(&db, &["audit", "prune", "--world", "acme", "--until", &until(5)]);
+    let (code, out, err) = spectral(
+        &db,
+        &["audit", "prune", "--world", "acme", "--until", &until(5)],
+    );
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("exports reach record 3"), "{err}");
     assert_eq!(seqs(&store, "acme").await.len(), 10);
@@ -265,7 +359,10 @@ async fn a_prune_of_a_range_not_exported_is_refused(backend: Backend) {
         "DELETE FROM core.decisions WHERE world = 'acme' AND seq = 9",
     )
     .await;
-    assert!(delete.is_err(), "a delete above the checkpoint went through");
+    assert!(
+        delete.is_err(),
+        "a delete above the checkpoint went through"
+    );
     let advance = exec(
         &db,
         "UPDATE decision_checkpoints SET seq = 9,
@@ -285,7 +382,10 @@ async fn a_prune_of_a_range_not_exported_is_refused(backend: Backend) {
          VALUES ('globex', 2, 'sha256:00', now())",
     )
     .await;
-    assert!(forged.is_err(), "a checkpoint of an unexported world was stored");
+    assert!(
+        forged.is_err(),
+        "a checkpoint of an unexported world was stored"
+    );
     let erased = exec(
         &db,
         "DELETE FROM decision_exports",
