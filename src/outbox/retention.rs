@@ -49,8 +49,11 @@ impl Retention {
 
     /// One pass: batches until one comes back short (or `stop`); the rows removed.
     pub async fn pass(&self, stop: &CancellationToken) -> Result<u64, StoreError> {
-        let before = chrono::Utc::now()
-            - chrono::Duration::from_std(self.retention).unwrap_or(chrono::Duration::MAX);
+        // A retention longer than time itself keeps everything.
+        let before = chrono::Duration::from_std(self.retention)
+            .ok()
+            .and_then(|keep| chrono::Utc::now().checked_sub_signed(keep))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::UNIX_EPOCH);
         let mut total = 0;
         while !stop.is_cancelled() {
             let n = self.store.prune_outbox(before, self.batch).await?;

@@ -1208,7 +1208,10 @@ pub(crate) async fn stranded<D: Dialect>(
     generation: i64,
     after: std::time::Duration,
 ) -> Result<StrandedRows, StoreError> {
-    let before = now() - chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+    let before = chrono::Duration::from_std(after)
+        .ok()
+        .and_then(|after| now().checked_sub_signed(after))
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
     db.stranded(generation, before).await
 }
 
