@@ -1,5 +1,5 @@
 //! The command line: `serve`, `api`, `workers`, `migrate`, `gate`, `keys`, `outbox`,
-//! `world check|test|push`, `decide`, `audit verify`. Glue only: every command is a thin
+//! `world check|test|push`, `decide`, `audit verify|export|prune`. Glue only: every command is a thin
 //! layer over the library, and the only place besides `main` where `anyhow` is used. Commands
 //! that need async build the runtime here, by hand.
 
@@ -287,11 +287,45 @@ enum OutboxCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Walk a world's decision chain and report the first broken link.
+    /// Walk a world's decision chain in the store (from its checkpoint, when a range was
+    /// pruned) or an export file (offline), and report the first broken link.
     Verify {
+        /// The world whose stored chain to walk.
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        world: Option<String>,
+        /// An export written by `spectral audit export`, checked with no store.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Write a world's records, from its checkpoint through the last decided at or before
+    /// --until, to a new file (JSON lines with the chain links), and record the export in the
+    /// store so that `audit prune` may remove the range.
+    Export {
         #[arg(long)]
         world: String,
+        /// RFC 3339, e.g. 2026-11-30T00:00:00Z.
+        #[arg(long, value_parser = parse_time)]
+        until: chrono::DateTime<chrono::Utc>,
+        /// The file to create; an existing file is refused.
+        #[arg(long)]
+        out: PathBuf,
     },
+    /// Remove a world's records decided at or before --until, which must have been exported;
+    /// a checkpoint of the last removed link stays, and `audit verify` starts from it.
+    Prune {
+        #[arg(long)]
+        world: String,
+        /// RFC 3339, e.g. 2026-11-30T00:00:00Z.
+        #[arg(long, value_parser = parse_time)]
+        until: chrono::DateTime<chrono::Utc>,
+    },
+}
+
+/// An RFC 3339 time, as `--until` takes it.
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("not an RFC 3339 time such as 2026-11-30T00:00:00Z: {e}"))
 }
 
 /// Run the command line; the exit code is 0 on success, 1 when a check or test fails (and
@@ -391,9 +425,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ));
         }
         Command::Keys { command } => return runtime()?.block_on(manage_keys(command)),
-        Command::Audit {
-            command: AuditCommand::Verify { world },
-        } => return runtime()?.block_on(audit(&config, &world)),
+        Command::Audit { command } => return audit(&config, command),
         Command::World {
             command:
                 WorldCommand::Push {
@@ -631,23 +663,79 @@ async fn outbox(config: &Config, command: OutboxCommand) -> anyhow::Result<ExitC
     result
 }
 
-async fn audit(config: &Config, world: &str) -> anyhow::Result<ExitCode> {
-    let mut store_config = config.store.clone();
-    store_config.migrate_on_start = false;
-    let store = Store::connect(&store_config).await?;
-    let report = crate::service::audit::verify(&store, world).await?;
-    store.close().await;
-    match report.broken {
-        None => {
-            println!("{world}: chain intact ({} records)", report.records);
+/// `spectral audit …`: an offline check of a file needs no store or runtime.
+fn audit(config: &Config, command: AuditCommand) -> anyhow::Result<ExitCode> {
+    if let AuditCommand::Verify {
+        file: Some(file), ..
+    } = &command
+    {
+        let report = crate::service::audit::verify_file(file)?;
+        return Ok(match report.problem {
+            None => {
+                println!(
+                    "{}: export intact ({} records, {} to {})",
+                    report.world, report.records, report.first_seq, report.last_seq
+                );
+                ExitCode::SUCCESS
+            }
+            Some(problem) => {
+                println!("{}: export broken: {problem}", file.display());
+                ExitCode::from(1)
+            }
+        });
+    }
+    runtime()?.block_on(async {
+        let mut store_config = config.store.clone();
+        store_config.migrate_on_start = false;
+        let store = Store::connect(&store_config).await?;
+        let result = audit_store(&store, command).await;
+        store.close().await;
+        result
+    })
+}
+
+async fn audit_store(store: &Store, command: AuditCommand) -> anyhow::Result<ExitCode> {
+    use crate::service::audit;
+    match command {
+        AuditCommand::Verify { world, .. } => {
+            let world = world.ok_or_else(|| anyhow!("name --world or --file"))?;
+            let report = audit::verify(store, &world).await?;
+            let from = report
+                .pruned_through
+                .map_or(String::new(), |c| format!(", after checkpoint {c}"));
+            match report.broken {
+                None => {
+                    println!("{world}: chain intact ({} records{from})", report.records);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(b) => {
+                    println!(
+                        "{world}: chain broken at record {} (decision {}): {}",
+                        b.seq, b.decision_id, b.reason
+                    );
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        AuditCommand::Export { world, until, out } => {
+            let e = audit::export(store, &world, until, &out).await?;
+            println!(
+                "{world}: records {} to {} ({}) exported to {} ({}); recorded in the store",
+                e.first_seq,
+                e.last_seq,
+                e.records,
+                out.display(),
+                e.file_digest
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Some(b) => {
+        AuditCommand::Prune { world, until } => {
+            let p = audit::prune(store, &world, until).await?;
             println!(
-                "{world}: chain broken at record {} (decision {}): {}",
-                b.seq, b.decision_id, b.reason
+                "{world}: {} record(s) removed; the chain continues from checkpoint {} ({})",
+                p.removed, p.checkpoint.seq, p.checkpoint.hash
             );
-            Ok(ExitCode::from(1))
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -308,6 +308,19 @@ pub struct OutboxConfig {
     /// digits). Unset: on SQLite a key generated into the data directory, on PostgreSQL no
     /// webhook can be created (`src/seal.rs`).
     pub webhook_secret_key: Option<Secret>,
+    /// How long another generation's rows may stay pending or in flight before `/health`
+    /// calls them stranded and turns `degraded` (`SPECTRAL_OUTBOX_STRANDED_AFTER_MS`, 10
+    /// minutes): long enough for an old generation to drain during a rollout.
+    pub stranded_after: Duration,
+    /// How long delivered rows (and their `event_handled` entries) are kept after their event
+    /// occurred (`SPECTRAL_OUTBOX_RETENTION_MS`, 7 days).
+    pub retention: Duration,
+    /// Time between the workers' retention passes (`SPECTRAL_OUTBOX_PRUNE_INTERVAL_MS`, 1
+    /// minute).
+    pub prune_interval: Duration,
+    /// Rows deleted per retention transaction (`SPECTRAL_OUTBOX_PRUNE_BATCH`, 1,000): small, so
+    /// that producers never wait long behind one.
+    pub prune_batch: u32,
 }
 
 impl Default for OutboxConfig {
@@ -324,6 +337,10 @@ impl Default for OutboxConfig {
             webhook_timeout: Duration::from_secs(10),
             webhook_egress: crate::egress::Egress::default(),
             webhook_secret_key: None,
+            stranded_after: Duration::from_secs(600),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+            prune_batch: 1000,
         }
     }
 }
@@ -949,6 +966,26 @@ impl Config {
             "SPECTRAL_WEBHOOK_TIMEOUT_MS",
             &mut o.webhook_timeout,
             10..=600_000,
+        )?;
+        v.millis(
+            "SPECTRAL_OUTBOX_STRANDED_AFTER_MS",
+            &mut o.stranded_after,
+            0..=30 * 86_400_000,
+        )?;
+        v.millis(
+            "SPECTRAL_OUTBOX_RETENTION_MS",
+            &mut o.retention,
+            1_000..=3_650 * 86_400_000,
+        )?;
+        v.millis(
+            "SPECTRAL_OUTBOX_PRUNE_INTERVAL_MS",
+            &mut o.prune_interval,
+            10..=86_400_000,
+        )?;
+        v.number(
+            "SPECTRAL_OUTBOX_PRUNE_BATCH",
+            &mut o.prune_batch,
+            1..=100_000,
         )?;
         if let Some(list) = v.get("SPECTRAL_WEBHOOK_ALLOW_NETWORKS") {
             o.webhook_egress = crate::egress::Egress::parse(list)

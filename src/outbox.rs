@@ -12,6 +12,7 @@
 mod consumer;
 mod event;
 pub mod handlers;
+mod retention;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,6 +28,7 @@ pub use event::{
     ModuleDeployed, PublishedModule, RecordedBatch, RuleCandidateProposed, RuleCount,
     VersionPublished, VersionRetired,
 };
+pub use retention::Retention;
 
 use crate::store::{Effect, OutboxRow};
 

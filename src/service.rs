@@ -298,6 +298,9 @@ pub struct App {
     pub agent: AgentState,
     /// Seals webhook secrets before they are stored (`src/seal.rs`).
     pub webhook_seal: crate::seal::Sealer,
+    /// How long another generation's rows may stay pending before `/health` calls them
+    /// stranded and turns `degraded` (`SPECTRAL_OUTBOX_STRANDED_AFTER_MS`).
+    pub stranded_after: std::time::Duration,
 }
 
 /// What the API knows of the World Agent.
@@ -969,8 +972,28 @@ impl App {
         let ready =
             self.ready.load(Ordering::Acquire) && store_ok && failed.is_empty() && workers_ok;
         let rows = self.store.outbox_counts(self.generation).await.ok();
+        // Rows another generation left pending past the configured age: nothing handles them
+        // until an operator adopts them, so the service is degraded (still ready: it decides).
+        let stranded = self
+            .store
+            .stranded(self.generation, self.stranded_after)
+            .await
+            .ok();
+        let degraded = stranded.as_ref().is_some_and(|s| s.rows > 0);
+        let status = match (ready, degraded) {
+            (false, _) => "unavailable",
+            (true, true) => "degraded",
+            (true, false) => "ok",
+        };
+        let stranded = stranded.map(|s| {
+            serde_json::json!({
+                "rows": s.rows,
+                "oldest_age_ms": s.oldest_age_ms,
+                "after_ms": u64::try_from(self.stranded_after.as_millis()).unwrap_or(u64::MAX),
+            })
+        });
         let body = serde_json::json!({
-            "status": if ready { "ok" } else { "unavailable" },
+            "status": status,
             "version": self.build.version,
             "git_sha": self.build.git_sha,
             "generation": self.generation,
@@ -983,6 +1006,7 @@ impl App {
                 "evaluation": self.evaluation.status(),
                 "outbox": self.outbox.wiring(),
                 "outbox_rows": rows,
+                "outbox_stranded": stranded,
                 "agent": self.agent.status(),
             }
         });

@@ -11,6 +11,8 @@
 //! - `records.rs`: what is stored (versions, keys, decisions, …) and the rows it decodes from;
 //! - `outbox.rs`: outbox rows and the effects a handled row commits with;
 //! - `chain.rs`: the decision records' hash chain;
+//! - `retention.rs`: stranded outbox rows, outbox pruning, and the export and prune of
+//!   decision records behind a checkpoint;
 //! - `threads.rs`: the World Agent's threads, checkpoints, event logs and rule candidates;
 //! - `dispatch.rs`: [`Store`], the enum over the backends that the service holds;
 //! - `error.rs`: [`StoreError`], and how a database error becomes one.
@@ -27,6 +29,7 @@ mod outbox;
 mod postgres;
 mod protocol;
 mod records;
+mod retention;
 mod sqlite;
 mod statements;
 mod threads;
@@ -43,6 +46,7 @@ pub use records::{
     Retirement, Scope, StatDelta, VersionRecord, VersionSummary, Webhook, WorldDetail,
     WorldSummary,
 };
+pub use retention::{ChainCheckpoint, ExportRecord, NewExport, PrunedDecisions, StrandedRows};
 pub use threads::{
     CandidateRecord, CheckpointRecord, NewCandidate, NewCheckpoint, NewThread, NewThreadEvent,
     Pruned, RecordedRun, Review, Saved, ThreadEvent, ThreadKind, ThreadRecord, Usage, Verdict,

@@ -243,10 +243,18 @@ fn run_workers(
                 runner.run(stop.clone()).await;
             }
         };
+        // Retention runs beside the consumer, on this runtime, until the consumer returns.
+        let retention_stop = stop.child_token();
+        let retention = tokio::spawn(
+            crate::outbox::Retention::new(store.clone(), &outbox, state.clone())
+                .run(retention_stop.clone()),
+        );
         let consumed = Consumer::new(store.clone(), registry, outbox, generation, state)
             .woken_in_process(woken)
             .run(stop.clone());
         let (result, ()) = tokio::join!(consumed, agent_runs);
+        retention_stop.cancel();
+        let _ = retention.await;
         store.close().await;
         result.map_err(|e| format!("the outbox consumer cannot reach the store: {e}"))
     })
@@ -383,6 +391,7 @@ pub async fn start_mode(
             &config.store,
         )
         .map_err(|e| StartError::Config(e.to_string()))?,
+        stranded_after: config.outbox.stranded_after,
     });
 
     let generated_operator_key = ensure_operator_key(&store, &config).await?;

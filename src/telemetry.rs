@@ -174,6 +174,8 @@ pub struct OutboxMetrics {
     pub oldest_pending_age: Gauge,
     /// This generation's rows by status, as the store last counted them.
     rows: IntGaugeVec,
+    /// Delivered rows removed by retention.
+    pub pruned: IntCounter,
 }
 
 impl OutboxMetrics {
@@ -393,6 +395,11 @@ impl Metrics {
                 "spectral_outbox_rows",
                 "This generation's undelivered outbox rows by status, as last counted.",
                 &["status"],
+            ),
+            pruned: counter(
+                r,
+                "spectral_outbox_pruned_total",
+                "Delivered outbox rows removed by retention, with their event_handled entries.",
             ),
         };
         // No consumer until one starts.

@@ -12,6 +12,7 @@ use super::{
     CandidateRecord, CheckpointRecord, NewCandidate, NewCheckpoint, NewThread, NewThreadEvent,
     Pruned, RecordedRun, Review, Saved, ThreadEvent, ThreadKind, ThreadRecord, Usage,
 };
+use super::{ChainCheckpoint, ExportRecord, NewExport, PrunedDecisions, StrandedRows};
 use super::{
     Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision, NewEvent, NewKey,
     NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta, StoreError,
@@ -683,5 +684,72 @@ impl Store {
     /// Delete webhook `id` of `world`; `NotFound` when the world has no such webhook.
     pub async fn delete_webhook(&self, world: &str, id: &str) -> Result<(), StoreError> {
         dispatch!(self, s => protocol::delete_webhook(s, world, id).await)
+    }
+
+    // Retention (`retention.rs`).
+
+    /// Rows of generations other than `generation` still pending or in flight that occurred
+    /// more than `after` ago: stranded, since no consumer of theirs is left to handle them.
+    pub async fn stranded(
+        &self,
+        generation: i64,
+        after: std::time::Duration,
+    ) -> Result<StrandedRows, StoreError> {
+        dispatch!(self, s => protocol::stranded(s, generation, after).await)
+    }
+
+    /// Delete at most `batch` delivered outbox rows that occurred before `before`, with their
+    /// `event_handled` entries, in one short transaction; how many rows went.
+    pub async fn prune_outbox(&self, before: DateTime<Utc>, batch: u32) -> Result<u64, StoreError> {
+        dispatch!(self, s => protocol::prune_outbox(s, before, batch).await)
+    }
+
+    /// The last link pruned from `world`'s chain, if any was.
+    pub async fn chain_checkpoint(
+        &self,
+        world: &str,
+    ) -> Result<Option<ChainCheckpoint>, StoreError> {
+        dispatch!(self, s => protocol::chain_checkpoint(s, world).await)
+    }
+
+    /// The last seq of the run of `world`'s records after `after` that were decided at or
+    /// before `until` (`after` when there is none).
+    pub async fn decisions_through(
+        &self,
+        world: &str,
+        after: u64,
+        until: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, s => protocol::decisions_through(s, world, after, until).await)
+    }
+
+    /// Record that a range of a world's chain was exported: what a prune requires.
+    pub async fn record_export(&self, export: &NewExport) -> Result<(), StoreError> {
+        dispatch!(self, s => protocol::record_export(s, export).await)
+    }
+
+    /// A world's recorded exports, oldest first.
+    pub async fn exports(&self, world: &str) -> Result<Vec<ExportRecord>, StoreError> {
+        dispatch!(self, s => protocol::exports(s, world).await)
+    }
+
+    /// The database's plans for the outbox queries `/health` runs, by query name.
+    pub async fn health_query_plans(
+        &self,
+        generation: i64,
+    ) -> Result<Vec<(&'static str, String)>, StoreError> {
+        dispatch!(self, s => protocol::health_query_plans(s, generation).await)
+    }
+
+    /// Remove `world`'s records up to `through`, keeping a checkpoint of its link; `Conflict`
+    /// unless every record from the current checkpoint to `through` was exported. Deletes
+    /// `batch` records per transaction.
+    pub async fn prune_decisions(
+        &self,
+        world: &str,
+        through: u64,
+        batch: u32,
+    ) -> Result<PrunedDecisions, StoreError> {
+        dispatch!(self, s => protocol::prune_decisions(s, world, through, batch).await)
     }
 }

@@ -24,6 +24,7 @@ use super::records::{
     DecisionRow, DeploymentRow, Json, KeyRow, ScopeList, Time, VersionModelRow, VersionRow,
     WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
 };
+use super::retention::{retention_statements, ExportRow, NewExport, RetentionSql, StrandedRows};
 use super::statements::{decision_columns, key_columns, outbox_columns, shared_statements, Sql};
 use super::threads::{
     candidate_columns, thread_columns, CandidateRow, CheckpointRow, NewCandidate, NewThread,
@@ -289,7 +290,75 @@ impl Dialect for PgStore {
     }
 
     shared_statements!();
+
+    // Retention.
+    const RETENTION: RetentionSql = RETENTION;
+
+    async fn delete_handled(tx: &mut Tx<Self>, ids: &[i64]) -> Result<u64, StoreError> {
+        let sql = "DELETE FROM core.event_handled WHERE outbox_id = ANY($1)";
+        let q = sqlx::query(sql).bind(ids);
+        Ok(q.execute(&mut **tx).await?.rows_affected())
+    }
+
+    async fn delete_outbox(tx: &mut Tx<Self>, ids: &[i64]) -> Result<u64, StoreError> {
+        let sql = "DELETE FROM core.outbox WHERE status = 'delivered' AND id = ANY($1)";
+        let q = sqlx::query(sql).bind(ids);
+        Ok(q.execute(&mut **tx).await?.rows_affected())
+    }
+
+    async fn plan(
+        &self,
+        sql: &str,
+        generation: i64,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<String, StoreError> {
+        let explain = format!("EXPLAIN {sql}");
+        let q = sqlx::query_scalar::<_, String>(&explain).bind(generation);
+        let q = match before {
+            Some(t) => q.bind(Time(t)),
+            None => q,
+        };
+        Ok(q.fetch_all(&self.pool).await?.join("\n"))
+    }
+
+    retention_statements!();
 }
+
+/// The retention statements in PostgreSQL. Outbox counts filter on `status <> 'delivered'`,
+/// the partial index's condition, so that they read the index of outstanding rows.
+const RETENTION: RetentionSql = RetentionSql {
+    stranded: "SELECT COUNT(*) AS rows,
+                      (EXTRACT(EPOCH FROM now() - MIN(occurred_at)) * 1000)::bigint
+                          AS oldest_age_ms
+               FROM core.outbox
+               WHERE status <> 'delivered' AND status <> 'failed'
+                 AND generation <> $1 AND occurred_at < $2",
+    // SKIP LOCKED: a row another transaction holds (an adoption, a replay) is left for the
+    // next batch rather than waited for.
+    prunable_outbox: "SELECT id FROM core.outbox
+                      WHERE status = 'delivered' AND occurred_at < $1
+                      ORDER BY occurred_at, id LIMIT $2
+                      FOR UPDATE SKIP LOCKED",
+    chain_checkpoint: "SELECT seq, hash FROM core.decision_checkpoints WHERE world = $1",
+    insert_chain_checkpoint: "INSERT INTO core.decision_checkpoints (world, seq, hash, pruned_at)
+                              VALUES ($1, $2, $3, $4)",
+    update_chain_checkpoint: "UPDATE core.decision_checkpoints
+                              SET seq = $2, hash = $3, pruned_at = $4 WHERE world = $1",
+    decision_hash: "SELECT hash FROM core.decisions WHERE world = $1 AND seq = $2",
+    decisions_through: "SELECT COALESCE(
+                            (SELECT MIN(seq) FROM core.decisions
+                             WHERE world = $1 AND seq > $2 AND decided_at > $3) - 1,
+                            (SELECT MAX(seq) FROM core.decisions WHERE world = $1))",
+    exported_through: "SELECT MAX(last_seq) FROM core.decision_exports
+                       WHERE world = $1 AND first_seq <= $2",
+    insert_export: "INSERT INTO core.decision_exports
+                        (world, first_seq, last_seq, last_hash, file_digest, exported_at)
+                    VALUES ($1, $2, $3, $4, $5, $6)",
+    exports: "SELECT world, first_seq, last_seq, last_hash, file_digest, exported_at
+              FROM core.decision_exports WHERE world = $1 ORDER BY id",
+    first_decision: "SELECT MIN(seq) FROM core.decisions WHERE world = $1",
+    delete_decisions: "DELETE FROM core.decisions WHERE world = $1 AND seq >= $2 AND seq <= $3",
+};
 
 /// The shared statements in PostgreSQL: every table in schema `core`; `COLLATE "C"` sorts by
 /// bytes, as SQLite does, whatever the database's locale; reads that precede a write lock

@@ -19,6 +19,10 @@ use super::records::{
     bigint, convert, now, to_i64, to_u64, DecisionRow, DeploymentRow, KeyRow, VersionModelRow,
     VersionRow, WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
 };
+use super::retention::{
+    ChainCheckpoint, ExportRecord, ExportRow, NewExport, PrunedDecisions, RetentionSql,
+    StrandedRows,
+};
 use super::statements::Sql;
 use super::threads::{
     CandidateRecord, CandidateRow, CheckpointRecord, CheckpointRow, NewCandidate, NewCheckpoint,
@@ -382,6 +386,80 @@ pub(crate) trait Dialect: Sync + Sized {
     /// cannot notify).
     async fn notify_keys(tx: &mut Tx<Self>, id: &str) -> Result<(), StoreError>;
     async fn delete_webhook(&self, world: &str, id: &str) -> Result<u64, StoreError>;
+
+    // Retention (`retention.rs`).
+    /// The text of the retention statements whose Rust side both dialects share.
+    const RETENTION: RetentionSql;
+    /// Rows of other generations pending or in flight that occurred before `before`.
+    async fn stranded(
+        &self,
+        generation: i64,
+        before: DateTime<Utc>,
+    ) -> Result<StrandedRows, StoreError>;
+    /// Delivered rows that occurred before `before`, oldest first, at most `limit`.
+    async fn prunable_outbox(
+        tx: &mut Tx<Self>,
+        before: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<i64>, StoreError>;
+    /// Delete the `event_handled` entries written by the rows `ids`; how many.
+    async fn delete_handled(tx: &mut Tx<Self>, ids: &[i64]) -> Result<u64, StoreError>;
+    /// Delete the delivered rows among `ids`; how many.
+    async fn delete_outbox(tx: &mut Tx<Self>, ids: &[i64]) -> Result<u64, StoreError>;
+    async fn chain_checkpoint(
+        tx: &mut Tx<Self>,
+        world: &str,
+    ) -> Result<Option<(i64, String)>, StoreError>;
+    /// Insert (`first`) or advance the world's checkpoint.
+    async fn set_chain_checkpoint(
+        tx: &mut Tx<Self>,
+        world: &str,
+        seq: i64,
+        hash: &str,
+        at: DateTime<Utc>,
+        first: bool,
+    ) -> Result<(), StoreError>;
+    async fn decision_hash(
+        tx: &mut Tx<Self>,
+        world: &str,
+        seq: i64,
+    ) -> Result<Option<String>, StoreError>;
+    /// The last seq of the run of records after `after` decided at or before `until`.
+    async fn decisions_through(
+        tx: &mut Tx<Self>,
+        world: &str,
+        after: i64,
+        until: DateTime<Utc>,
+    ) -> Result<Option<i64>, StoreError>;
+    /// How far exports that start at or before `from` reach.
+    async fn exported_through(
+        tx: &mut Tx<Self>,
+        world: &str,
+        from: i64,
+    ) -> Result<Option<i64>, StoreError>;
+    async fn insert_export(
+        &self,
+        export: &NewExport,
+        first: i64,
+        last: i64,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    async fn exports(&self, world: &str) -> Result<Vec<ExportRow>, StoreError>;
+    async fn first_decision(tx: &mut Tx<Self>, world: &str) -> Result<Option<i64>, StoreError>;
+    async fn delete_decisions(
+        tx: &mut Tx<Self>,
+        world: &str,
+        from: i64,
+        through: i64,
+    ) -> Result<u64, StoreError>;
+    /// The database's plan for `sql`, bound with `generation` and, when the statement takes
+    /// it, `before`, one line per step.
+    async fn plan(
+        &self,
+        sql: &str,
+        generation: i64,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<String, StoreError>;
 }
 
 fn generation<D: Dialect>(db: &D) -> i64 {
@@ -1438,4 +1516,178 @@ pub(crate) async fn delete_webhook<D: Dialect>(
         )));
     }
     Ok(())
+}
+
+// Retention (`retention.rs`): stranded rows, pruning delivered outbox rows, and the export and
+// prune of decision records.
+
+/// Rows of other generations pending or in flight for longer than `after`.
+pub(crate) async fn stranded<D: Dialect>(
+    db: &D,
+    generation: i64,
+    after: std::time::Duration,
+) -> Result<StrandedRows, StoreError> {
+    let before = chrono::Duration::from_std(after)
+        .ok()
+        .and_then(|after| now().checked_sub_signed(after))
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
+    db.stranded(generation, before).await
+}
+
+/// Delete at most `batch` delivered rows that occurred before `before`, with their
+/// `event_handled` entries, in one short transaction; how many rows. A row is either gone with
+/// its entries or kept with them, so a handler never sees a row it handled as new.
+pub(crate) async fn prune_outbox<D: Dialect>(
+    db: &D,
+    before: DateTime<Utc>,
+    batch: u32,
+) -> Result<u64, StoreError> {
+    let mut tx = db.begin_write().await?;
+    let ids = D::prunable_outbox(&mut tx, before, i64::from(batch.max(1))).await?;
+    if ids.is_empty() {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    D::delete_handled(&mut tx, &ids).await?;
+    let removed = D::delete_outbox(&mut tx, &ids).await?;
+    tx.commit().await?;
+    Ok(removed)
+}
+
+pub(crate) async fn chain_checkpoint<D: Dialect>(
+    db: &D,
+    world: &str,
+) -> Result<Option<ChainCheckpoint>, StoreError> {
+    let mut tx = db.begin_read().await?;
+    let checkpoint = D::chain_checkpoint(&mut tx, world).await?;
+    tx.commit().await?;
+    checkpoint
+        .map(|(seq, hash)| {
+            Ok(ChainCheckpoint {
+                seq: to_u64(seq, "checkpoint seq")?,
+                hash,
+            })
+        })
+        .transpose()
+}
+
+/// The last seq of the run of `world`'s records after `after` decided at or before `until`;
+/// `after` itself when there is none.
+pub(crate) async fn decisions_through<D: Dialect>(
+    db: &D,
+    world: &str,
+    after: u64,
+    until: DateTime<Utc>,
+) -> Result<u64, StoreError> {
+    let after_i = bigint(after, "seq")?;
+    let mut tx = db.begin_read().await?;
+    let through = D::decisions_through(&mut tx, world, after_i, until).await?;
+    tx.commit().await?;
+    match through {
+        Some(t) if t > after_i => to_u64(t, "seq"),
+        _ => Ok(after),
+    }
+}
+
+pub(crate) async fn record_export<D: Dialect>(
+    db: &D,
+    export: &NewExport,
+) -> Result<(), StoreError> {
+    let first = bigint(export.first_seq, "first_seq")?;
+    let last = bigint(export.last_seq, "last_seq")?;
+    db.insert_export(export, first, last, now()).await
+}
+
+pub(crate) async fn exports<D: Dialect>(
+    db: &D,
+    world: &str,
+) -> Result<Vec<ExportRecord>, StoreError> {
+    convert(db.exports(world).await?)
+}
+
+/// Remove `world`'s records up to `through`, which must all have been exported: first the
+/// checkpoint moves to record `through` (refused unless an export covers every record from the
+/// current checkpoint to it), then the records at or below it go, `batch` per transaction. A
+/// prune cut short leaves records at or below the checkpoint that verification skips and the
+/// next prune removes.
+pub(crate) async fn prune_decisions<D: Dialect>(
+    db: &D,
+    world: &str,
+    through: u64,
+    batch: u32,
+) -> Result<PrunedDecisions, StoreError> {
+    let through_i = bigint(through, "seq")?;
+    let mut tx = db.begin_write().await?;
+    // Prunes of one world run one at a time (the chain head's lock); appends wait only for
+    // this short transaction.
+    D::lock_chain_head(&mut tx, world).await?;
+    let current = D::chain_checkpoint(&mut tx, world).await?;
+    let (checkpoint, hash) = match &current {
+        Some((seq, hash)) if *seq >= through_i => (*seq, hash.clone()),
+        _ => {
+            let from = current.as_ref().map_or(1, |(seq, _)| seq + 1);
+            let exported = D::exported_through(&mut tx, world, from).await?;
+            if exported.is_none_or(|e| e < through_i) {
+                let reach = match exported {
+                    Some(e) if e >= from => format!("exports reach record {e}"),
+                    _ => format!("no export starts at or before record {from}"),
+                };
+                return Err(StoreError::Conflict(format!(
+                    "records {from} to {through} of world '{world}' were not all exported \
+                     ({reach}); export them with `spectral audit export` first"
+                )));
+            }
+            let hash = D::decision_hash(&mut tx, world, through_i)
+                .await?
+                .ok_or_else(|| {
+                    StoreError::NotFound(format!("record {through} of world '{world}'"))
+                })?;
+            D::set_chain_checkpoint(&mut tx, world, through_i, &hash, now(), current.is_none())
+                .await?;
+            (through_i, hash)
+        }
+    };
+    tx.commit().await?;
+    let batch = i64::from(batch.max(1));
+    let mut removed = 0;
+    loop {
+        let mut tx = db.begin_write().await?;
+        let Some(first) = D::first_decision(&mut tx, world).await? else {
+            tx.rollback().await?;
+            break;
+        };
+        if first > checkpoint {
+            tx.rollback().await?;
+            break;
+        }
+        let last = first.saturating_add(batch - 1).min(checkpoint);
+        removed += D::delete_decisions(&mut tx, world, first, last).await?;
+        tx.commit().await?;
+    }
+    Ok(PrunedDecisions {
+        checkpoint: ChainCheckpoint {
+            seq: to_u64(checkpoint, "checkpoint seq")?,
+            hash,
+        },
+        removed,
+    })
+}
+
+/// The plans of the queries `/health` runs on the outbox, by name: what an operator (and the
+/// test suite) checks to see that they read an index, not the table.
+pub(crate) async fn health_query_plans<D: Dialect>(
+    db: &D,
+    generation: i64,
+) -> Result<Vec<(&'static str, String)>, StoreError> {
+    Ok(vec![
+        (
+            "outbox_counts",
+            db.plan(D::SQL.outbox_counts, generation, None).await?,
+        ),
+        (
+            "stranded",
+            db.plan(D::RETENTION.stranded, generation, Some(now()))
+                .await?,
+        ),
+    ])
 }

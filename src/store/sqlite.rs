@@ -28,6 +28,7 @@ use super::records::{
     from_micros, DecisionRow, DeploymentRow, Json, KeyRow, ScopeList, Time, VersionModelRow,
     VersionRow, WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
 };
+use super::retention::{retention_statements, ExportRow, NewExport, RetentionSql, StrandedRows};
 use super::statements::{decision_columns, key_columns, outbox_columns, shared_statements, Sql};
 use super::threads::{
     candidate_columns, thread_columns, CandidateRow, CheckpointRow, NewCandidate, NewThread,
@@ -277,7 +278,86 @@ impl Dialect for SqliteStore {
     }
 
     shared_statements!();
+
+    // Retention.
+    const RETENTION: RetentionSql = RETENTION;
+
+    async fn delete_handled(tx: &mut Tx<Self>, ids: &[i64]) -> Result<u64, StoreError> {
+        // No arrays to bind: the ids go as one JSON array.
+        let sql = "DELETE FROM event_handled
+                   WHERE outbox_id IN (SELECT value FROM json_each(?1))";
+        let q = sqlx::query(sql).bind(json_ids(ids)?);
+        Ok(q.execute(&mut **tx).await?.rows_affected())
+    }
+
+    async fn delete_outbox(tx: &mut Tx<Self>, ids: &[i64]) -> Result<u64, StoreError> {
+        let sql = "DELETE FROM outbox
+                   WHERE status = 'delivered' AND id IN (SELECT value FROM json_each(?1))";
+        let q = sqlx::query(sql).bind(json_ids(ids)?);
+        Ok(q.execute(&mut **tx).await?.rows_affected())
+    }
+
+    async fn plan(
+        &self,
+        sql: &str,
+        generation: i64,
+        before: Option<DateTime<Utc>>,
+    ) -> Result<String, StoreError> {
+        let explain = format!("EXPLAIN QUERY PLAN {sql}");
+        let q = sqlx::query_as::<_, (i64, i64, i64, String)>(&explain).bind(generation);
+        let q = match before {
+            Some(t) => q.bind(Time(t)),
+            None => q,
+        };
+        let rows = q.fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(_, _, _, detail)| detail)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
+    retention_statements!();
 }
+
+/// Row ids as the JSON array `json_each` reads.
+fn json_ids(ids: &[i64]) -> Result<String, StoreError> {
+    serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(format!("row ids: {e}")))
+}
+
+/// The retention statements in SQLite. Each query that counts outbox rows repeats the partial
+/// index's own condition (`status <> 'delivered'`): SQLite uses a partial index only for a
+/// query whose WHERE clause contains that term.
+const RETENTION: RetentionSql = RetentionSql {
+    stranded: "SELECT COUNT(*) AS rows,
+                      CAST(unixepoch('subsec') * 1000 AS INTEGER) - MIN(occurred_at) / 1000
+                          AS oldest_age_ms
+               FROM outbox
+               WHERE status <> 'delivered' AND status <> 'failed'
+                 AND generation <> ?1 AND occurred_at < ?2",
+    prunable_outbox: "SELECT id FROM outbox
+                      WHERE status = 'delivered' AND occurred_at < ?1
+                      ORDER BY occurred_at, id LIMIT ?2",
+    chain_checkpoint: "SELECT seq, hash FROM decision_checkpoints WHERE world = ?1",
+    insert_chain_checkpoint: "INSERT INTO decision_checkpoints (world, seq, hash, pruned_at)
+                              VALUES (?1, ?2, ?3, ?4)",
+    update_chain_checkpoint: "UPDATE decision_checkpoints SET seq = ?2, hash = ?3, pruned_at = ?4
+                              WHERE world = ?1",
+    decision_hash: "SELECT hash FROM decisions WHERE world = ?1 AND seq = ?2",
+    decisions_through: "SELECT COALESCE(
+                            (SELECT MIN(seq) FROM decisions
+                             WHERE world = ?1 AND seq > ?2 AND decided_at > ?3) - 1,
+                            (SELECT MAX(seq) FROM decisions WHERE world = ?1))",
+    exported_through: "SELECT MAX(last_seq) FROM decision_exports
+                       WHERE world = ?1 AND first_seq <= ?2",
+    insert_export: "INSERT INTO decision_exports
+                        (world, first_seq, last_seq, last_hash, file_digest, exported_at)
+                    VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    exports: "SELECT world, first_seq, last_seq, last_hash, file_digest, exported_at
+              FROM decision_exports WHERE world = ?1 ORDER BY id",
+    first_decision: "SELECT MIN(seq) FROM decisions WHERE world = ?1",
+    delete_decisions: "DELETE FROM decisions WHERE world = ?1 AND seq >= ?2 AND seq <= ?3",
+};
 
 /// The shared statements in SQLite. The write transaction (`BEGIN IMMEDIATE`) already holds
 /// the database's lock, so reads that precede a write need no lock of their own.
