@@ -361,7 +361,11 @@ async fn the_outbox_listens_through_a_session_pooler_and_reconnects_after_it_res
     until_effects(&producer, 1).await;
 
     let listening = listen_backends(db.postgres_url().expect("url")).await;
-    assert_eq!(listening.len(), 1, "one LISTEN session behind the bouncer: {listening:?}");
+    assert_eq!(
+        listening.len(),
+        1,
+        "one LISTEN session behind the bouncer: {listening:?}"
+    );
 
     // Every connection through the bouncer dies with it, the listening one included; Postgres
     // sees its server sessions end. Once it is back, the consumer listens again: a new
@@ -387,7 +391,9 @@ async fn the_outbox_listens_through_a_session_pooler_and_reconnects_after_it_res
         .expect("enqueue after the restart");
     until_effects(&producer_after, 2).await;
     stop.cancel();
-    task.await.expect("consumer task").expect("the consumer ran");
+    task.await
+        .expect("consumer task")
+        .expect("the consumer ran");
 }
 
 /// In transaction mode the store refuses to start and says why: the pooler hands session

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use sqlx::Connection;
 use spectral::store::{Store, StoreConfig};
+use sqlx::Connection;
 
 use crate::app::{test_config, Backend, Db, TestApp};
 
@@ -38,7 +38,9 @@ fn pki(name: &str) -> Pki {
     params
         .distinguished_name
         .push(DnType::CommonName, "127.0.0.1");
-    let cert = params.signed_by(&key, &ca, &ca_key).expect("server certificate");
+    let cert = params
+        .signed_by(&key, &ca, &ca_key)
+        .expect("server certificate");
     Pki {
         ca_pem: ca.pem(),
         server_pem: cert.pem(),
@@ -62,11 +64,17 @@ fn pg(program: &str, args: &[&str]) -> std::process::Output {
     } else {
         Command::new(&binary)
     };
-    cmd.args(args).output().unwrap_or_else(|e| panic!("run {binary}: {e}"))
+    cmd.args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {binary}: {e}"))
 }
 
 fn own_for_postgres(path: &Path) {
-    let _ = Command::new("chown").arg("-R").arg("postgres:").arg(path).status();
+    let _ = Command::new("chown")
+        .arg("-R")
+        .arg("postgres:")
+        .arg(path)
+        .status();
 }
 
 /// A PostgreSQL instance of the test's own with TLS on, stopped and removed on drop.
@@ -87,7 +95,16 @@ impl TlsServer {
         let data_s = data.to_str().expect("utf-8 path");
         let out = pg(
             "initdb",
-            &["-D", data_s, "--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8"],
+            &[
+                "-D",
+                data_s,
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
         );
         assert!(
             out.status.success(),
@@ -145,7 +162,10 @@ impl TlsServer {
 
     /// The URL of database `postgres` on this server with `params` as its query.
     fn url(&self, params: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres?{params}", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?{params}",
+            self.port
+        )
     }
 
     fn verify_full(&self, ca: &Path) -> String {
@@ -194,7 +214,11 @@ async fn the_service_reaches_postgres_over_verified_tls() {
         .await
         .expect("pid");
     let (mine, service): (Vec<_>, Vec<_>) = sessions.into_iter().partition(|(p, _)| *p == own);
-    assert_eq!(mine, vec![(own, false)], "the probe sees a plain session as plain");
+    assert_eq!(
+        mine,
+        vec![(own, false)],
+        "the probe sees a plain session as plain"
+    );
     assert!(!service.is_empty(), "the service holds no session");
     assert!(
         service.iter().all(|(_, ssl)| *ssl),
