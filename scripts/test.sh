@@ -19,6 +19,18 @@ if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -h 127.0.0.1 -p 5432 -q
     fi
 fi
 
+# The production DSN's path (tests/it/pooler.rs, tests/it/tls.rs): a real PgBouncer, which
+# each pooler test starts itself, and PostgreSQL's initdb/pg_ctl for the TLS server the TLS
+# tests start. Installed from the distribution when missing.
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+    echo "installing pgbouncer"
+    sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+    sudo_if_needed apt-get update -qq
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer
+    # The package's own instance is not the tests' (they start theirs on free ports).
+    sudo_if_needed systemctl disable --now pgbouncer >/dev/null 2>&1 || true
+fi
+
 # The OpenAPI test validates documents with a real validator from PyPI, and tests them
 # against the running service with schemathesis; the MCP tests drive the server with the
 # official Python MCP SDK.
@@ -67,3 +79,35 @@ actionlint && echo "actionlint: .github/workflows ok"
 )
 
 cargo test --locked "$@"
+
+# Fuzzing (fuzz/): each coverage-guided target runs for a bounded time on every run, from its
+# seed corpus (fuzz/seeds, written again first from the example worlds and the hostile suite
+# by a target started with SPECTRAL_FUZZ_WRITE_SEEDS=1) and what earlier runs found
+# (fuzz/corpus, not committed). A crash fails the run and leaves its input in
+# fuzz/artifacts/<target>/; it then becomes a regression test in tests/it/fuzzed.rs.
+# SPECTRAL_FUZZ_SECONDS=0 skips this step (for a quick local run); the default is 25 s each.
+fuzz_seconds="${SPECTRAL_FUZZ_SECONDS:-25}"
+if [ "$#" -eq 0 ] && [ "$fuzz_seconds" != 0 ]; then
+    if ! rustup toolchain list | grep -q '^nightly'; then
+        rustup toolchain install nightly --profile minimal
+    fi
+    if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+        echo "installing cargo-fuzz"
+        cargo install --locked cargo-fuzz
+    fi
+    SPECTRAL_FUZZ_WRITE_SEEDS=1 cargo +nightly fuzz run -O decide_body >/dev/null
+    for target in decide_body draft_world world_toml predicate; do
+        mkdir -p "fuzz/corpus/$target"
+        echo "fuzzing $target for ${fuzz_seconds}s"
+        status=0
+        cargo +nightly fuzz run -O "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" \
+            -- -max_total_time="$fuzz_seconds" -rss_limit_mb=4096 -timeout=10 \
+            >"fuzz/$target.log" 2>&1 || status=$?
+        grep -E '^(INFO: seed corpus|#[0-9]+ +DONE|Done [0-9]+ runs)' "fuzz/$target.log" || true
+        if [ "$status" -ne 0 ]; then
+            tail -n 60 "fuzz/$target.log"
+            echo "fuzz target $target failed (input in fuzz/artifacts/$target/)" >&2
+            exit "$status"
+        fi
+    done
+fi

@@ -50,6 +50,23 @@ pub(super) const DEPLOYMENTS_CHANNEL: &str = "spectral_deployments";
 /// The channel revocations and rotations notify on commit; the payload is the key's id.
 pub(super) const KEYS_CHANNEL: &str = "spectral_keys";
 
+/// The backend's process id, as text (the simple query protocol's format).
+const BACKEND_PID: &str = "SELECT pg_backend_pid()::text";
+
+/// Two sessions of this service were served by one Postgres process: the DSN leads to a
+/// pooler in transaction or statement mode.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the database URL leads to a connection pooler in transaction or statement mode (two \
+     sessions were served by one server process, pid {pid}); Spectral needs session mode: \
+     set the pooler's pool_mode = session (Supabase: the session pooler, port 5432) or \
+     connect to Postgres directly"
+)]
+pub struct TransactionPooler {
+    /// The server process both sessions reached.
+    pub pid: String,
+}
+
 /// The Postgres backend: a pool over one database.
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -60,7 +77,38 @@ pub struct PgStore {
 impl PgStore {
     /// Connect to `url`; fails when the database cannot be reached.
     pub(super) async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        Self::pool(url.parse()?, max_connections, Arc::default()).await
+        let store = Self::pool(url.parse()?, max_connections, Arc::default()).await?;
+        store.refuse_transaction_pooling().await?;
+        Ok(store)
+    }
+
+    /// Refuse a DSN that leads to a pooler in transaction (or statement) mode, such as
+    /// PgBouncer's `pool_mode = transaction` or Supabase's port 6543: the store needs session
+    /// state (named prepared statements, `LISTEN`, sqlx's migration lock), which such a
+    /// pooler hands to whichever client runs next, so the service would fail later and
+    /// obscurely. Two sessions held open at once never share a server process unless a
+    /// pooler multiplexes them; a transaction-mode pooler hands the second the process the
+    /// first has just released. The probe runs over the simple query protocol, which leaves
+    /// no prepared statement behind on the shared process.
+    async fn refuse_transaction_pooling(&self) -> Result<(), StoreError> {
+        let probe = PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with((*self.pool.connect_options()).clone())
+            .await?;
+        let mut first = probe.acquire().await?;
+        let mut second = probe.acquire().await?;
+        let pid = |row: sqlx::postgres::PgRow| -> Result<String, StoreError> {
+            use sqlx::Row;
+            Ok(row.try_get::<String, _>(0)?)
+        };
+        let a = pid(sqlx::raw_sql(BACKEND_PID).fetch_one(&mut *first).await?)?;
+        let b = pid(sqlx::raw_sql(BACKEND_PID).fetch_one(&mut *second).await?)?;
+        drop((first, second));
+        probe.close().await;
+        if a == b {
+            return Err(StoreError::Database(Box::new(TransactionPooler { pid: a })));
+        }
+        Ok(())
     }
 
     /// The decision-log writer's store: one connection of its own, opened by the caller (on
