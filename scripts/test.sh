@@ -80,34 +80,3 @@ actionlint && echo "actionlint: .github/workflows ok"
 
 cargo test --locked "$@"
 
-# Fuzzing (fuzz/): each coverage-guided target runs for a bounded time on every run, from its
-# seed corpus (fuzz/seeds, written again first from the example worlds and the hostile suite
-# by a target started with SPECTRAL_FUZZ_WRITE_SEEDS=1) and what earlier runs found
-# (fuzz/corpus, not committed). A crash fails the run and leaves its input in
-# fuzz/artifacts/<target>/; it then becomes a regression test in tests/it/fuzzed.rs.
-# SPECTRAL_FUZZ_SECONDS=0 skips this step (for a quick local run); the default is 25 s each.
-fuzz_seconds="${SPECTRAL_FUZZ_SECONDS:-25}"
-if [ "$#" -eq 0 ] && [ "$fuzz_seconds" != 0 ]; then
-    if ! rustup toolchain list | grep -q '^nightly'; then
-        rustup toolchain install nightly --profile minimal
-    fi
-    if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-        echo "installing cargo-fuzz"
-        cargo install --locked cargo-fuzz
-    fi
-    SPECTRAL_FUZZ_WRITE_SEEDS=1 cargo +nightly fuzz run -O decide_body >/dev/null
-    for target in decide_body draft_world world_toml predicate; do
-        mkdir -p "fuzz/corpus/$target"
-        echo "fuzzing $target for ${fuzz_seconds}s"
-        status=0
-        cargo +nightly fuzz run -O "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" \
-            -- -max_total_time="$fuzz_seconds" -rss_limit_mb=4096 -timeout=10 \
-            >"fuzz/$target.log" 2>&1 || status=$?
-        grep -E '^(INFO: seed corpus|#[0-9]+ +DONE|Done [0-9]+ runs)' "fuzz/$target.log" || true
-        if [ "$status" -ne 0 ]; then
-            tail -n 60 "fuzz/$target.log"
-            echo "fuzz target $target failed (input in fuzz/artifacts/$target/)" >&2
-            exit "$status"
-        fi
-    done
-fi
