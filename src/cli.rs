@@ -709,9 +709,14 @@ async fn audit_store(store: &Store, command: AuditCommand) -> anyhow::Result<Exi
                     Ok(ExitCode::SUCCESS)
                 }
                 Some(b) => {
+                    let decision = if b.decision_id.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (decision {})", b.decision_id)
+                    };
                     println!(
-                        "{world}: chain broken at record {} (decision {}): {}",
-                        b.seq, b.decision_id, b.reason
+                        "{world}: chain broken at record {}{decision}: {}",
+                        b.seq, b.reason
                     );
                     Ok(ExitCode::from(1))
                 }

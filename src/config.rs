@@ -447,6 +447,9 @@ pub struct AgentConfig {
     pub chat_history: usize,
     /// Agent event streams open at once in one API process (`SPECTRAL_AGENT_MAX_STREAMS`).
     pub max_streams: usize,
+    /// Wake streams by Postgres notifications of new thread events (`SPECTRAL_AGENT_LISTEN`);
+    /// without them a stream looks at the store every 100 ms.
+    pub listen: bool,
 }
 
 impl Default for AgentConfig {
@@ -476,6 +479,7 @@ impl Default for AgentConfig {
             retention: Duration::from_secs(30 * 86_400),
             chat_history: 40,
             max_streams: 256,
+            listen: true,
         }
     }
 }
@@ -1141,6 +1145,7 @@ impl Config {
             &mut a.max_streams,
             1..=100_000,
         )?;
+        v.flag("SPECTRAL_AGENT_LISTEN", &mut a.listen)?;
 
         let l = &mut c.log;
         match v.get("SPECTRAL_LOG_FORMAT").map(str::trim) {

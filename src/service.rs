@@ -312,6 +312,8 @@ pub struct AgentState {
     pub health: Arc<crate::agent::runner::AgentHealth>,
     /// Event streams open at once (`SPECTRAL_AGENT_MAX_STREAMS`); more are answered 503.
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// What wakes the streams when another process writes their thread.
+    pub wakes: Arc<agent::StreamWakes>,
 }
 
 impl AgentState {

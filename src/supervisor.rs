@@ -385,6 +385,7 @@ pub async fn start_mode(
             config: config.agent.clone(),
             health: agent_health,
             streams: Arc::new(tokio::sync::Semaphore::new(config.agent.max_streams)),
+            wakes: Arc::default(),
         },
         webhook_seal: crate::seal::Sealer::for_store(
             config.outbox.webhook_secret_key.as_ref(),
@@ -411,6 +412,11 @@ pub async fn start_mode(
     tasks.spawn(cache.clone().watch(notifications, stop.child_token()));
     let key_changes = app.keys.listen().await;
     tasks.spawn(app.keys.watch(key_changes, stop.child_token()));
+    tasks.spawn(app.agent.wakes.clone().watch(
+        store.clone(),
+        config.agent.listen,
+        stop.child_token(),
+    ));
     let grace = config.server.shutdown_grace;
     let reserve = reserve(grace);
     tasks.spawn(crate::http::serve(

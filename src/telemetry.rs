@@ -209,6 +209,9 @@ pub struct AgentMetrics {
     pub call_seconds: prometheus::CounterVec,
     /// Runs ended, by world and final status.
     pub runs: IntCounterVec,
+    /// What woke an agent event stream to look at the store: `notification` (Postgres, a
+    /// thread event committed by any process), `commit` (one of this process's), or `poll`.
+    pub stream_wakes: IntCounterVec,
 }
 
 impl AgentMetrics {
@@ -241,6 +244,12 @@ impl AgentMetrics {
                 "spectral_agent_runs_total",
                 "World Agent threads ended (runs) or turns answered (chats), by world and status.",
                 &["world", "status"],
+            ),
+            stream_wakes: counter_vec(
+                r,
+                "spectral_agent_stream_wakes_total",
+                "Agent event streams woken to read their thread, by cause (notification, commit, poll).",
+                &["by"],
             ),
         }
     }

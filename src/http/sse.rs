@@ -2,8 +2,9 @@
 //! event with its `seq` as its SSE `id`, so a client that reconnects with `Last-Event-ID`
 //! gets exactly the events after the last one it saw (docs/agent.md, "Streams"). The stream
 //! reads the store, not the worker, so it works with the API and the workers in separate
-//! processes; it is woken by this process's commits and otherwise looks again after a short
-//! wait. A stream ends when what it follows has: a chat turn's `turn_finished`, or a run's end.
+//! processes; it is woken by this process's commits, on Postgres by the notification every
+//! committed thread event sends (`service::agent::StreamWakes`), and otherwise looks again
+//! after a short wait. A stream ends when what it follows has: a chat turn's `turn_finished`, or a run's end.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,8 +18,10 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{mcp::Out, HttpError};
+use crate::service::agent::EVERY_THREAD;
 use crate::service::{App, ServiceError};
 use crate::store::{ThreadEvent, ThreadRecord, RUNNING};
+use tokio::sync::broadcast::error::RecvError;
 
 /// What ends a stream.
 #[derive(Debug, Clone, Copy)]
@@ -69,11 +72,15 @@ struct Follow {
     done: bool,
     deadline: tokio::time::Instant,
     quiet_since: tokio::time::Instant,
+    wakes: tokio::sync::broadcast::Receiver<Arc<str>>,
     _permit: OwnedSemaphorePermit,
 }
 
-/// How long a stream waits between looks at the store when nothing woke it.
+/// How long a stream waits between looks at the store when nothing woke it and no
+/// notifications arrive (SQLite, or the Postgres listener is off or down).
 const POLL: Duration = Duration::from_millis(100);
+/// The same while notifications arrive: a safety net only.
+const POLL_LISTENING: Duration = Duration::from_secs(1);
 /// A comment line sent after this much silence, so that proxies keep the stream open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -135,7 +142,32 @@ impl Follow {
                 self.quiet_since = tokio::time::Instant::now();
                 return Some(Bytes::from_static(b": keep-alive\n\n"));
             }
-            let _ = tokio::time::timeout(POLL, wake).await;
+            let listening = self.app.agent.wakes.listening();
+            let poll = if listening { POLL_LISTENING } else { POLL };
+            let thread: &str = &self.thread.id;
+            let wakes = &mut self.wakes;
+            let notified = async {
+                loop {
+                    match wakes.recv().await {
+                        Ok(t) if &*t == thread || &*t == EVERY_THREAD => return,
+                        Ok(_) => {}
+                        // Fell behind: whatever was missed may have been ours.
+                        Err(RecvError::Lagged(_)) => return,
+                        Err(RecvError::Closed) => std::future::pending::<()>().await,
+                    }
+                }
+            };
+            let by = tokio::select! {
+                _ = wake => "commit",
+                _ = notified => "notification",
+                _ = tokio::time::sleep(poll) => "poll",
+            };
+            self.app
+                .metrics
+                .agent
+                .stream_wakes
+                .with_label_values(&[by])
+                .inc();
         }
     }
 }
@@ -155,7 +187,7 @@ pub(super) fn respond(
     let lifetime = app.agent.config.max_run_time + Duration::from_secs(60);
     let now = tokio::time::Instant::now();
     let follow = Follow {
-        app,
+        app: app.clone(),
         thread,
         after,
         until,
@@ -163,6 +195,7 @@ pub(super) fn respond(
         done: false,
         deadline: now + lifetime,
         quiet_since: now,
+        wakes: app.agent.wakes.subscribe(),
         _permit: permit,
     };
     // The stream runs as a task of its own feeding the body; a client that goes away ends it

@@ -481,3 +481,106 @@ impl App {
         serde_json::to_value(&model).map_err(|e| ServiceError::Internal(e.to_string()))
     }
 }
+
+/// A wake sent to every stream of the process, not one thread's: the listener came up or was
+/// lost, so notifications may have been missed.
+pub const EVERY_THREAD: &str = "*";
+
+/// What wakes this process's agent event streams besides its own commits: on Postgres, the
+/// notification each committed thread event and status change sends (payload: the thread's
+/// id), so that a stream follows a thread that another process advances at once. A latency
+/// hint only; streams look at the store as well, more often while nobody listens.
+pub struct StreamWakes {
+    tx: tokio::sync::broadcast::Sender<std::sync::Arc<str>>,
+    listening: std::sync::atomic::AtomicBool,
+}
+
+/// Notifications buffered per stream; a stream that falls further behind looks at once.
+const WAKES_BUFFERED: usize = 1024;
+/// A quiet listening connection is pinged this often, so that a dead one is noticed.
+const LISTENER_PING: std::time::Duration = std::time::Duration::from_secs(15);
+
+impl Default for StreamWakes {
+    fn default() -> Self {
+        let (tx, _) = tokio::sync::broadcast::channel(WAKES_BUFFERED);
+        Self {
+            tx,
+            listening: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl StreamWakes {
+    /// Wakes from now on: subscribed before a stream's first look, so none is missed.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<std::sync::Arc<str>> {
+        self.tx.subscribe()
+    }
+
+    /// Whether notifications are arriving (a listener is up).
+    pub fn listening(&self) -> bool {
+        self.listening.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set_listening(&self, yes: bool) {
+        self.listening
+            .store(yes, std::sync::atomic::Ordering::Release);
+        // Either way, what was sent while nobody listened has to be read.
+        let _ = self.tx.send(EVERY_THREAD.into());
+    }
+
+    /// Pass notifications on to the streams until `stop`; listen again with backoff when the
+    /// listener is lost. Returns at once on SQLite or when listening is off.
+    pub async fn watch(
+        self: std::sync::Arc<Self>,
+        store: crate::store::Store,
+        enabled: bool,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        if !enabled || store.backend() != crate::store::Backend::Postgres {
+            return;
+        }
+        let mut backoff = std::time::Duration::from_millis(250);
+        loop {
+            let mut listener = match store.listen_agent().await {
+                Ok(Some(l)) => l,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for agent thread events; streams poll the store");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                    continue;
+                }
+            };
+            backoff = std::time::Duration::from_millis(250);
+            self.set_listening(true);
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => {
+                        self.set_listening(false);
+                        return;
+                    }
+                    next = tokio::time::timeout(LISTENER_PING, listener.next()) => next,
+                };
+                match next {
+                    Ok(Ok(thread)) => {
+                        let _ = self.tx.send(thread.into());
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "lost the agent events listener; listening again");
+                        break;
+                    }
+                    Err(_) => {
+                        if let Err(e) = listener.ping().await {
+                            tracing::warn!(error = %e, "the agent events listener is dead; listening again");
+                            break;
+                        }
+                    }
+                }
+            }
+            self.set_listening(false);
+        }
+    }
+}

@@ -36,6 +36,7 @@ pub struct Verification {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BrokenLink {
     pub seq: u64,
+    /// The record found there; empty when the chain ends before it (truncated).
     pub decision_id: String,
     pub reason: String,
 }
@@ -118,7 +119,14 @@ pub struct FileVerification {
 }
 
 /// Walk a world's chain from its checkpoint (or its first record, when nothing was pruned).
+///
+/// The walk is also held against the chain's head, which the writer keeps apart from the
+/// records: a chain that ends before its head, or whose record at the head's seq is not the
+/// head's, lost its newest records (records written after the head was read are walked too,
+/// and are checked like the rest).
 pub async fn verify(store: &Store, world: &str) -> Result<Verification, StoreError> {
+    // Read before the walk: the head only moves forward, so every record it names exists.
+    let head = store.chain_head(world).await?;
     let checkpoint = store.chain_checkpoint(world).await?;
     let pruned_through = checkpoint.as_ref().map(|c| c.seq);
     let (mut expected_seq, mut prev_hash) =
@@ -139,14 +147,39 @@ pub async fn verify(store: &Store, world: &str) -> Result<Verification, StoreErr
                     pruned_through,
                 });
             }
+            if let Some(h) = head.as_ref().filter(|h| h.seq == r.seq && h.hash != r.hash) {
+                let reason = format!(
+                    "the chain head records hash {} for record {}, the record has {}",
+                    h.hash, h.seq, r.hash
+                );
+                return Ok(Verification {
+                    world: world.to_string(),
+                    records,
+                    broken: Some(BrokenLink {
+                        seq: r.seq,
+                        decision_id: r.decision.decision_id.clone(),
+                        reason,
+                    }),
+                    pruned_through,
+                });
+            }
             prev_hash = r.hash;
             expected_seq += 1;
         }
     }
+    let last = expected_seq - 1;
+    let truncated = head.filter(|h| h.seq > last).map(|h| BrokenLink {
+        seq: last + 1,
+        decision_id: String::new(),
+        reason: format!(
+            "the chain ends at record {last} but its head is record {}: the newest records were removed",
+            h.seq
+        ),
+    });
     Ok(Verification {
         world: world.to_string(),
         records,
-        broken: None,
+        broken: truncated,
         pruned_through,
     })
 }

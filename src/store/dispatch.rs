@@ -66,8 +66,9 @@ pub enum Backend {
     Postgres,
 }
 
-/// Notifications pushed by Postgres `LISTEN`: of deployments (payload: the world's slug) or
-/// of outbox inserts (payload: the row id).
+/// Notifications pushed by Postgres `LISTEN`: of deployments (payload: the world's slug), of
+/// outbox inserts (payload: the row id), of key changes (the key's id) or of agent threads (the
+/// thread's id).
 pub struct Notifications {
     inner: postgres::PgNotifications,
 }
@@ -681,6 +682,17 @@ impl Store {
         }
     }
 
+    /// Listen for new agent thread events and thread status changes (payload: the thread's
+    /// id); `None` on SQLite, which has no such channel.
+    pub async fn listen_agent(&self) -> Result<Option<Notifications>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => Ok(Some(Notifications {
+                inner: s.listen(postgres::AGENT_CHANNEL).await?,
+            })),
+        }
+    }
+
     /// Delete webhook `id` of `world`; `NotFound` when the world has no such webhook.
     pub async fn delete_webhook(&self, world: &str, id: &str) -> Result<(), StoreError> {
         dispatch!(self, s => protocol::delete_webhook(s, world, id).await)
@@ -702,6 +714,12 @@ impl Store {
     /// `event_handled` entries, in one short transaction; how many rows went.
     pub async fn prune_outbox(&self, before: DateTime<Utc>, batch: u32) -> Result<u64, StoreError> {
         dispatch!(self, s => protocol::prune_outbox(s, before, batch).await)
+    }
+
+    /// `world`'s chain head: the seq and hash of the newest record written, kept apart from
+    /// the records, so that removing the newest ones is seen.
+    pub async fn chain_head(&self, world: &str) -> Result<Option<ChainCheckpoint>, StoreError> {
+        dispatch!(self, s => protocol::chain_head(s, world).await)
     }
 
     /// The last link pruned from `world`'s chain, if any was.

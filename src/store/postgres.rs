@@ -50,6 +50,10 @@ pub(super) const DEPLOYMENTS_CHANNEL: &str = "spectral_deployments";
 /// The channel revocations and rotations notify on commit; the payload is the key's id.
 pub(super) const KEYS_CHANNEL: &str = "spectral_keys";
 
+/// The channel new agent thread events and thread status changes notify on commit (by the
+/// triggers of migration 0007); the payload is the thread's id.
+pub(super) const AGENT_CHANNEL: &str = "spectral_agent";
+
 /// The backend's process id, as text (the simple query protocol's format).
 const BACKEND_PID: &str = "SELECT pg_backend_pid()::text";
 
@@ -388,6 +392,7 @@ const RETENTION: RetentionSql = RetentionSql {
                       ORDER BY occurred_at, id LIMIT $2
                       FOR UPDATE SKIP LOCKED",
     chain_checkpoint: "SELECT seq, hash FROM core.decision_checkpoints WHERE world = $1",
+    chain_head: "SELECT seq, hash FROM core.decision_chain_heads WHERE world = $1",
     insert_chain_checkpoint: "INSERT INTO core.decision_checkpoints (world, seq, hash, pruned_at)
                               VALUES ($1, $2, $3, $4)",
     update_chain_checkpoint: "UPDATE core.decision_checkpoints

@@ -410,6 +410,11 @@ pub(crate) trait Dialect: Sync + Sized {
         tx: &mut Tx<Self>,
         world: &str,
     ) -> Result<Option<(i64, String)>, StoreError>;
+    /// The world's chain head (its newest record's seq and hash), if it has one.
+    async fn chain_head(
+        tx: &mut Tx<Self>,
+        world: &str,
+    ) -> Result<Option<(i64, String)>, StoreError>;
     /// Insert (`first`) or advance the world's checkpoint.
     async fn set_chain_checkpoint(
         tx: &mut Tx<Self>,
@@ -1552,6 +1557,22 @@ pub(crate) async fn prune_outbox<D: Dialect>(
     let removed = D::delete_outbox(&mut tx, &ids).await?;
     tx.commit().await?;
     Ok(removed)
+}
+
+pub(crate) async fn chain_head<D: Dialect>(
+    db: &D,
+    world: &str,
+) -> Result<Option<ChainCheckpoint>, StoreError> {
+    let mut tx = db.begin_read().await?;
+    let head = D::chain_head(&mut tx, world).await?;
+    tx.commit().await?;
+    head.map(|(seq, hash)| {
+        Ok(ChainCheckpoint {
+            seq: to_u64(seq, "chain head seq")?,
+            hash,
+        })
+    })
+    .transpose()
 }
 
 pub(crate) async fn chain_checkpoint<D: Dialect>(

@@ -96,6 +96,8 @@ pub(crate) struct RetentionSql {
     pub prunable_outbox: &'static str,
     /// `(world)` → `(seq, hash)`.
     pub chain_checkpoint: &'static str,
+    /// `(world)` → `(seq, hash)` of the chain's head, the newest record written.
+    pub chain_head: &'static str,
     /// `(world, seq, hash, at)`.
     pub insert_chain_checkpoint: &'static str,
     /// `(world, seq, hash, at)`.
@@ -148,6 +150,14 @@ macro_rules! retention_statements {
             world: &str,
         ) -> Result<Option<(i64, String)>, StoreError> {
             let q = sqlx::query_as(Self::RETENTION.chain_checkpoint).bind(world);
+            Ok(q.fetch_optional(&mut **tx).await?)
+        }
+
+        async fn chain_head(
+            tx: &mut Tx<Self>,
+            world: &str,
+        ) -> Result<Option<(i64, String)>, StoreError> {
+            let q = sqlx::query_as(Self::RETENTION.chain_head).bind(world);
             Ok(q.fetch_optional(&mut **tx).await?)
         }
 

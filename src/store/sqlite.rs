@@ -339,6 +339,7 @@ const RETENTION: RetentionSql = RetentionSql {
                       WHERE status = 'delivered' AND occurred_at < ?1
                       ORDER BY occurred_at, id LIMIT ?2",
     chain_checkpoint: "SELECT seq, hash FROM decision_checkpoints WHERE world = ?1",
+    chain_head: "SELECT seq, hash FROM decision_chain_heads WHERE world = ?1",
     insert_chain_checkpoint: "INSERT INTO decision_checkpoints (world, seq, hash, pruned_at)
                               VALUES (?1, ?2, ?3, ?4)",
     update_chain_checkpoint: "UPDATE decision_checkpoints SET seq = ?2, hash = ?3, pruned_at = ?4

@@ -372,7 +372,7 @@ async fn a_rejection_needs_a_rationale_and_records_the_reviewer(backend: Backend
 }
 
 /// A streamed `reply` call of the chat model.
-fn reply(text: &str) -> Reply {
+pub(crate) fn reply(text: &str) -> Reply {
     call("reply", &json!({ "text": text }))
 }
 

@@ -1,7 +1,9 @@
 //! The World Agent across real processes, on both backends: `spectral api` and `spectral
 //! workers` apart, the workers killed with SIGKILL in the middle of a run and started again
 //! (the run resumes from its checkpoint and ends with one candidate and no event twice), and
-//! two workers racing for one run (one advances it, the other backs off).
+//! two workers racing for one run (one advances it, the other backs off), and a chat turn
+//! followed from the API process while the workers process answers it, cut and resumed with
+//! `Last-Event-ID` (on Postgres, the stream is woken by the workers' notifications).
 
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::agent::{cases, rule, ACTION, GOOD, INPUTS, TEXT};
-use crate::agent_api::{stream, Sse};
+use crate::agent_api::{parse_sse, reply, stream, Sse};
 use crate::app::{Backend, Db, OPERATOR};
 use crate::llm::Llm;
 use crate::support::eventually;
@@ -214,7 +216,112 @@ async fn two_workers_racing_for_one_run_advance_it_once(backend: Backend) {
     api.kill();
 }
 
+/// Read events from an open stream until one of kind `until` (included) has arrived.
+async fn read_until(resp: &mut reqwest::Response, until: &str) -> Vec<Sse> {
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let chunk = resp.chunk().await.expect("read").expect("open until then");
+            text.push_str(std::str::from_utf8(&chunk).expect("utf-8"));
+            // Only whole events count: the text up to the last blank line.
+            if let Some(end) = text.rfind("\n\n") {
+                let events = parse_sse(&text[..end + 2]);
+                if let Some(at) = events.iter().position(|e| e.event == until) {
+                    return events[..=at].to_vec();
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no '{until}' event within a minute"))
+}
+
+async fn a_chat_turn_followed_across_processes_resumes_with_last_event_id(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let answer = "Refunds above the order total are refused, whoever asks for them.";
+    // A paced answer; the client is cut after the first token it reads and reconnects.
+    let llm = Llm::start(vec![reply(answer).between(Duration::from_millis(40))]).await;
+    let (mut api, base) = start_api(&db, &llm, dir.path()).await;
+    let mut workers = Process::spawn(&["workers"], &env(&db, &llm), dir.path());
+    workers.logged("World Agent runner started").await;
+
+    let thread = format!("/api/worlds/{WORLD}/agent/threads/support-7");
+    let mut resp = reqwest::Client::new()
+        .post(format!("{base}{thread}/messages"))
+        .bearer_auth(OPERATOR)
+        .json(&json!({"text": "Which refunds are refused?"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status().as_u16(), 200);
+    let first = read_until(&mut resp, "token").await;
+    drop(resp);
+    let seen = first.last().and_then(|e| e.id).expect("an id");
+    let (status, _, rest) = stream(
+        &base,
+        Method::GET,
+        &format!("{thread}/events"),
+        OPERATOR,
+        None,
+        Some(seen),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        rest.first().and_then(|e| e.id),
+        Some(seen + 1),
+        "the reconnect starts right after the last event seen"
+    );
+    assert_eq!(rest.last().expect("events").event, "turn_finished");
+    let all: Vec<Sse> = first.into_iter().chain(rest).collect();
+    let ids: Vec<u64> = all.iter().filter_map(|e| e.id).collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "nothing missed, nothing twice"
+    );
+    let tokens: String = all
+        .iter()
+        .filter(|e| e.event == "token")
+        .filter_map(|e| e.data["data"]["text"].as_str())
+        .collect();
+    let tokens: Value = serde_json::from_str(&tokens).expect("the tokens join to the call");
+    assert_eq!(tokens["text"], answer, "tokens in order");
+
+    // The API process followed a thread another process wrote: on Postgres it was told by
+    // notifications; on SQLite, which has none, it looked.
+    let admin = api.logged("spectral API listening").await["admin_addr"]
+        .as_str()
+        .expect("admin_addr")
+        .to_string();
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let wakes = |by: &str| -> u64 {
+        let series = format!("spectral_agent_stream_wakes_total{{by=\"{by}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    match backend {
+        Backend::Postgres => assert!(wakes("notification") > 0, "{metrics}"),
+        Backend::Sqlite => {
+            assert_eq!(wakes("notification"), 0, "{metrics}");
+            assert!(wakes("poll") > 0, "{metrics}");
+        }
+    }
+    workers.kill();
+    api.kill();
+}
+
 crate::both_backends!(
     a_run_whose_worker_is_killed_resumes_from_its_checkpoint_and_proposes_once,
     two_workers_racing_for_one_run_advance_it_once,
+    a_chat_turn_followed_across_processes_resumes_with_last_event_id,
 );

@@ -830,6 +830,89 @@ async fn decision_chain_verifies_and_detects_tampering(backend: Backend) {
         broken.reason
     );
     store3.close().await;
+
+    // Remove the newest three records as well: every remaining link still holds, but the
+    // chain now ends before its head.
+    truncate_newest(&db, "acme-payments", 3).await;
+    let store4 = db.store().await;
+    let report = spectral::service::audit::verify(&store4, "acme-payments")
+        .await
+        .expect("verify");
+    let broken = report.broken.expect("the truncation is detected");
+    assert_eq!(
+        broken.seq, 10,
+        "the first break is still the rewritten record"
+    );
+    store4.close().await;
+    untamper(&db, &ids[9]).await;
+    let store5 = db.store().await;
+    let report = spectral::service::audit::verify(&store5, "acme-payments")
+        .await
+        .expect("verify");
+    assert_eq!(report.records, 27);
+    let broken = report.broken.expect("the truncation is detected");
+    assert_eq!(broken.seq, 28);
+    assert!(
+        broken.reason.contains("its head is record 30"),
+        "{}",
+        broken.reason
+    );
+    store5.close().await;
+}
+
+/// Run `sql` (SQLite form, `?1` the argument) or `pg` (Postgres form, `$1`) behind the
+/// service's back, as someone with direct database access would, with the append-only
+/// triggers out of the way; how many rows it touched.
+async fn behind_the_service(db: &Db, sql: &str, pg: &str, arg: &str) -> u64 {
+    use sqlx::Connection;
+    match (db.sqlite_file(), db.postgres_url()) {
+        (Some(file), _) => {
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+                .await
+                .expect("sqlite");
+            for trigger in ["decisions_immutable", "decisions_undeletable"] {
+                sqlx::query(&format!("DROP TRIGGER IF EXISTS {trigger}"))
+                    .execute(&mut c)
+                    .await
+                    .expect("drop trigger");
+            }
+            let n = sqlx::query(sql).bind(arg).execute(&mut c).await.expect(sql);
+            n.rows_affected()
+        }
+        (None, Some(url)) => {
+            let mut c = sqlx::PgConnection::connect(url).await.expect("postgres");
+            sqlx::query("ALTER TABLE core.decisions DISABLE TRIGGER USER")
+                .execute(&mut c)
+                .await
+                .expect("disable triggers");
+            let n = sqlx::query(pg).bind(arg).execute(&mut c).await.expect(pg);
+            n.rows_affected()
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Delete `world`'s newest `n` records.
+async fn truncate_newest(db: &Db, world: &str, n: u32) {
+    let sql = format!(
+        "DELETE FROM decisions WHERE world = ?1 AND seq > (SELECT MAX(seq) - {n} FROM decisions WHERE world = ?1)"
+    );
+    let pg = format!(
+        "DELETE FROM core.decisions WHERE world = $1 AND seq > (SELECT MAX(seq) - {n} FROM core.decisions WHERE world = $1)"
+    );
+    assert_eq!(behind_the_service(db, &sql, &pg, world).await, u64::from(n));
+}
+
+/// Put the record [`tamper`] rewrote back as it was.
+async fn untamper(db: &Db, decision_id: &str) {
+    let n = behind_the_service(
+        db,
+        "UPDATE decisions SET status = 'RED' WHERE decision_id = ?1",
+        "UPDATE core.decisions SET status = 'RED' WHERE decision_id = $1",
+        decision_id,
+    )
+    .await;
+    assert_eq!(n, 1);
 }
 
 /// Rewrite one record's status behind the service's back, as someone with direct database
