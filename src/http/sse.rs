@@ -2,9 +2,9 @@
 //! event with its `seq` as its SSE `id`, so a client that reconnects with `Last-Event-ID`
 //! gets exactly the events after the last one it saw (docs/agent.md, "Streams"). The stream
 //! reads the store, not the worker, so it works with the API and the workers in separate
-//! processes; it is woken by this process's commits, on Postgres by the notification every
-//! committed thread event sends (`service::agent::StreamWakes`), and otherwise looks again
-//! after a short wait. A stream ends when what it follows has: a chat turn's `turn_finished`, or a run's end.
+//! processes; it is woken by this process's commits that change its thread, on Postgres by the
+//! notification every committed thread event sends (`service::agent::StreamWakes`), and
+//! otherwise looks again after a short wait. A stream ends when what it follows has: a chat turn's `turn_finished`, or a run's end.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::{mcp::Out, HttpError};
 use crate::service::agent::EVERY_THREAD;
 use crate::service::{App, ServiceError};
-use crate::store::{ThreadEvent, ThreadRecord, RUNNING};
+use crate::store::{ThreadChanged, ThreadEvent, ThreadRecord, RUNNING};
 use tokio::sync::broadcast::error::RecvError;
 
 /// What ends a stream.
@@ -72,7 +72,8 @@ struct Follow {
     done: bool,
     deadline: tokio::time::Instant,
     quiet_since: tokio::time::Instant,
-    wakes: tokio::sync::broadcast::Receiver<Arc<str>>,
+    /// Subscribed before the first look, so that no change after it is missed.
+    changes: tokio::sync::broadcast::Receiver<ThreadChanged>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -106,8 +107,6 @@ impl Follow {
                     b"event: stream_timeout\ndata: {\"code\":\"stream_timeout\"}\n\n",
                 ));
             }
-            // Registered before the look, so a commit between the look and the wait wakes it.
-            let wake = self.app.store.local_wake().notified();
             match self.app.agent_events(&self.thread, self.after).await {
                 Ok(events) if !events.is_empty() => {
                     self.pending.extend(events);
@@ -145,21 +144,22 @@ impl Follow {
             let listening = self.app.agent.wakes.listening();
             let poll = if listening { POLL_LISTENING } else { POLL };
             let thread: &str = &self.thread.id;
-            let wakes = &mut self.wakes;
-            let notified = async {
+            let changes = &mut self.changes;
+            let changed = async {
                 loop {
-                    match wakes.recv().await {
-                        Ok(t) if &*t == thread || &*t == EVERY_THREAD => return,
+                    match changes.recv().await {
+                        Ok(c) if &*c.thread == thread || &*c.thread == EVERY_THREAD => {
+                            return if c.notified { "notification" } else { "commit" };
+                        }
                         Ok(_) => {}
                         // Fell behind: whatever was missed may have been ours.
-                        Err(RecvError::Lagged(_)) => return,
+                        Err(RecvError::Lagged(_)) => return "commit",
                         Err(RecvError::Closed) => std::future::pending::<()>().await,
                     }
                 }
             };
             let by = tokio::select! {
-                _ = wake => "commit",
-                _ = notified => "notification",
+                by = changed => by,
                 _ = tokio::time::sleep(poll) => "poll",
             };
             self.app
@@ -186,8 +186,9 @@ pub(super) fn respond(
     })?;
     let lifetime = app.agent.config.max_run_time + Duration::from_secs(60);
     let now = tokio::time::Instant::now();
+    let changes = app.store.thread_changes();
     let follow = Follow {
-        app: app.clone(),
+        app,
         thread,
         after,
         until,
@@ -195,7 +196,7 @@ pub(super) fn respond(
         done: false,
         deadline: now + lifetime,
         quiet_since: now,
-        wakes: app.agent.wakes.subscribe(),
+        changes,
         _permit: permit,
     };
     // The stream runs as a task of its own feeding the body; a client that goes away ends it

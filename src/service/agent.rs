@@ -482,50 +482,35 @@ impl App {
     }
 }
 
-/// A wake sent to every stream of the process, not one thread's: the listener came up or was
-/// lost, so notifications may have been missed.
+/// A change sent to every stream of the process, not one thread's: the listener came up or
+/// was lost, so notifications may have been missed.
 pub const EVERY_THREAD: &str = "*";
 
-/// What wakes this process's agent event streams besides its own commits: on Postgres, the
-/// notification each committed thread event and status change sends (payload: the thread's
-/// id), so that a stream follows a thread that another process advances at once. A latency
-/// hint only; streams look at the store as well, more often while nobody listens.
+/// Whether this process hears of other processes' thread changes: on Postgres, one listener
+/// per API process passes the notification each committed thread event and status change
+/// sends (payload: the thread's id) on to the store's thread changes
+/// ([`crate::store::Store::thread_changes`]), which also carry this process's own commits, so
+/// that a stream follows a thread another process advances at once. A latency hint only;
+/// streams look at the store as well, more often while nobody listens.
+#[derive(Default)]
 pub struct StreamWakes {
-    tx: tokio::sync::broadcast::Sender<std::sync::Arc<str>>,
     listening: std::sync::atomic::AtomicBool,
 }
 
-/// Notifications buffered per stream; a stream that falls further behind looks at once.
-const WAKES_BUFFERED: usize = 1024;
 /// A quiet listening connection is pinged this often, so that a dead one is noticed.
 const LISTENER_PING: std::time::Duration = std::time::Duration::from_secs(15);
 
-impl Default for StreamWakes {
-    fn default() -> Self {
-        let (tx, _) = tokio::sync::broadcast::channel(WAKES_BUFFERED);
-        Self {
-            tx,
-            listening: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-}
-
 impl StreamWakes {
-    /// Wakes from now on: subscribed before a stream's first look, so none is missed.
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<std::sync::Arc<str>> {
-        self.tx.subscribe()
-    }
-
     /// Whether notifications are arriving (a listener is up).
     pub fn listening(&self) -> bool {
         self.listening.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn set_listening(&self, yes: bool) {
+    fn set_listening(&self, store: &crate::store::Store, yes: bool) {
         self.listening
             .store(yes, std::sync::atomic::Ordering::Release);
         // Either way, what was sent while nobody listened has to be read.
-        let _ = self.tx.send(EVERY_THREAD.into());
+        store.announce_thread(EVERY_THREAD, true);
     }
 
     /// Pass notifications on to the streams until `stop`; listen again with backoff when the
@@ -555,19 +540,17 @@ impl StreamWakes {
                 }
             };
             backoff = std::time::Duration::from_millis(250);
-            self.set_listening(true);
+            self.set_listening(&store, true);
             loop {
                 let next = tokio::select! {
                     _ = stop.cancelled() => {
-                        self.set_listening(false);
+                        self.set_listening(&store, false);
                         return;
                     }
                     next = tokio::time::timeout(LISTENER_PING, listener.next()) => next,
                 };
                 match next {
-                    Ok(Ok(thread)) => {
-                        let _ = self.tx.send(thread.into());
-                    }
+                    Ok(Ok(thread)) => store.announce_thread(&thread, true),
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "lost the agent events listener; listening again");
                         break;
@@ -580,7 +563,7 @@ impl StreamWakes {
                     }
                 }
             }
-            self.set_listening(false);
+            self.set_listening(&store, false);
         }
     }
 }

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::protocol::{self, Dialect};
+use super::ThreadChanged;
 use super::{postgres, sqlite, OUTBOX_CHANNEL};
 use super::{
     CandidateRecord, CheckpointRecord, NewCandidate, NewCheckpoint, NewThread, NewThreadEvent,
@@ -322,6 +323,29 @@ impl Store {
         dispatch!(self, s => &s.stamp().wake)
     }
 
+    /// The agent threads changed from now on (see [`ThreadChanged`]): by this process's
+    /// commits through this store or any store beside it, and whatever is announced.
+    pub fn thread_changes(&self) -> tokio::sync::broadcast::Receiver<ThreadChanged> {
+        dispatch!(self, s => s.stamp().threads.subscribe())
+    }
+
+    /// Tell the streams of this process that `thread` changed (`notified`: another process
+    /// said so through Postgres).
+    pub fn announce_thread(&self, thread: &str, notified: bool) {
+        let change = ThreadChanged {
+            thread: thread.into(),
+            notified,
+        };
+        // Nobody following is not an error.
+        let _ = dispatch!(self, s => s.stamp().threads.send(change));
+    }
+
+    /// Announce a change of `thread` by this process, and pass the operation's result on.
+    fn changed<T>(&self, thread: &str, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.announce_thread(thread, false);
+        r
+    }
+
     /// Allocate a new deploy generation.
     pub async fn allocate_generation(&self, git_sha: &str, note: &str) -> Result<i64, StoreError> {
         dispatch!(self, s => protocol::allocate_generation(s, git_sha, note).await)
@@ -502,8 +526,9 @@ impl Store {
         events: &[NewThreadEvent],
         usage: &Usage,
     ) -> Result<Saved, StoreError> {
-        // Woken: a stream of this thread in this process looks at once.
-        self.woke(dispatch!(self, s => protocol::save_checkpoint(s, thread, fence, checkpoint, events, usage).await))
+        // A stream of this thread in this process looks at once.
+        let r = dispatch!(self, s => protocol::save_checkpoint(s, thread, fence, checkpoint, events, usage).await);
+        self.changed(thread, r)
     }
 
     /// The thread's checkpoint with the highest step.
@@ -541,7 +566,9 @@ impl Store {
         fence: u64,
         candidate: &NewCandidate,
     ) -> Result<String, StoreError> {
-        self.woke(dispatch!(self, s => protocol::propose(s, thread, fence, candidate).await))
+        let r =
+            self.woke(dispatch!(self, s => protocol::propose(s, thread, fence, candidate).await));
+        self.changed(thread, r)
     }
 
     /// A world's rule candidates, newest first.
@@ -552,13 +579,15 @@ impl Store {
     /// End the thread with a final `status` and release its lease, under the lease
     /// (`Fenced` when `fence` lost it).
     pub async fn finish(&self, thread: &str, fence: u64, status: &str) -> Result<(), StoreError> {
-        self.woke(dispatch!(self, s => protocol::finish(s, thread, fence, status).await))
+        let r = dispatch!(self, s => protocol::finish(s, thread, fence, status).await);
+        self.changed(thread, r)
     }
 
     /// Create a `running` thread with an `agent.task.created` outbox row, in one transaction,
     /// so that a worker takes it up. `Conflict` when the id is taken.
     pub async fn start_thread(&self, thread: &NewThread) -> Result<(), StoreError> {
-        self.woke(dispatch!(self, s => protocol::start_thread(s, thread).await))
+        let r = self.woke(dispatch!(self, s => protocol::start_thread(s, thread).await));
+        self.changed(&thread.id, r)
     }
 
     /// Append an event from outside a step (a user's chat message) to a thread of `world`,
@@ -570,7 +599,9 @@ impl Store {
         world: &str,
         event: &NewThreadEvent,
     ) -> Result<u64, StoreError> {
-        self.woke(dispatch!(self, s => protocol::post_to_thread(s, thread, world, event).await))
+        let r = self
+            .woke(dispatch!(self, s => protocol::post_to_thread(s, thread, world, event).await));
+        self.changed(thread, r)
     }
 
     /// End a thread held under `fence` with `status` unless events newer than `last_seen`
@@ -582,7 +613,8 @@ impl Store {
         status: &str,
         last_seen: u64,
     ) -> Result<bool, StoreError> {
-        dispatch!(self, s => protocol::finish_if_quiet(s, thread, fence, status, last_seen).await)
+        let r = dispatch!(self, s => protocol::finish_if_quiet(s, thread, fence, status, last_seen).await);
+        self.changed(thread, r)
     }
 
     /// Under the lease of `parent`, record a run that ended inside it as a finished child run
@@ -594,7 +626,9 @@ impl Store {
         fence: u64,
         run: &RecordedRun,
     ) -> Result<Option<String>, StoreError> {
-        self.woke(dispatch!(self, s => protocol::record_run(s, parent, fence, run).await))
+        let r = self.woke(dispatch!(self, s => protocol::record_run(s, parent, fence, run).await));
+        self.announce_thread(&run.thread.id, false);
+        self.changed(parent, r)
     }
 
     pub async fn candidate(&self, id: &str) -> Result<Option<CandidateRecord>, StoreError> {

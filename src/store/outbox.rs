@@ -122,15 +122,32 @@ pub(crate) struct Stamp {
     /// Signalled after a commit that appended events, so a consumer in the same process
     /// wakes at once (SQLite has no NOTIFY).
     pub wake: tokio::sync::Notify,
+    /// Told the id of each agent thread whose log or status a commit of this process changed
+    /// (and, from the Postgres listener, of any process), so that only the streams following
+    /// that thread look again.
+    pub threads: tokio::sync::broadcast::Sender<ThreadChanged>,
 }
+
+/// Changes a slow stream may fall behind by before it is told it lagged (and looks).
+const THREAD_CHANGES_BUFFERED: usize = 1024;
 
 impl Default for Stamp {
     fn default() -> Self {
         Self {
             generation: std::sync::atomic::AtomicI64::new(0),
             wake: tokio::sync::Notify::new(),
+            threads: tokio::sync::broadcast::channel(THREAD_CHANGES_BUFFERED).0,
         }
     }
+}
+
+/// An agent thread whose log or status changed.
+#[derive(Debug, Clone)]
+pub struct ThreadChanged {
+    /// The thread's id, or `*` for every thread (changes may have been missed).
+    pub thread: std::sync::Arc<str>,
+    /// Learnt from a Postgres notification, rather than from a commit of this process.
+    pub notified: bool,
 }
 
 /// The `source` of every row this build writes.
