@@ -41,8 +41,16 @@ fn main() {
         let mut files = rhai_files(&dir);
         files.truncate(PREDICATES_PER_WORLD);
         for file in &files {
-            let name = file.strip_prefix(&dir).unwrap().to_string_lossy().replace('/', "_");
-            seeds.add("predicate", &format!("{w}_{name}"), std::fs::read(file).unwrap());
+            let name = file
+                .strip_prefix(&dir)
+                .unwrap()
+                .to_string_lossy()
+                .replace('/', "_");
+            seeds.add(
+                "predicate",
+                &format!("{w}_{name}"),
+                std::fs::read(file).unwrap(),
+            );
         }
         // The first predicate file replaced by an attack: the loader's view of a hostile rule.
         if let (Some(first), Some(attack)) = (files.first(), attacks.first()) {
@@ -55,7 +63,11 @@ fn main() {
         }
     }
     for (i, attack) in attacks.iter().enumerate() {
-        seeds.add("predicate", &format!("hostile-{i:02}.rhai"), attack.clone().into_bytes());
+        seeds.add(
+            "predicate",
+            &format!("hostile-{i:02}.rhai"),
+            attack.clone().into_bytes(),
+        );
         if i % 3 == 0 {
             seeds.add(
                 "draft_world",
@@ -75,7 +87,10 @@ struct Seeds(BTreeMap<&'static str, BTreeMap<String, Vec<u8>>>);
 
 impl Seeds {
     fn add(&mut self, target: &'static str, name: &str, bytes: Vec<u8>) {
-        self.0.entry(target).or_default().insert(name.to_string(), bytes);
+        self.0
+            .entry(target)
+            .or_default()
+            .insert(name.to_string(), bytes);
     }
 
     fn write(&self, out: &Path) {
@@ -149,7 +164,11 @@ fn folder_text(dir: &Path, replace: &[(PathBuf, &str)]) -> Vec<u8> {
 /// Decide bodies from the cases of each action's rules, with and without the trace.
 fn decide_bodies(model: &WorldModel, seeds: &mut Seeds) {
     for action in &model.actions {
-        let contexts = action.rules.iter().flat_map(|r| &r.cases).map(|c| &c.context);
+        let contexts = action
+            .rules
+            .iter()
+            .flat_map(|r| &r.cases)
+            .map(|c| &c.context);
         for (i, context) in contexts.take(BODIES_PER_ACTION).enumerate() {
             let body = json!({
                 "world": model.world,
@@ -214,7 +233,11 @@ fn hostile_bodies(seeds: &mut Seeds) {
         ),
     ];
     for (name, body) in bodies {
-        seeds.add("decide_body", &format!("hostile-{name}.json"), body.clone().into_bytes());
+        seeds.add(
+            "decide_body",
+            &format!("hostile-{name}.json"),
+            body.clone().into_bytes(),
+        );
     }
 }
 
@@ -229,14 +252,27 @@ fn hostile_folders(seeds: &mut Seeds) {
         )
     };
     let folders = [
-        ("parent", format!("{}--- p.rhai\ncontext.n == 5\n", manifest("../p.rhai"))),
-        ("absolute", format!("{}--- p.rhai\ncontext.n == 5\n", manifest("/etc/passwd"))),
+        (
+            "parent",
+            format!("{}--- p.rhai\ncontext.n == 5\n", manifest("../p.rhai")),
+        ),
+        (
+            "absolute",
+            format!("{}--- p.rhai\ncontext.n == 5\n", manifest("/etc/passwd")),
+        ),
         ("missing", manifest("absent.rhai")),
-        ("ok", format!("{}--- p.rhai\ncontext.n == 5\n", manifest("p.rhai"))),
+        (
+            "ok",
+            format!("{}--- p.rhai\ncontext.n == 5\n", manifest("p.rhai")),
+        ),
         ("not-toml", "world = [\n--- p.rhai\ntrue\n".to_string()),
     ];
     for (name, text) in folders {
-        seeds.add("world_toml", &format!("hostile-{name}.txt"), text.into_bytes());
+        seeds.add(
+            "world_toml",
+            &format!("hostile-{name}.txt"),
+            text.into_bytes(),
+        );
     }
 }
 
@@ -311,9 +347,9 @@ fn attacks() -> Vec<String> {
     }
     out.push(format!("{}true{}", "(".repeat(200), ")".repeat(200)));
     out.push(format!("context.n{} > 0", " + 1".repeat(100)));
-    out.push(format!("[{}].len() > 0", vec!["1"; 300].join(",")));
-    out.push(vec!["context.n * 2 > 0"; 40].join(" && "));
-    out.push(vec!["(\"a\"+context.s).pad(9999,\"a\")==\"\""; 8].join(" || "));
+    out.push(format!("[{}].len() > 0", ["1"; 300].join(",")));
+    out.push(["context.n * 2 > 0"; 40].join(" && "));
+    out.push(["(\"a\"+context.s).pad(9999,\"a\")==\"\""; 8].join(" || "));
     out.dedup();
     out
 }

@@ -37,8 +37,7 @@ fn examples() -> &'static [CompiledWorld] {
         assert!(!dirs.is_empty(), "no example world under {EXAMPLES}");
         dirs.iter()
             .map(|d| {
-                worlds::load::load(d, sandbox())
-                    .unwrap_or_else(|e| panic!("{}: {e}", d.display()))
+                worlds::load::load(d, sandbox()).unwrap_or_else(|e| panic!("{}: {e}", d.display()))
             })
             .collect()
     })
@@ -84,7 +83,11 @@ fn check_decision(d: &Decision, module: &Module, limits: &Limits) {
     assert_eq!(meta.module_hash, module.hash());
     // An error anywhere is never answered green; missing evidence is YELLOW.
     if !meta.errors.is_empty() {
-        assert!(d.status >= Status::Yellow, "an error, yet {:?}: {meta:?}", d.status);
+        assert!(
+            d.status >= Status::Yellow,
+            "an error, yet {:?}: {meta:?}",
+            d.status
+        );
     }
     // The status is a matched rule's, or GREEN (or YELLOW, for errors) when none matched.
     if meta.matched_rules.is_empty() {
@@ -378,13 +381,19 @@ pub fn predicate(data: &[u8]) {
     let limits = sandbox.limits();
     let (config, context) = predicate_context();
     let started = Instant::now();
-    let reads = sandbox.compile_reads(source, config).map(|p| p.reads().clone());
+    let reads = sandbox
+        .compile_reads(source, config)
+        .map(|p| p.reads().clone());
     let inputs: Vec<String> = match &reads {
         Ok(r) => r.context.iter().cloned().collect(),
         Err(_) => Vec::new(),
     };
     let compiled = sandbox.compile(source, &inputs, config);
-    assert!(started.elapsed() < BOUND, "compiling took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < BOUND,
+        "compiling took {:?}",
+        started.elapsed()
+    );
     let program = match (reads, compiled) {
         (Err(a), Err(b)) => {
             assert_eq!(a.kind, b.kind, "{a} / {b}");
@@ -406,7 +415,11 @@ pub fn predicate(data: &[u8]) {
     let run = |bindings: &mut _| {
         let started = Instant::now();
         let result = sandbox.eval(&program, bindings);
-        assert!(started.elapsed() < BOUND, "evaluation took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < BOUND,
+            "evaluation took {:?}",
+            started.elapsed()
+        );
         let operations = match &result {
             Ok(o) => o.operations,
             Err(f) => f.operations,
@@ -420,10 +433,11 @@ pub fn predicate(data: &[u8]) {
     };
     let first = run(&mut bindings);
     let second = run(&mut bindings);
-    let clock = |r: &Result<_, spectral::sandbox::Failure>| {
-        matches!(r, Err(f) if f.error.kind == spectral::sandbox::ErrorKind::DeadlineExceeded)
-    };
+    let clock = |r: &Result<_, spectral::sandbox::Failure>| matches!(r, Err(f) if f.error.kind == spectral::sandbox::ErrorKind::DeadlineExceeded);
     if !clock(&first) && !clock(&second) {
-        assert_eq!(first, second, "the same predicate and context answered twice apart");
+        assert_eq!(
+            first, second,
+            "the same predicate and context answered twice apart"
+        );
     }
 }
