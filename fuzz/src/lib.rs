@@ -112,7 +112,12 @@ fn check_decision(d: &Decision, module: &Module, limits: &Limits) {
         limits.decision_max_operations
     );
     if let Some(trace) = &meta.trace {
-        assert_eq!(trace.len(), module.rules.len());
+        // Missing evidence stops a decision before any rule runs; otherwise each rule is traced.
+        if meta.errors.iter().any(|e| e.kind == "missing_evidence") {
+            assert!(trace.is_empty(), "rules ran on missing evidence: {trace:?}");
+        } else {
+            assert_eq!(trace.len(), module.rules.len());
+        }
         for entry in trace {
             assert!(
                 entry.operations <= limits.max_operations,
