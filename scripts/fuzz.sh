@@ -20,7 +20,6 @@ FUZZ_SECONDS="${FUZZ_SECONDS:-30}"
 FUZZ_RSS_MB="${FUZZ_RSS_MB:-2048}"
 # Seconds one input may take before libFuzzer calls it a hang.
 FUZZ_TIMEOUT="${FUZZ_TIMEOUT:-10}"
-export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}"
 
 if [ "$#" -gt 0 ]; then
     targets=("$@")
