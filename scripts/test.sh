@@ -78,5 +78,9 @@ actionlint && echo "actionlint: .github/workflows ok"
     WRANGLER_SEND_METRICS=false npm run bundle
 )
 
+# The coverage-guided fuzz targets of fuzz/, each for a bounded time (FUZZ_SECONDS, 30 s by
+# default) from its committed seeds; any crash fails the run (scripts/fuzz.sh).
+bash scripts/fuzz.sh
+
 cargo test --locked "$@"
 

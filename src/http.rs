@@ -11,6 +11,34 @@ mod router;
 mod sse;
 mod unique;
 
+/// The body decoding of the API without a connection, for the fuzz targets in `fuzz/`: the
+/// same functions the handlers call, on bytes. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::service::DecideInput;
+
+    /// A `POST /api/decide` body as the handler reads it: the duplicate-key walk, then the
+    /// typed parse of a JSON object. The error is the problem's detail.
+    pub fn decide_body(body: &[u8]) -> Result<DecideInput<'_>, String> {
+        super::no_duplicate_keys(body).map_err(detail)?;
+        super::parse(body).map_err(detail)
+    }
+
+    /// A JSON body's checks before any handler reads it (the draft endpoint's among them):
+    /// the duplicate-key walk.
+    pub fn json_body(body: &[u8]) -> Result<(), String> {
+        super::no_duplicate_keys(body).map_err(detail)
+    }
+
+    fn detail(e: super::HttpError) -> String {
+        match e {
+            super::HttpError::Malformed(why) => why,
+            super::HttpError::DuplicateKey(at) => format!("duplicate key at {at}"),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -834,10 +862,16 @@ async fn json_body(req: Request<Incoming>, config: &ServerConfig) -> Result<Byte
         return Err(HttpError::Body(BodyError::TooLarge(max)));
     }
     let body = collect_body(req, config).await?;
-    // A body the walk cannot finish is refused too: the typed parse that follows skips what
-    // it does not need without reading it as strictly, so a repeat could hide behind it.
-    match unique::check(&body) {
-        Ok(()) => Ok(body),
+    no_duplicate_keys(&body)?;
+    Ok(body)
+}
+
+/// A body with no repeated key in any of its objects. A body the walk cannot finish is
+/// refused too: the typed parse that follows skips what it does not need without reading it
+/// as strictly, so a repeat could hide behind it.
+fn no_duplicate_keys(body: &[u8]) -> Result<(), HttpError> {
+    match unique::check(body) {
+        Ok(()) => Ok(()),
         Err(unique::Found::Duplicate(at)) => Err(HttpError::DuplicateKey(at)),
         Err(unique::Found::Invalid(why)) => Err(HttpError::Malformed(why)),
     }

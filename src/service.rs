@@ -333,6 +333,65 @@ impl AgentState {
 /// The longest reason a retirement keeps, in characters.
 pub const MAX_RETIRE_REASON_CHARS: usize = 1_000;
 
+/// The body of `PUT /api/worlds/{world}/draft` as a model of that world.
+pub fn decode_draft(world: &str, body: &[u8]) -> Result<WorldModel, ServiceError> {
+    let model: WorldModel = serde_json::from_slice(body)
+        .map_err(|e| ServiceError::BadRequest(format!("world model: {e}")))?;
+    if model.world != world {
+        return Err(ServiceError::BadRequest(format!(
+            "the model is for world '{}', not '{world}'",
+            model.world
+        )));
+    }
+    Ok(model)
+}
+
+/// Validate and compile a model and run every case of it: what a draft and a publish must
+/// pass. Every problem is listed; blocking (it runs predicates).
+pub fn verify_model(
+    model: &WorldModel,
+    sandbox: &Sandbox,
+) -> Result<worlds::CompiledWorld, ServiceError> {
+    let compiled = worlds::compile(model, 1, sandbox).map_err(|problems| {
+        let first: Vec<String> = problems.iter().take(3).map(ToString::to_string).collect();
+        ServiceError::Invalid {
+            message: format!(
+                "the world model has {} problem(s): {}",
+                problems.len(),
+                first.join("; ")
+            ),
+            problems,
+        }
+    })?;
+    let failures: Vec<Problem> = run_cases(&compiled, sandbox)
+        .into_iter()
+        .filter(|r| !r.passed)
+        .map(|r| {
+            Problem::new(
+                worlds::problem::Locus::Case {
+                    action: r.action,
+                    rule: r.rule,
+                    case: r.case - 1,
+                },
+                format!(
+                    "expected {}, got {}",
+                    if r.expected { "matched" } else { "not matched" },
+                    r.actual
+                ),
+            )
+        })
+        .collect();
+    if failures.is_empty() {
+        Ok(compiled)
+    } else {
+        let first: Vec<String> = failures.iter().take(3).map(ToString::to_string).collect();
+        Err(ServiceError::Invalid {
+            message: format!("{} case(s) fail: {}", failures.len(), first.join("; ")),
+            problems: failures,
+        })
+    }
+}
+
 fn digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
@@ -548,14 +607,7 @@ impl App {
         body: &[u8],
     ) -> Result<WorldModel, ServiceError> {
         caller.check(world, Scope::Author)?;
-        let model: WorldModel = serde_json::from_slice(body)
-            .map_err(|e| ServiceError::BadRequest(format!("world model: {e}")))?;
-        if model.world != world {
-            return Err(ServiceError::BadRequest(format!(
-                "the model is for world '{}', not '{world}'",
-                model.world
-            )));
-        }
+        let model = decode_draft(world, body)?;
         self.verify(&model).await?;
         let json =
             serde_json::to_value(&model).map_err(|e| ServiceError::Internal(e.to_string()))?;
@@ -570,48 +622,9 @@ impl App {
     async fn verify(&self, model: &WorldModel) -> Result<worlds::CompiledWorld, ServiceError> {
         let sandbox = self.sandbox.clone();
         let model = model.clone();
-        tokio::task::spawn_blocking(move || {
-            let compiled = worlds::compile(&model, 1, &sandbox).map_err(|problems| {
-                let first: Vec<String> = problems.iter().take(3).map(ToString::to_string).collect();
-                ServiceError::Invalid {
-                    message: format!(
-                        "the world model has {} problem(s): {}",
-                        problems.len(),
-                        first.join("; ")
-                    ),
-                    problems,
-                }
-            })?;
-            let failures: Vec<Problem> = run_cases(&compiled, &sandbox)
-                .into_iter()
-                .filter(|r| !r.passed)
-                .map(|r| {
-                    Problem::new(
-                        worlds::problem::Locus::Case {
-                            action: r.action,
-                            rule: r.rule,
-                            case: r.case - 1,
-                        },
-                        format!(
-                            "expected {}, got {}",
-                            if r.expected { "matched" } else { "not matched" },
-                            r.actual
-                        ),
-                    )
-                })
-                .collect();
-            if failures.is_empty() {
-                Ok(compiled)
-            } else {
-                let first: Vec<String> = failures.iter().take(3).map(ToString::to_string).collect();
-                Err(ServiceError::Invalid {
-                    message: format!("{} case(s) fail: {}", failures.len(), first.join("; ")),
-                    problems: failures,
-                })
-            }
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("verification task failed: {e}")))?
+        tokio::task::spawn_blocking(move || verify_model(&model, &sandbox))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("verification task failed: {e}")))?
     }
 
     /// Publish the world's draft as its next version.

@@ -357,6 +357,19 @@ fn the_source_tree_keeps_the_boundaries_of_the_architecture() {
     assert!(breaches.is_empty(), "{}", breaches.join("\n"));
 }
 
+#[test]
+fn the_fuzz_targets_have_headers_and_reach_the_crate_through_its_api() {
+    // The fuzz crate (`fuzz/`, a workspace of its own) goes through `spectral`'s public API:
+    // it names none of the crates that only one module may name.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    sources(root, &root.join("fuzz/src"), &mut files);
+    sources(root, &root.join("fuzz/fuzz_targets"), &mut files);
+    assert!(files.len() >= 5, "read only {} files", files.len());
+    let breaches = check(files.iter().map(|(p, t)| (p.as_str(), t.as_str())));
+    assert!(breaches.is_empty(), "{}", breaches.join("\n"));
+}
+
 /// Each crossing, planted in a file of its own, is reported with its file, line and rule.
 #[test]
 fn a_crossed_boundary_is_reported_with_file_line_and_rule() {
