@@ -18,6 +18,8 @@
 #
 # Settings (environment), with defaults: DURATION=10 WARMUP=2 ROUNDS=3 RATE=2000 CONNS=8
 # AGENTS=3 BETWEEN_MS=2 PORT=18084 MODEL_PORT=18094 BUILD=1 (0: use the built binaries)
+# DB=sqlite (or postgres: a fresh database on PG_URL, default
+# postgres://postgres@127.0.0.1:5432, created and dropped by the script; needs psql)
 # NICE (e.g. -20: run in a session of its own at that autogroup nice, as bench/http.sh).
 # Needs: cargo, curl, jq. Sends traffic to 127.0.0.1 only. Figures: bench/RESULTS.md.
 
@@ -46,6 +48,9 @@ BETWEEN_MS=${BETWEEN_MS:-2}
 PORT=${PORT:-18084}
 MODEL_PORT=${MODEL_PORT:-18094}
 BUILD=${BUILD:-1}
+DB=${DB:-sqlite}
+PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}
+PG_DB=spectral_agent_bench_$$
 # A fixed test key (never a real secret): the operator key of the throwaway store.
 OPERATOR_KEY=spk_bench_operator_key_0123456789
 
@@ -63,6 +68,7 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
     done
+    [ "$DB" = postgres ] && psql -q "$PG_URL/postgres" -c "DROP DATABASE IF EXISTS $PG_DB" >/dev/null 2>&1
     rm -rf "$TMP"
     exit "$status"
 }
@@ -81,8 +87,12 @@ fi
     >"$TMP/model.log" 2>&1 &
 PIDS+=($!)
 
+if [ "$DB" = postgres ]; then
+    psql -q "$PG_URL/postgres" -c "CREATE DATABASE $PG_DB" >/dev/null
+fi
 (
     unset DATABASE_URL
+    [ "$DB" = postgres ] && export DATABASE_URL=$PG_URL/$PG_DB
     export SPECTRAL_ADDR=127.0.0.1:$PORT SPECTRAL_ADMIN_ADDR=127.0.0.1:0 \
         SPECTRAL_DATA_DIR=$TMP/data SPECTRAL_SEED_DIR=predicates \
         SPECTRAL_OPERATOR_KEY=$OPERATOR_KEY SPECTRAL_LOG=warn \
@@ -163,8 +173,9 @@ median() { # file jq-path
     jq -s "[.[] | $2] | sort | .[(length - 1) / 2 | floor]" "$1"
 }
 echo
-echo "| row | decide req/s | p50 | p90 | p99 | p99.9 | agent runs (proposed) | agent events |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "backend: $DB; decide at $RATE/s open loop, c=$CONNS; $AGENTS agent clients; $ROUNDS rounds of ${DURATION} s"
+echo "| row | decide req/s | p50 | p90 | p99 | p99.9 | decide non-2xx | agent runs (proposed) | agent events |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 for row in alone agent; do
     f=$TMP/$row.jsonl
     label="decide at $RATE/s alone"
@@ -173,7 +184,7 @@ for row in alone agent; do
         label="decide at $RATE/s, $AGENTS agent runs streaming"
         agent_cols="| $(median "$f" .agent_runs) ($(median "$f" .agent_proposed)) per ${DURATION}+ s | $(median "$f" .agent_events) |"
     fi
-    echo "| $label | $(median "$f" .rps) | $(median "$f" .latency_us.p50) µs | $(median "$f" .latency_us.p90) µs | $(median "$f" .latency_us.p99) µs | $(median "$f" .latency_us.p999) µs $agent_cols"
+    echo "| $label | $(median "$f" .rps) | $(median "$f" .latency_us.p50) µs | $(median "$f" .latency_us.p90) µs | $(median "$f" .latency_us.p99) µs | $(median "$f" .latency_us.p999) µs | $(median "$f" .non_2xx) $agent_cols"
 done
 echo
 echo "per round (alone, then with agent):"
