@@ -18,6 +18,9 @@
 #
 # Settings (environment), with defaults: DURATION=10 WARMUP=2 ROUNDS=3 RATE=2000 CONNS=8
 # AGENTS=3 BETWEEN_MS=2 PORT=18084 MODEL_PORT=18094 BUILD=1 (0: use the built binaries)
+# BACKGROUND_NICE (SPECTRAL_BACKGROUND_NICE for the server; its default when unset)
+# FOLLOW=stream (or poll: clients poll each run's state every 200 ms and read its log once at
+# the end, which separates the streams' cost from the runs')
 # DB=sqlite (or postgres: a fresh database on PG_URL, default
 # postgres://postgres@127.0.0.1:5432, created and dropped by the script; needs psql)
 # NICE (e.g. -20: run in a session of its own at that autogroup nice, as bench/http.sh).
@@ -49,6 +52,7 @@ PORT=${PORT:-18084}
 MODEL_PORT=${MODEL_PORT:-18094}
 BUILD=${BUILD:-1}
 DB=${DB:-sqlite}
+FOLLOW=${FOLLOW:-stream}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}
 PG_DB=spectral_agent_bench_$$
 # A fixed test key (never a real secret): the operator key of the throwaway store.
@@ -83,7 +87,7 @@ if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
     SERVER_CPU+=(taskset -c 0) CLIENT_CPU+=(taskset -c 1)
 fi
 
-"${CLIENT_CPU[@]}" "$BIN/examples/standin_model" --port "$MODEL_PORT" --between-ms "$BETWEEN_MS" \
+nice -n 19 "${CLIENT_CPU[@]}" "$BIN/examples/standin_model" --port "$MODEL_PORT" --between-ms "$BETWEEN_MS" \
     >"$TMP/model.log" 2>&1 &
 PIDS+=($!)
 
@@ -98,6 +102,7 @@ fi
         SPECTRAL_OPERATOR_KEY=$OPERATOR_KEY SPECTRAL_LOG=warn \
         SPECTRAL_AGENT_BASE_URL=http://127.0.0.1:$MODEL_PORT/v1 SPECTRAL_AGENT_MODEL=stand-in \
         SPECTRAL_AGENT_MAX_RUNS_PER_WORLD=$((AGENTS + 1)) SPECTRAL_RATE_LIMITS=off
+    [ -n "${BACKGROUND_NICE:-}" ] && export SPECTRAL_BACKGROUND_NICE=$BACKGROUND_NICE
     exec "${SERVER_CPU[@]}" "$BIN/spectral" serve
 ) >"$TMP/spectral.log" 2>&1 &
 SERVER_PID=$!
@@ -119,6 +124,9 @@ code=$(curl -sS -o "$TMP/first.json" -w '%{http_code}' -H "$AUTH" -H 'content-ty
 # Appends "<status> <events>" per finished run to its file.
 agent_client() { # n
     local n=$1 run
+    # Below the load generator on CPU 1 (with everything it starts: curl, jq), so that its
+    # process starts do not delay the load generator's sends and the figures stay the server's.
+    renice -n 19 -p "$BASHPID" >/dev/null
     while [ ! -e "$TMP/stop" ]; do
         run=$("${CLIENT_CPU[@]}" curl -sS -X POST -H "$AUTH" -H 'content-type: application/json' \
             --data '{"action":"refund.issue","text":"A refund to store credit of more than 500 EUR needs a person to look at it."}' \
@@ -127,7 +135,18 @@ agent_client() { # n
             echo "refused 0" >>"$TMP/agent.$n"
             continue
         fi
-        "${CLIENT_CPU[@]}" curl -sSN -H "$AUTH" "$BASE/api/worlds/globex-support/agent/runs/$run/events" >"$TMP/stream.$n"
+        if [ "$FOLLOW" = stream ]; then
+            "${CLIENT_CPU[@]}" curl -sSN -H "$AUTH" "$BASE/api/worlds/globex-support/agent/runs/$run/events" >"$TMP/stream.$n"
+        else
+            # Poll the run's state instead of following its stream: separates the cost of the
+            # streams from that of the runs.
+            while "${CLIENT_CPU[@]}" curl -sS -H "$AUTH" "$BASE/api/worlds/globex-support/agent/runs/$run" |
+                jq -e '.status == "running"' >/dev/null; do
+                sleep 0.2
+            done
+            "${CLIENT_CPU[@]}" curl -sS -H "$AUTH" "$BASE/api/worlds/globex-support/agent/runs/$run/events" \
+                -H 'last-event-id: 0' >"$TMP/stream.$n"
+        fi
         local events status
         events=$(grep -c '^id: ' "$TMP/stream.$n" || true)
         status=$(grep '^data: ' "$TMP/stream.$n" | tail -n 1 | sed 's/^data: //' | jq -r '.data.status // "?"' 2>/dev/null || echo '?')
