@@ -345,8 +345,7 @@ impl Consumer {
                     let attempts = u32::try_from(row.attempts).unwrap_or(u32::MAX);
                     let retry_at = (attempts < policy.max_attempts).then(|| {
                         chrono::Utc::now()
-                            + chrono::Duration::from_std(policy.delay(attempts))
-                                .unwrap_or_default()
+                            + chrono::Duration::from_std(policy.delay(attempts)).unwrap_or_default()
                     });
                     self.record_failure(row, &error, retry_at).await;
                     None

@@ -14,8 +14,8 @@ use super::{
 };
 use super::{ChainCheckpoint, ExportRecord, NewExport, PrunedDecisions, StrandedRows};
 use super::{
-    Completion, DecisionRecord, Deployment, Effect, Handled, KeyRecord, NewDecision, NewEvent, NewKey,
-    NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta, StoreError,
+    Completion, DecisionRecord, Deployment, Effect, Handled, KeyRecord, NewDecision, NewEvent,
+    NewKey, NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta, StoreError,
     VersionRecord, Webhook, WorldDetail, WorldSummary,
 };
 

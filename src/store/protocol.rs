@@ -977,11 +977,13 @@ pub(crate) async fn complete_batch<D: Dialect>(
     tx.commit().await?;
     Ok(batch
         .iter()
-        .map(|h| match (held.contains(&h.row.id), first.contains(&h.row.id)) {
-            (false, _) => Completion::Lost,
-            (true, true) => Completion::Applied,
-            (true, false) => Completion::Duplicate,
-        })
+        .map(
+            |h| match (held.contains(&h.row.id), first.contains(&h.row.id)) {
+                (false, _) => Completion::Lost,
+                (true, true) => Completion::Applied,
+                (true, false) => Completion::Duplicate,
+            },
+        )
         .collect())
 }
 

@@ -768,10 +768,20 @@ async fn a_batch_completes_fresh_duplicate_and_lost_rows_exactly(backend: Backen
     for row in &rows {
         let now = s.outbox_row(row.id).await.expect("row").expect("exists");
         if lost.contains(&row.id) {
-            assert_eq!(now.status, OutboxStatus::InFlight, "{}", row.idempotency_key);
+            assert_eq!(
+                now.status,
+                OutboxStatus::InFlight,
+                "{}",
+                row.idempotency_key
+            );
             assert_eq!(now.claimed_by.as_deref(), Some("w2"));
         } else {
-            assert_eq!(now.status, OutboxStatus::Delivered, "{}", row.idempotency_key);
+            assert_eq!(
+                now.status,
+                OutboxStatus::Delivered,
+                "{}",
+                row.idempotency_key
+            );
         }
     }
     // The new owner completes the lost rows: k4 was never recorded, k5 was.
@@ -803,7 +813,12 @@ impl Handler for PerWorld {
     }
 
     fn handle<'a>(&'a self, row: &'a OutboxRow) -> HandlerFuture<'a> {
-        let world = row.idempotency_key.split('-').next().unwrap_or("w").to_owned();
+        let world = row
+            .idempotency_key
+            .split('-')
+            .next()
+            .unwrap_or("w")
+            .to_owned();
         Box::pin(async move { Ok(green(&world, 1)) })
     }
 }
