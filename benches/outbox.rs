@@ -1,7 +1,8 @@
 //! Outbox throughput on Postgres: events produced per second (in batches, and one per
 //! transaction) and events handled per second by one and by two consumers.
 //!
-//! Run: `cargo bench --bench outbox`. It creates a fresh database on the server named by
+//! Run: `cargo bench --bench outbox` (`SPECTRAL_OUTBOX_BATCH` sets the consumers' batch size,
+//! 32 by default). It creates a fresh database on the server named by
 //! `SPECTRAL_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) and
 //! drops it at the end. Figures are recorded in `bench/RESULTS.md`.
 
@@ -156,6 +157,15 @@ impl Handler for Noop {
     }
 }
 
+/// Rows a consumer claims at once: `SPECTRAL_OUTBOX_BATCH` as the service reads it, else the
+/// default.
+fn batch_size(default: u32) -> u32 {
+    std::env::var("SPECTRAL_OUTBOX_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Shared state of the benches: the producer's store, the consumers' stores (one pool each,
 /// as separate worker processes would have), and the next unused generation.
 struct Bench {
@@ -202,10 +212,12 @@ impl Bench {
                 last: last.clone(),
             }),
         );
+        let defaults = OutboxConfig::default();
         let config = OutboxConfig {
             poll_interval: Duration::from_millis(20),
             listen: false,
-            ..OutboxConfig::default()
+            batch_size: batch_size(defaults.batch_size),
+            ..defaults
         };
         let stop = CancellationToken::new();
         let started = Instant::now();

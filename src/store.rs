@@ -40,7 +40,7 @@ pub use dispatch::{Backend, Notifications, Store, StoreConfig};
 pub use error::StoreError;
 pub(crate) use outbox::OUTBOX_CHANNEL;
 pub use outbox::{
-    Completion, Effect, NewEvent, OutboxCounts, OutboxRow, OutboxStatus, ThreadChanged,
+    Completion, Effect, Handled, NewEvent, OutboxCounts, OutboxRow, OutboxStatus, ThreadChanged,
 };
 pub use protocol::decision_recorded;
 pub use records::{

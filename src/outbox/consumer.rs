@@ -1,6 +1,7 @@
 //! The consumer loop: wake on a notification, an in-process signal or a jittered poll; claim
-//! a batch of this generation's due rows; handle them one at a time; on shutdown finish the
-//! row in hand and release the rest. Counts what it does in the workers' metrics
+//! a batch of this generation's due rows; run their handlers one at a time, then complete the
+//! rows that succeeded in one transaction; on shutdown finish the row in hand, complete what
+//! was handled and release the rest. Counts what it does in the workers' metrics
 //! (`docs/operations.md`).
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -14,7 +15,7 @@ use tracing::Instrument;
 
 use super::{HandlerError, Registry, RetryPolicy};
 use crate::config::OutboxConfig;
-use crate::store::{Completion, Notifications, OutboxRow, OutboxStatus, Store};
+use crate::store::{Completion, Effect, Handled, Notifications, OutboxRow, OutboxStatus, Store};
 use crate::telemetry::Metrics;
 
 /// How the consumer learns of new rows.
@@ -290,69 +291,127 @@ impl Consumer {
         // started once half of it has passed, or a slow batch would let another worker rescue
         // rows this one is still going to handle, and both would run them.
         let claimed = tokio::time::Instant::now();
+        let mut done = Vec::with_capacity(rows.len());
+        let mut unstarted = (&ids[ids.len()..], false);
         for (i, row) in rows.iter().enumerate() {
             let stopping = stop.is_cancelled();
             if stopping || claimed.elapsed() > self.config.lease / 2 {
-                let rest = &ids[i..];
-                match self.store.release(&self.worker, rest).await {
-                    Ok(n) if stopping => {
-                        tracing::info!(rows = n, "released claimed rows on shutdown")
-                    }
-                    Ok(n) => tracing::debug!(rows = n, "released the rest of a slow batch"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "releasing claimed rows failed; their lease will expire")
-                    }
-                }
-                return;
+                unstarted = (&ids[i..], stopping);
+                break;
             }
-            self.handle(row).await;
+            if let Some((handler, effect)) = self.run_handler(row).await {
+                done.push((row, handler, effect));
+            }
+        }
+        self.complete(&done).await;
+        let (rest, stopping) = unstarted;
+        if rest.is_empty() {
+            return;
+        }
+        match self.store.release(&self.worker, rest).await {
+            Ok(n) if stopping => tracing::info!(rows = n, "released claimed rows on shutdown"),
+            Ok(n) => tracing::debug!(rows = n, "released the rest of a slow batch"),
+            Err(e) => {
+                tracing::warn!(error = %e, "releasing claimed rows failed; their lease will expire")
+            }
         }
     }
 
     /// Handle one claimed row and record the outcome.
     pub async fn handle(&self, row: &OutboxRow) {
+        if let Some((handler, effect)) = self.run_handler(row).await {
+            self.complete(&[(row, handler, effect)]).await;
+        }
+    }
+
+    /// Run the row's handler: its name and the effect to apply when it succeeded. A failure
+    /// is recorded at once (a retry later, or the dead-letter queue).
+    async fn run_handler(&self, row: &OutboxRow) -> Option<(&'static str, Effect)> {
         let Some(handler) = self.registry.get(&row.event_type).cloned() else {
             let error = format!("no handler for event type '{}'", row.event_type);
             self.record_failure(row, &error, None).await;
-            return;
+            return None;
         };
         let span = tracing::info_span!("outbox", id = row.id, event = %row.event_type, handler = handler.name(), attempt = row.attempts);
-        self.handle_with(row, handler).instrument(span).await
-    }
-
-    async fn handle_with(&self, row: &OutboxRow, handler: Arc<dyn super::Handler>) {
-        let policy = handler.policy(self.policy());
-        match handler.handle(row).await {
-            Ok(effect) => {
-                match self
-                    .store
-                    .complete(row, &self.worker, handler.name(), &effect)
-                    .await
-                {
-                    Ok(Completion::Applied) => {
-                        self.count_handled(row);
-                        tracing::debug!("handled")
-                    }
-                    Ok(Completion::Duplicate) => {
-                        self.count_handled(row);
-                        tracing::info!("already handled; delivered with no second effect")
-                    }
-                    Ok(Completion::Lost) => {
-                        tracing::warn!("claim lost to a lease rescue; result discarded")
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "recording the result failed; the row will be rescued")
-                    }
+        async {
+            let policy = handler.policy(self.policy());
+            match handler.handle(row).await {
+                Ok(effect) => Some((handler.name(), effect)),
+                Err(HandlerError::Terminal(error)) => {
+                    self.record_failure(row, &error, None).await;
+                    None
+                }
+                Err(HandlerError::Retryable(error)) => {
+                    let attempts = u32::try_from(row.attempts).unwrap_or(u32::MAX);
+                    let retry_at = (attempts < policy.max_attempts).then(|| {
+                        chrono::Utc::now()
+                            + chrono::Duration::from_std(policy.delay(attempts)).unwrap_or_default()
+                    });
+                    self.record_failure(row, &error, retry_at).await;
+                    None
                 }
             }
-            Err(HandlerError::Terminal(error)) => self.record_failure(row, &error, None).await,
-            Err(HandlerError::Retryable(error)) => {
-                let attempts = u32::try_from(row.attempts).unwrap_or(u32::MAX);
-                let retry_at = (attempts < policy.max_attempts).then(|| {
-                    chrono::Utc::now()
-                        + chrono::Duration::from_std(policy.delay(attempts)).unwrap_or_default()
-                });
-                self.record_failure(row, &error, retry_at).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Complete the rows whose handlers succeeded, all in one transaction. When that fails,
+    /// nothing of it was written, and the rows are completed one at a time: a row whose effect
+    /// cannot be applied then fails alone and is rescued later, and the others are delivered.
+    async fn complete(&self, done: &[(&OutboxRow, &'static str, Effect)]) {
+        let batch: Vec<Handled<'_>> = done
+            .iter()
+            .map(|(row, handler, effect)| Handled {
+                row,
+                handler,
+                effect,
+            })
+            .collect();
+        if batch.is_empty() {
+            return;
+        }
+        match self.store.complete_batch(&self.worker, &batch).await {
+            Ok(outcomes) => {
+                for (handled, outcome) in batch.iter().zip(outcomes) {
+                    self.record_completion(handled, Ok(outcome));
+                }
+            }
+            Err(e) if batch.len() == 1 => self.record_completion(&batch[0], Err(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, rows = batch.len(), "completing a batch in one transaction failed; completing its rows one at a time");
+                for handled in &batch {
+                    let outcome = self
+                        .store
+                        .complete(handled.row, &self.worker, handled.handler, handled.effect)
+                        .await;
+                    self.record_completion(handled, outcome);
+                }
+            }
+        }
+    }
+
+    fn record_completion(
+        &self,
+        handled: &Handled<'_>,
+        outcome: Result<Completion, crate::store::StoreError>,
+    ) {
+        let row = handled.row;
+        let _span = tracing::info_span!("outbox", id = row.id, event = %row.event_type, handler = handled.handler, attempt = row.attempts).entered();
+        match outcome {
+            Ok(Completion::Applied) => {
+                self.count_handled(row);
+                tracing::debug!("handled")
+            }
+            Ok(Completion::Duplicate) => {
+                self.count_handled(row);
+                tracing::info!("already handled; delivered with no second effect")
+            }
+            Ok(Completion::Lost) => {
+                tracing::warn!("claim lost to a lease rescue; result discarded")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "recording the result failed; the row will be rescued")
             }
         }
     }

@@ -15,8 +15,8 @@ use super::{
 };
 use super::{ChainCheckpoint, ExportRecord, NewExport, PrunedDecisions, StrandedRows};
 use super::{
-    Completion, DecisionRecord, Deployment, Effect, KeyRecord, NewDecision, NewEvent, NewKey,
-    NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta, StoreError,
+    Completion, DecisionRecord, Deployment, Effect, Handled, KeyRecord, NewDecision, NewEvent,
+    NewKey, NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta, StoreError,
     VersionRecord, Webhook, WorldDetail, WorldSummary,
 };
 
@@ -389,6 +389,21 @@ impl Store {
     ) -> Result<Completion, StoreError> {
         let r = dispatch!(self, s => protocol::complete(s, row, worker, handler, effect).await);
         if matches!(effect, Effect::Enqueue(_)) {
+            self.local_wake().notify_waiters();
+        }
+        r
+    }
+
+    /// Complete rows handled by `worker` in one transaction, as [`Store::complete`] does each:
+    /// the outcome of each, in `batch`'s order. Any error rolls back the whole batch, and the
+    /// caller may then complete its rows one at a time.
+    pub async fn complete_batch(
+        &self,
+        worker: &str,
+        batch: &[Handled<'_>],
+    ) -> Result<Vec<Completion>, StoreError> {
+        let r = dispatch!(self, s => protocol::complete_batch(s, worker, batch).await);
+        if batch.iter().any(|h| matches!(h.effect, Effect::Enqueue(_))) {
             self.local_wake().notify_waiters();
         }
         r

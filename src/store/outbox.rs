@@ -101,6 +101,15 @@ pub enum Effect {
     Enqueue(Vec<NewEvent>),
 }
 
+/// A row its handler has handled, to complete: which handler, and what the handling changes.
+#[derive(Debug, Clone, Copy)]
+pub struct Handled<'a> {
+    pub row: &'a OutboxRow,
+    /// The handler's name, under which `event_handled` records the row's key.
+    pub handler: &'a str,
+    pub effect: &'a Effect,
+}
+
 /// What became of a handled row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {

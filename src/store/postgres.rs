@@ -13,7 +13,8 @@ use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{
-    PgArgumentBuffer, PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgTypeInfo, PgValueRef,
+    PgArgumentBuffer, PgConnectOptions, PgHasArrayType, PgListener, PgPool, PgPoolOptions,
+    PgTypeInfo, PgValueRef,
 };
 use sqlx::{Decode, Encode, Postgres, Type};
 
@@ -21,7 +22,7 @@ use super::chain::{decisions_insert, ChainedDecision, GENESIS};
 use super::outbox::{source, OutboxDbRow, Stamp};
 use super::protocol::{Dialect, Tx};
 use super::records::{
-    DecisionRow, DeploymentRow, Json, KeyRow, ScopeList, Time, VersionModelRow, VersionRow,
+    DecisionRow, DeploymentRow, Json, KeyRow, List, ScopeList, Time, VersionModelRow, VersionRow,
     WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
 };
 use super::retention::{retention_statements, ExportRow, NewExport, RetentionSql, StrandedRows};
@@ -249,6 +250,24 @@ impl Encode<'_, Postgres> for ScopeList {
 impl Decode<'_, Postgres> for ScopeList {
     fn decode(value: PgValueRef<'_>) -> Result<Self, BoxDynError> {
         Ok(Self(Decode::<Postgres>::decode(value)?))
+    }
+}
+
+impl<T> Type<Postgres> for List<T>
+where
+    T: Type<Postgres> + PgHasArrayType,
+{
+    fn type_info() -> PgTypeInfo {
+        <Vec<T> as Type<Postgres>>::type_info()
+    }
+}
+
+impl<'q, T> Encode<'q, Postgres> for List<T>
+where
+    T: Encode<'q, Postgres> + Type<Postgres> + PgHasArrayType,
+{
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        Encode::<Postgres>::encode_by_ref(&self.0, buf)
     }
 }
 
@@ -495,17 +514,25 @@ const SQL: Sql = Sql {
                                             available_at)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $2)
                    ON CONFLICT (event_type, idempotency_key) DO NOTHING",
+    // Completing a batch: one statement per step for all its rows, over arrays.
     lock_claimed: "SELECT id FROM core.outbox
-                   WHERE id = $1 AND status = 'in_flight' AND claimed_by = $2 FOR UPDATE",
+                   WHERE id = ANY($1) AND status = 'in_flight' AND claimed_by = $2
+                   ORDER BY id FOR UPDATE",
     insert_handled: "INSERT INTO core.event_handled
                          (handler, idempotency_key, outbox_id, handled_at)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-    add_stat: "INSERT INTO core.decision_stats (world, rule, status, count)
-               VALUES ($1, $2, $3, $4)
-               ON CONFLICT (world, rule, status)
-               DO UPDATE SET count = core.decision_stats.count + excluded.count",
+                     SELECT h, k, i, $4::timestamptz
+                     FROM UNNEST($1::text[], $2::text[], $3::bigint[])
+                         AS t(h, k, i)
+                     ON CONFLICT DO NOTHING
+                     RETURNING outbox_id",
+    // The rows are upserted in the arrays' order, which the caller sorts.
+    add_stats: "INSERT INTO core.decision_stats (world, rule, status, count)
+                SELECT w, r, s, c
+                FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) AS t(w, r, s, c)
+                ON CONFLICT (world, rule, status)
+                DO UPDATE SET count = core.decision_stats.count + excluded.count",
     mark_delivered: "UPDATE core.outbox SET status = 'delivered', last_error = NULL
-                     WHERE id = $1",
+                     WHERE id = ANY($1)",
     fail: "UPDATE core.outbox SET
                status = CASE WHEN $4::timestamptz IS NULL THEN 'failed' ELSE 'pending' END,
                available_at = COALESCE($4, available_at),

@@ -11,10 +11,12 @@
 //! sorted world order, and modules inserted in hash order, so that two writers never wait on
 //! each other in a cycle.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use chrono::{DateTime, Utc};
 
 use super::chain::{extend_chain, group_by_world, insert_chunks, ChainedDecision};
-use super::outbox::{OutboxDbRow, Stamp};
+use super::outbox::{Handled, OutboxDbRow, Stamp};
 use super::records::{
     bigint, convert, now, to_i64, to_u64, DecisionRow, DeploymentRow, KeyRow, VersionModelRow,
     VersionRow, WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
@@ -192,18 +194,24 @@ pub(crate) trait Dialect: Sync + Sized {
         limit: i64,
         at: DateTime<Utc>,
     ) -> Result<Vec<OutboxDbRow>, StoreError>;
-    /// Lock row `id` if it is still in flight under `worker`; whether it was.
-    async fn lock_claimed(tx: &mut Tx<Self>, id: i64, worker: &str) -> Result<bool, StoreError>;
-    /// Record that `handler` handled `key`; whether this was the first time.
+    /// Lock, in id order, the rows of `ids` still in flight under `worker`; their ids.
+    async fn lock_claimed(
+        tx: &mut Tx<Self>,
+        ids: &[i64],
+        worker: &str,
+    ) -> Result<Vec<i64>, StoreError>;
+    /// Record that `handlers[i]` handled `keys[i]` (row `ids[i]`), in one statement; the ids
+    /// of the rows whose key was recorded for the first time.
     async fn insert_handled(
         tx: &mut Tx<Self>,
-        handler: &str,
-        key: &str,
-        id: i64,
+        handlers: Vec<String>,
+        keys: Vec<String>,
+        ids: Vec<i64>,
         at: DateTime<Utc>,
-    ) -> Result<bool, StoreError>;
-    async fn add_stat(tx: &mut Tx<Self>, delta: &StatDelta) -> Result<(), StoreError>;
-    async fn mark_delivered(tx: &mut Tx<Self>, id: i64) -> Result<(), StoreError>;
+    ) -> Result<Vec<i64>, StoreError>;
+    /// Add to the statistics, in one statement; no two deltas may name the same counter.
+    async fn add_stats(tx: &mut Tx<Self>, deltas: &[StatDelta]) -> Result<(), StoreError>;
+    async fn mark_delivered(tx: &mut Tx<Self>, ids: Vec<i64>) -> Result<(), StoreError>;
     /// Record a failed attempt; the row's new status, `None` when it was not `worker`'s.
     async fn fail(
         &self,
@@ -884,41 +892,104 @@ pub(crate) async fn complete<D: Dialect>(
     handler: &str,
     effect: &Effect,
 ) -> Result<Completion, StoreError> {
-    let at = now();
-    let mut tx = db.begin_write().await?;
-    // Still ours? A lease that expired gave the row to someone else.
-    if !D::lock_claimed(&mut tx, row.id, worker).await? {
-        return Ok(Completion::Lost);
+    let one = Handled {
+        row,
+        handler,
+        effect,
+    };
+    let done = complete_batch(db, worker, std::slice::from_ref(&one)).await?;
+    done.into_iter()
+        .next()
+        .ok_or_else(|| StoreError::Corrupt("a completion without its outcome".into()))
+}
+
+/// Complete handled rows in one transaction, with a statement per step for all of them: lock
+/// the rows still claimed by `worker`, record them in `event_handled`, apply the effects of
+/// the rows handled for the first time (their statistics folded per world, rule and status
+/// first), mark the held rows delivered. The outcome of each row, in `batch`'s order. Any
+/// error rolls back the whole batch.
+pub(crate) async fn complete_batch<D: Dialect>(
+    db: &D,
+    worker: &str,
+    batch: &[Handled<'_>],
+) -> Result<Vec<Completion>, StoreError> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
     }
-    let key = format!("{}:{}", row.event_type, row.idempotency_key);
-    let first = D::insert_handled(&mut tx, handler, &key, row.id, at).await?;
-    if first {
-        match effect {
+    let at = now();
+    let ids: Vec<i64> = batch.iter().map(|h| h.row.id).collect();
+    let mut tx = db.begin_write().await?;
+    // Still ours? A lease that expired gave a row to someone else. The rows are locked in id
+    // order, so two completers never wait on each other in a cycle.
+    let held: BTreeSet<i64> = D::lock_claimed(&mut tx, &ids, worker)
+        .await?
+        .into_iter()
+        .collect();
+    if held.is_empty() {
+        tx.rollback().await?;
+        return Ok(vec![Completion::Lost; batch.len()]);
+    }
+    let mine: Vec<&Handled<'_>> = batch.iter().filter(|h| held.contains(&h.row.id)).collect();
+    let handlers = mine.iter().map(|h| h.handler.to_owned()).collect();
+    let keys = mine
+        .iter()
+        .map(|h| format!("{}:{}", h.row.event_type, h.row.idempotency_key))
+        .collect();
+    let held_ids: Vec<i64> = mine.iter().map(|h| h.row.id).collect();
+    let first: BTreeSet<i64> = D::insert_handled(&mut tx, handlers, keys, held_ids.clone(), at)
+        .await?
+        .into_iter()
+        .collect();
+    // One upsert per counter for the whole batch, in one order for every writer, so that
+    // concurrent upserts cannot deadlock.
+    let mut stats: BTreeMap<(&str, &str, &str), i64> = BTreeMap::new();
+    for h in mine.iter().filter(|h| first.contains(&h.row.id)) {
+        match h.effect {
             Effect::None => {}
             Effect::Stats(deltas) => {
-                let mut sorted: Vec<&StatDelta> = deltas.iter().collect();
-                // One order for every writer, so concurrent upserts cannot deadlock.
-                sorted.sort_by(|a, b| {
-                    (&a.world, &a.rule, &a.status).cmp(&(&b.world, &b.rule, &b.status))
-                });
-                for delta in sorted {
-                    D::add_stat(&mut tx, delta).await?;
+                for d in deltas {
+                    let count = stats
+                        .entry((d.world.as_str(), d.rule.as_str(), d.status.as_str()))
+                        .or_insert(0);
+                    *count = count.checked_add(d.count).ok_or_else(|| {
+                        StoreError::Conflict(format!(
+                            "the statistic {}/{}/{} overflows",
+                            d.world, d.rule, d.status
+                        ))
+                    })?;
                 }
             }
             Effect::Enqueue(events) => {
                 for event in events {
-                    D::insert_event(&mut tx, event, row.generation, at).await?;
+                    D::insert_event(&mut tx, event, h.row.generation, at).await?;
                 }
             }
         }
     }
-    D::mark_delivered(&mut tx, row.id).await?;
+    if !stats.is_empty() {
+        let folded = stats
+            .into_iter()
+            .map(|((world, rule, status), count)| StatDelta {
+                world: world.to_owned(),
+                rule: rule.to_owned(),
+                status: status.to_owned(),
+                count,
+            })
+            .collect::<Vec<_>>();
+        D::add_stats(&mut tx, &folded).await?;
+    }
+    D::mark_delivered(&mut tx, held_ids).await?;
     tx.commit().await?;
-    Ok(if first {
-        Completion::Applied
-    } else {
-        Completion::Duplicate
-    })
+    Ok(batch
+        .iter()
+        .map(
+            |h| match (held.contains(&h.row.id), first.contains(&h.row.id)) {
+                (false, _) => Completion::Lost,
+                (true, true) => Completion::Applied,
+                (true, false) => Completion::Duplicate,
+            },
+        )
+        .collect())
 }
 
 pub(crate) async fn fail<D: Dialect>(

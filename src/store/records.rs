@@ -1,7 +1,7 @@
 //! What the store keeps, as the rest of the service sees it, and the rows both dialects
 //! decode into. The rows name columns once for both backends; each dialect says how it stores
-//! a time, a JSON document and a list of scopes by implementing sqlx's traits for [`Time`],
-//! [`Json`] and [`ScopeList`] in its own file.
+//! a time, a JSON document, a list of scopes and a list bound as one parameter by implementing
+//! sqlx's traits for [`Time`], [`Json`], [`ScopeList`] and [`List`] in its own file.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -276,6 +276,12 @@ pub(crate) struct Json(pub serde_json::Value);
 /// A key's scopes as stored: `text[]` in PostgreSQL, comma-separated text in SQLite.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ScopeList(pub Vec<String>);
+
+/// A list of values bound as one parameter, for set-based statements over a batch: an array
+/// (`bigint[]`, `text[]`) in PostgreSQL, read with `ANY` or `UNNEST`; a JSON array in SQLite,
+/// read with `json_each`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct List<T>(pub Vec<T>);
 
 impl ScopeList {
     pub(crate) fn of(scopes: &[Scope]) -> Self {

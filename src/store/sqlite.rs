@@ -25,7 +25,7 @@ use super::chain::{decisions_insert, ChainedDecision, GENESIS};
 use super::outbox::{source, OutboxDbRow, Stamp};
 use super::protocol::{Dialect, Tx};
 use super::records::{
-    from_micros, DecisionRow, DeploymentRow, Json, KeyRow, ScopeList, Time, VersionModelRow,
+    from_micros, DecisionRow, DeploymentRow, Json, KeyRow, List, ScopeList, Time, VersionModelRow,
     VersionRow, WebhookRow, WorldHeadRow, WorldRow, WorldVersionRow,
 };
 use super::retention::{retention_statements, ExportRow, NewExport, RetentionSql, StrandedRows};
@@ -185,6 +185,18 @@ impl Decode<'_, Sqlite> for ScopeList {
     fn decode(value: SqliteValueRef<'_>) -> Result<Self, BoxDynError> {
         let text: &str = Decode::<Sqlite>::decode(value)?;
         Ok(Self(text.split(',').map(str::to_owned).collect()))
+    }
+}
+
+impl<T> Type<Sqlite> for List<T> {
+    fn type_info() -> SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+}
+
+impl<'q, T: serde::Serialize> Encode<'q, Sqlite> for List<T> {
+    fn encode_by_ref(&self, buf: &mut Vec<SqliteArgumentValue<'q>>) -> Result<IsNull, BoxDynError> {
+        Encode::<Sqlite>::encode(serde_json::to_string(&self.0)?, buf)
     }
 }
 
@@ -438,13 +450,30 @@ const SQL: Sql = Sql {
                                        generation, world, payload, idempotency_key, available_at)
                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?2)
                    ON CONFLICT (event_type, idempotency_key) DO NOTHING",
-    lock_claimed:
-        "SELECT id FROM outbox WHERE id = ?1 AND status = 'in_flight' AND claimed_by = ?2",
+    // Completing a batch: one statement per step for all its rows, over JSON arrays. An
+    // INSERT … SELECT with an upsert clause needs a WHERE, or SQLite reads ON as a join's.
+    lock_claimed: "SELECT id FROM outbox
+                   WHERE id IN (SELECT value FROM json_each(?1))
+                     AND status = 'in_flight' AND claimed_by = ?2
+                   ORDER BY id",
     insert_handled: "INSERT INTO event_handled (handler, idempotency_key, outbox_id, handled_at)
-                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-    add_stat: "INSERT INTO decision_stats (world, rule, status, count) VALUES (?1, ?2, ?3, ?4)
-               ON CONFLICT (world, rule, status) DO UPDATE SET count = count + excluded.count",
-    mark_delivered: "UPDATE outbox SET status = 'delivered', last_error = NULL WHERE id = ?1",
+                     SELECT h.value, k.value, i.value, ?4
+                     FROM json_each(?1) h
+                     JOIN json_each(?2) k ON k.key = h.key
+                     JOIN json_each(?3) i ON i.key = h.key
+                     WHERE true ORDER BY h.key
+                     ON CONFLICT DO NOTHING
+                     RETURNING outbox_id",
+    add_stats: "INSERT INTO decision_stats (world, rule, status, count)
+                SELECT w.value, r.value, s.value, c.value
+                FROM json_each(?1) w
+                JOIN json_each(?2) r ON r.key = w.key
+                JOIN json_each(?3) s ON s.key = w.key
+                JOIN json_each(?4) c ON c.key = w.key
+                WHERE true ORDER BY w.key
+                ON CONFLICT (world, rule, status) DO UPDATE SET count = count + excluded.count",
+    mark_delivered: "UPDATE outbox SET status = 'delivered', last_error = NULL
+                     WHERE id IN (SELECT value FROM json_each(?1))",
     fail: "UPDATE outbox SET
                status = CASE WHEN ?4 IS NULL THEN 'failed' ELSE 'pending' END,
                available_at = COALESCE(?4, available_at),

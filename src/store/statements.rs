@@ -38,9 +38,11 @@ pub(crate) struct Sql {
     pub allocate_generation: &'static str,
     pub latest_generation: &'static str,
     pub insert_event: &'static str,
+    /// The statements that complete a batch of outbox rows bind lists
+    /// ([`List`](super::records::List)).
     pub lock_claimed: &'static str,
     pub insert_handled: &'static str,
-    pub add_stat: &'static str,
+    pub add_stats: &'static str,
     pub mark_delivered: &'static str,
     pub fail: &'static str,
     pub rescue: &'static str,
@@ -412,37 +414,49 @@ macro_rules! shared_statements {
 
         async fn lock_claimed(
             tx: &mut Tx<Self>,
-            id: i64,
+            ids: &[i64],
             worker: &str,
-        ) -> Result<bool, StoreError> {
+        ) -> Result<Vec<i64>, StoreError> {
             let q = sqlx::query_scalar::<_, i64>(Self::SQL.lock_claimed)
-                .bind(id)
+                .bind(List(ids.to_vec()))
                 .bind(worker);
-            Ok(q.fetch_optional(&mut **tx).await?.is_some())
+            Ok(q.fetch_all(&mut **tx).await?)
         }
 
         async fn insert_handled(
             tx: &mut Tx<Self>,
-            handler: &str,
-            key: &str,
-            id: i64,
+            handlers: Vec<String>,
+            keys: Vec<String>,
+            ids: Vec<i64>,
             at: DateTime<Utc>,
-        ) -> Result<bool, StoreError> {
-            let q = sqlx::query(Self::SQL.insert_handled)
-                .bind(handler)
-                .bind(key);
-            let q = q.bind(id).bind(Time(at));
-            Ok(q.execute(&mut **tx).await?.rows_affected() == 1)
+        ) -> Result<Vec<i64>, StoreError> {
+            let q = sqlx::query_scalar::<_, i64>(Self::SQL.insert_handled)
+                .bind(List(handlers))
+                .bind(List(keys));
+            let q = q.bind(List(ids)).bind(Time(at));
+            Ok(q.fetch_all(&mut **tx).await?)
         }
 
-        async fn add_stat(tx: &mut Tx<Self>, d: &StatDelta) -> Result<(), StoreError> {
-            let q = sqlx::query(Self::SQL.add_stat).bind(&d.world).bind(&d.rule);
-            let q = q.bind(&d.status).bind(d.count);
+        async fn add_stats(tx: &mut Tx<Self>, deltas: &[StatDelta]) -> Result<(), StoreError> {
+            let mut worlds = Vec::with_capacity(deltas.len());
+            let mut rules = Vec::with_capacity(deltas.len());
+            let mut statuses = Vec::with_capacity(deltas.len());
+            let mut counts = Vec::with_capacity(deltas.len());
+            for d in deltas {
+                worlds.push(d.world.clone());
+                rules.push(d.rule.clone());
+                statuses.push(d.status.clone());
+                counts.push(d.count);
+            }
+            let q = sqlx::query(Self::SQL.add_stats)
+                .bind(List(worlds))
+                .bind(List(rules));
+            let q = q.bind(List(statuses)).bind(List(counts));
             Ok(q.execute(&mut **tx).await.map(drop)?)
         }
 
-        async fn mark_delivered(tx: &mut Tx<Self>, id: i64) -> Result<(), StoreError> {
-            let q = sqlx::query(Self::SQL.mark_delivered).bind(id);
+        async fn mark_delivered(tx: &mut Tx<Self>, ids: Vec<i64>) -> Result<(), StoreError> {
+            let q = sqlx::query(Self::SQL.mark_delivered).bind(List(ids));
             Ok(q.execute(&mut **tx).await.map(drop)?)
         }
 

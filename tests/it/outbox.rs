@@ -1,6 +1,7 @@
 //! The outbox on both backends: events commit with their change, claims never overlap,
 //! notifications are hints and polling is the guarantee, generations stay apart, retries back
-//! off, failures can be replayed, and a dead worker's rows are rescued.
+//! off, failures can be replayed, a dead worker's rows are rescued, and a claimed batch is
+//! completed in one transaction with each row's outcome exact.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -13,7 +14,8 @@ use spectral::outbox::{
     Consumer, Handler, HandlerError, HandlerFuture, OutboxState, Registry, Wiring,
 };
 use spectral::store::{
-    events, Effect, MatchedRule, NewDecision, NewEvent, OutboxRow, OutboxStatus, StatDelta, Store,
+    events, Completion, Effect, Handled, MatchedRule, NewDecision, NewEvent, OutboxRow,
+    OutboxStatus, StatDelta, Store,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +31,8 @@ crate::both_backends!(
     a_dead_workers_rows_are_rescued_and_handled_once,
     stored_rows_are_read_as_typed_events_or_dead_lettered,
     the_oldest_pending_event_is_aged_until_it_is_handled,
+    a_batch_completes_fresh_duplicate_and_lost_rows_exactly,
+    a_failing_effect_fails_alone_and_the_rest_of_its_batch_is_delivered,
 );
 
 /// A fresh store on its own pool.
@@ -655,4 +659,251 @@ async fn the_oldest_pending_event_is_aged_until_it_is_handled(backend: Backend) 
         s.outbox_counts(1).await.expect("counts").oldest_pending_ms,
         None
     );
+}
+
+/// Run `sql` on the test database directly, as someone with database access would; `{t}`
+/// stands for the schema prefix of the backend's tables.
+async fn raw(db: &Db, sql: &str) {
+    use sqlx::Connection;
+    match (db.sqlite_file(), db.postgres_url()) {
+        (Some(file), _) => {
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+                .await
+                .expect("sqlite");
+            sqlx::raw_sql(&sql.replace("{t}", ""))
+                .execute(&mut c)
+                .await
+                .expect("raw sql");
+        }
+        (None, Some(url)) => {
+            let mut c = sqlx::PgConnection::connect(url).await.expect("postgres");
+            sqlx::raw_sql(&sql.replace("{t}", "core."))
+                .execute(&mut c)
+                .await
+                .expect("raw sql");
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// An effect adding `count` to `world`'s `*/GREEN` statistic.
+fn green(world: &str, count: i64) -> Effect {
+    Effect::Stats(vec![StatDelta {
+        world: world.into(),
+        rule: "*".into(),
+        status: "GREEN".into(),
+        count,
+    }])
+}
+
+/// One batch holds fresh rows, rows whose key a handler already recorded, and rows whose
+/// claim went to another worker: each gets its own outcome, the fresh ones alone have an
+/// effect, and a lost row writes nothing, so its new owner applies it once.
+async fn a_batch_completes_fresh_duplicate_and_lost_rows_exactly(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let s = store(&db).await;
+    s.set_generation(1);
+    let batch: Vec<NewEvent> = (0..6).map(|i| event(&format!("k{i}"))).collect();
+    s.enqueue(&batch).await.expect("enqueue");
+    let rows = s.claim(1, "w1", 10).await.expect("claim");
+    assert_eq!(rows.len(), 6);
+    // k1, k3 and k5 were handled before (by an earlier run of the same handler).
+    for key in ["k1", "k3", "k5"] {
+        raw(
+            &db,
+            &format!(
+                "INSERT INTO {{t}}event_handled (handler, idempotency_key, outbox_id, handled_at)
+                 VALUES ('probe', 'test.event:{key}', 0, {})",
+                match backend {
+                    Backend::Sqlite => "0",
+                    Backend::Postgres => "now()",
+                }
+            ),
+        )
+        .await;
+    }
+    // k4 and k5 went back to pending and another worker holds them now.
+    let lost = [rows[4].id, rows[5].id];
+    assert_eq!(s.release("w1", &lost).await.expect("release"), 2);
+    let taken = s.claim(1, "w2", 10).await.expect("claim");
+    assert_eq!(taken.iter().map(|r| r.id).collect::<Vec<_>>(), lost);
+    // Row i adds 10^i to one counter, so the total says which rows had an effect; k2 also
+    // fans out an event, and k3 (a duplicate) would.
+    let fan_out = |key: &str| Effect::Enqueue(vec![event(&format!("fan-{key}"))]);
+    let effects_of: Vec<Effect> = (0..6u32)
+        .map(|i| match i {
+            2 | 3 => fan_out(&format!("k{i}")),
+            _ => green("w", 10i64.pow(i)),
+        })
+        .collect();
+    let handled: Vec<Handled<'_>> = rows
+        .iter()
+        .zip(&effects_of)
+        .map(|(row, effect)| Handled {
+            row,
+            handler: "probe",
+            effect,
+        })
+        .collect();
+    let outcomes = s.complete_batch("w1", &handled).await.expect("complete");
+    assert_eq!(
+        outcomes,
+        vec![
+            Completion::Applied,
+            Completion::Duplicate,
+            Completion::Applied,
+            Completion::Duplicate,
+            Completion::Lost,
+            Completion::Lost,
+        ]
+    );
+    assert_eq!(effects(&s).await, 1, "only k0's statistic");
+    let fanned: Vec<String> = rows_of(&s, TEST_EVENT)
+        .await
+        .into_iter()
+        .map(|r| r.idempotency_key)
+        .filter(|k| k.starts_with("fan-"))
+        .collect();
+    assert_eq!(fanned, vec!["fan-k2".to_string()], "only k2's fan-out");
+    for row in &rows {
+        let now = s.outbox_row(row.id).await.expect("row").expect("exists");
+        if lost.contains(&row.id) {
+            assert_eq!(
+                now.status,
+                OutboxStatus::InFlight,
+                "{}",
+                row.idempotency_key
+            );
+            assert_eq!(now.claimed_by.as_deref(), Some("w2"));
+        } else {
+            assert_eq!(
+                now.status,
+                OutboxStatus::Delivered,
+                "{}",
+                row.idempotency_key
+            );
+        }
+    }
+    // The new owner completes the lost rows: k4 was never recorded, k5 was.
+    let handled: Vec<Handled<'_>> = taken
+        .iter()
+        .zip(&effects_of[4..])
+        .map(|(row, effect)| Handled {
+            row,
+            handler: "probe",
+            effect,
+        })
+        .collect();
+    let outcomes = s.complete_batch("w2", &handled).await.expect("complete");
+    assert_eq!(outcomes, vec![Completion::Applied, Completion::Duplicate]);
+    assert_eq!(effects(&s).await, 10_001);
+    // A second completion of rows already delivered changes nothing.
+    let again = s.complete_batch("w2", &handled).await.expect("complete");
+    assert_eq!(again, vec![Completion::Lost, Completion::Lost]);
+    assert_eq!(effects(&s).await, 10_001);
+    s.close().await;
+}
+
+/// A handler that adds to the statistics of the world its row's key names.
+struct PerWorld;
+
+impl Handler for PerWorld {
+    fn name(&self) -> &'static str {
+        "per_world"
+    }
+
+    fn handle<'a>(&'a self, row: &'a OutboxRow) -> HandlerFuture<'a> {
+        let world = row
+            .idempotency_key
+            .split('-')
+            .next()
+            .unwrap_or("w")
+            .to_owned();
+        Box::pin(async move { Ok(green(&world, 1)) })
+    }
+}
+
+/// One row of a batch has an effect the database refuses (a trigger rejects its world): the
+/// batch's transaction rolls back, its rows are completed one at a time, the others are
+/// delivered with one effect each, and the refused row wrote nothing: once the database
+/// accepts it, its effect is applied.
+async fn a_failing_effect_fails_alone_and_the_rest_of_its_batch_is_delivered(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let s = store(&db).await;
+    s.set_generation(1);
+    let refuse = match backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON decision_stats
+             WHEN NEW.world = 'poison' BEGIN SELECT RAISE(ABORT, 'poison refused'); END;"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION core.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.world = 'poison' THEN RAISE EXCEPTION 'poison refused'; END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_poison BEFORE INSERT ON core.decision_stats
+                 FOR EACH ROW EXECUTE FUNCTION core.refuse_poison();"
+        }
+    };
+    raw(&db, refuse).await;
+    let keys = ["w-0", "w-1", "poison-2", "w-3", "w-4"];
+    let batch: Vec<NewEvent> = keys.iter().map(|k| event(k)).collect();
+    s.enqueue(&batch).await.expect("enqueue");
+    let mut registry = Registry::new();
+    registry.register(TEST_EVENT, Arc::new(PerWorld));
+    let consumer = Consumer::new(
+        store(&db).await,
+        registry,
+        config(),
+        1,
+        Arc::new(OutboxState::default()),
+    );
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        consumer.run(stopped).await.expect("the consumer ran");
+    });
+    until_effects(&s, 4).await;
+    let status_of = |key: &str| {
+        let s = s.clone();
+        let key = key.to_owned();
+        async move {
+            rows_of(&s, TEST_EVENT)
+                .await
+                .into_iter()
+                .find(|r| r.idempotency_key == key)
+                .map(|r| r.status)
+        }
+    };
+    for key in keys.iter().filter(|k| k.starts_with("w-")) {
+        assert_eq!(status_of(key).await, Some(OutboxStatus::Delivered), "{key}");
+    }
+    // The refused row is left in flight for the lease rescue, with nothing recorded.
+    assert_eq!(status_of("poison-2").await, Some(OutboxStatus::InFlight));
+    assert!(s.stats("poison").await.expect("stats").is_empty());
+    let accept = match backend {
+        Backend::Sqlite => "DROP TRIGGER refuse_poison",
+        Backend::Postgres => "DROP TRIGGER refuse_poison ON core.decision_stats",
+    };
+    raw(&db, accept).await;
+    assert_eq!(
+        s.rescue(1, Duration::ZERO).await.expect("rescue"),
+        1,
+        "only the refused row is in flight"
+    );
+    let poison = eventually(Duration::from_secs(20), "the refused row's effect", || {
+        let s = s.clone();
+        async move {
+            let stats = s.stats("poison").await.expect("stats");
+            (!stats.is_empty()).then_some(stats)
+        }
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("consumer");
+    assert_eq!(poison.len(), 1);
+    assert_eq!(poison[0].count, 1);
+    assert_eq!(effects(&s).await, 4, "each of the others once");
+    assert_eq!(status_of("poison-2").await, Some(OutboxStatus::Delivered));
 }
