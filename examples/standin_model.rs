@@ -13,7 +13,6 @@
 
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     reason = "a benchmark helper, not service code: failing to bind or start is a plain crash"
 )]
 
