@@ -1637,9 +1637,17 @@ pub(crate) async fn chain_head<D: Dialect>(
     let mut tx = db.begin_read().await?;
     let head = D::chain_head(&mut tx, world).await?;
     tx.commit().await?;
-    head.map(|(seq, hash)| {
+    chain_link(head, "chain head seq")
+}
+
+/// A stored `(seq, hash)` link of a chain, checked.
+fn chain_link(
+    link: Option<(i64, String)>,
+    what: &str,
+) -> Result<Option<ChainCheckpoint>, StoreError> {
+    link.map(|(seq, hash)| {
         Ok(ChainCheckpoint {
-            seq: to_u64(seq, "chain head seq")?,
+            seq: to_u64(seq, what)?,
             hash,
         })
     })
@@ -1653,14 +1661,7 @@ pub(crate) async fn chain_checkpoint<D: Dialect>(
     let mut tx = db.begin_read().await?;
     let checkpoint = D::chain_checkpoint(&mut tx, world).await?;
     tx.commit().await?;
-    checkpoint
-        .map(|(seq, hash)| {
-            Ok(ChainCheckpoint {
-                seq: to_u64(seq, "checkpoint seq")?,
-                hash,
-            })
-        })
-        .transpose()
+    chain_link(checkpoint, "checkpoint seq")
 }
 
 /// The last seq of the run of `world`'s records after `after` decided at or before `until`;

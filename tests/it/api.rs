@@ -915,42 +915,16 @@ async fn untamper(db: &Db, decision_id: &str) {
     assert_eq!(n, 1);
 }
 
-/// Rewrite one record's status behind the service's back, as someone with direct database
-/// access would: the append-only triggers are no obstacle to them, so they are dropped first.
+/// Rewrite one record's status (RED to GREEN) behind the service's back.
 async fn tamper(db: &Db, decision_id: &str) {
-    use sqlx::Connection;
-    match (db.sqlite_file(), db.postgres_url()) {
-        (Some(file), _) => {
-            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
-                .await
-                .expect("sqlite");
-            sqlx::query("DROP TRIGGER decisions_immutable")
-                .execute(&mut c)
-                .await
-                .expect("drop trigger");
-            let n = sqlx::query("UPDATE decisions SET status = 'GREEN' WHERE decision_id = ?1")
-                .bind(decision_id)
-                .execute(&mut c)
-                .await
-                .expect("update");
-            assert_eq!(n.rows_affected(), 1);
-        }
-        (None, Some(url)) => {
-            let mut c = sqlx::PgConnection::connect(url).await.expect("postgres");
-            sqlx::query("ALTER TABLE core.decisions DISABLE TRIGGER decisions_immutable")
-                .execute(&mut c)
-                .await
-                .expect("disable trigger");
-            let n =
-                sqlx::query("UPDATE core.decisions SET status = 'GREEN' WHERE decision_id = $1")
-                    .bind(decision_id)
-                    .execute(&mut c)
-                    .await
-                    .expect("update");
-            assert_eq!(n.rows_affected(), 1);
-        }
-        _ => unreachable!(),
-    }
+    let n = behind_the_service(
+        db,
+        "UPDATE decisions SET status = 'GREEN' WHERE decision_id = ?1",
+        "UPDATE core.decisions SET status = 'GREEN' WHERE decision_id = $1",
+        decision_id,
+    )
+    .await;
+    assert_eq!(n, 1);
 }
 
 async fn openapi_document_describes_the_deployed_actions(backend: Backend) {
