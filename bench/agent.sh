@@ -208,4 +208,3 @@ done
 echo
 echo "per round (alone, then with agent):"
 paste -d' ' <(jq -c '[.latency_us.p99]' "$TMP/alone.jsonl") <(jq -c '[.latency_us.p99, .agent_runs, .agent_events]' "$TMP/agent.jsonl")
-echo "decision log: $(curl -sS "$BASE/health" | jq -c '.decision_log // .checks.decision_log // empty')"
