@@ -39,6 +39,7 @@ fn peers_world() -> WorldModel {
     .into_iter()
     .collect();
     WorldModel {
+        record_context: Default::default(),
         world: "peers".into(),
         description: String::new(),
         context,

@@ -289,6 +289,7 @@ fn one_rule_world(predicate: &str) -> WorldModel {
         .map(|a| (*a).to_string())
         .collect();
     WorldModel {
+        record_context: Default::default(),
         world: "hostile".into(),
         description: String::new(),
         context,

@@ -502,6 +502,49 @@ pub struct Config {
     pub bootstrap: BootstrapConfig,
     pub agent: AgentConfig,
     pub log: LogConfig,
+    pub impact: ImpactConfig,
+}
+
+/// Impact analysis: kept contexts, shadows and replays (docs/impact.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImpactConfig {
+    /// The largest context kept for replay, in bytes of its JSON text
+    /// (`SPECTRAL_CONTEXT_MAX_BYTES`, 16 KiB); a larger one keeps only its digest (counted).
+    pub context_max_bytes: usize,
+    /// How long kept contexts (and finished replays) stay (`SPECTRAL_CONTEXT_RETENTION_MS`,
+    /// 7 days); the chain is untouched.
+    pub context_retention: Duration,
+    /// Time between the workers' context retention passes (`SPECTRAL_CONTEXT_PRUNE_INTERVAL_MS`,
+    /// 1 minute).
+    pub prune_interval: Duration,
+    /// Sampled decisions waiting for the shadow evaluator (`SPECTRAL_SHADOW_QUEUE`, 4,096); a
+    /// decision sampled while it is full is skipped and counted.
+    pub shadow_queue: usize,
+    /// Time between writes of this instance's shadow reports (`SPECTRAL_SHADOW_FLUSH_MS`, 1 s).
+    pub shadow_flush: Duration,
+    /// The most recorded decisions one replay evaluates (`SPECTRAL_REPLAY_MAX_ROWS`, 100,000),
+    /// and the default of its `limit`.
+    pub replay_max_rows: u64,
+    /// The longest one replay runs before it ends with what it has
+    /// (`SPECTRAL_REPLAY_DEADLINE_MS`, 60 s).
+    pub replay_deadline: Duration,
+    /// How often the workers look for queued replays (`SPECTRAL_REPLAY_POLL_MS`, 1 s).
+    pub replay_poll: Duration,
+}
+
+impl Default for ImpactConfig {
+    fn default() -> Self {
+        Self {
+            context_max_bytes: 16 * 1024,
+            context_retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+            shadow_queue: 4096,
+            shadow_flush: Duration::from_secs(1),
+            replay_max_rows: 100_000,
+            replay_deadline: Duration::from_secs(60),
+            replay_poll: Duration::from_secs(1),
+        }
+    }
 }
 
 /// Where decisions are evaluated, and what one batch request may spend.
@@ -991,6 +1034,40 @@ impl Config {
             &mut o.prune_batch,
             1..=100_000,
         )?;
+        let im = &mut c.impact;
+        v.number(
+            "SPECTRAL_CONTEXT_MAX_BYTES",
+            &mut im.context_max_bytes,
+            2..=1 << 20,
+        )?;
+        v.millis(
+            "SPECTRAL_CONTEXT_RETENTION_MS",
+            &mut im.context_retention,
+            1..=3_650 * 86_400_000,
+        )?;
+        v.millis(
+            "SPECTRAL_CONTEXT_PRUNE_INTERVAL_MS",
+            &mut im.prune_interval,
+            10..=86_400_000,
+        )?;
+        v.number("SPECTRAL_SHADOW_QUEUE", &mut im.shadow_queue, 1..=1 << 20)?;
+        v.millis(
+            "SPECTRAL_SHADOW_FLUSH_MS",
+            &mut im.shadow_flush,
+            10..=600_000,
+        )?;
+        v.number(
+            "SPECTRAL_REPLAY_MAX_ROWS",
+            &mut im.replay_max_rows,
+            1..=10_000_000,
+        )?;
+        v.millis(
+            "SPECTRAL_REPLAY_DEADLINE_MS",
+            &mut im.replay_deadline,
+            100..=3_600_000,
+        )?;
+        v.millis("SPECTRAL_REPLAY_POLL_MS", &mut im.replay_poll, 10..=600_000)?;
+
         if let Some(list) = v.get("SPECTRAL_WEBHOOK_ALLOW_NETWORKS") {
             o.webhook_egress = crate::egress::Egress::parse(list)
                 .map_err(|why| Vars::err("SPECTRAL_WEBHOOK_ALLOW_NETWORKS", list, why))?;

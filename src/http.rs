@@ -714,6 +714,29 @@ async fn authed(
             )
             .await
         }
+        Endpoint::Shadow(world, method) => match method {
+            Method::POST => {
+                let body = json_body(req, config).await?;
+                let input: crate::service::ShadowInput = parse(&body)?;
+                let started = app.start_shadow(caller, &world, input).await?;
+                Ok(json(StatusCode::CREATED, &started))
+            }
+            Method::DELETE => Ok(json(StatusCode::OK, &app.end_shadow(caller, &world).await?)),
+            _ => Ok(json(
+                StatusCode::OK,
+                &app.shadow_report(caller, &world).await?,
+            )),
+        },
+        Endpoint::Replays(world) => {
+            let body = json_body(req, config).await?;
+            let input: crate::service::ReplayInput = parse(&body)?;
+            let queued = app.queue_replay(caller, &world, input).await?;
+            Ok(json(StatusCode::ACCEPTED, &queued))
+        }
+        Endpoint::Replay(world, id) => Ok(json(
+            StatusCode::OK,
+            &app.replay(caller, &world, &id).await?,
+        )),
         Endpoint::RunEvents(..) | Endpoint::PostMessage(..) | Endpoint::ThreadEvents(..) => {
             Err(ServiceError::Internal("a stream endpoint routed as a plain one".into()).into())
         }
@@ -756,7 +779,9 @@ fn authoring_world(endpoint: &Endpoint) -> Option<&String> {
         | Endpoint::StartRun(w)
         | Endpoint::PostMessage(w, _)
         | Endpoint::Approve(w, _)
-        | Endpoint::Reject(w, _) => Some(w),
+        | Endpoint::Reject(w, _)
+        | Endpoint::Replays(w) => Some(w),
+        Endpoint::Shadow(w, m) if *m != Method::GET => Some(w),
         _ => None,
     }
 }

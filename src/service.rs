@@ -12,6 +12,7 @@ pub mod audit;
 pub mod auth;
 pub mod cache;
 pub mod decision_log;
+pub mod impact;
 pub mod openapi;
 pub mod ratelimit;
 
@@ -32,10 +33,12 @@ use crate::store::{
 use crate::telemetry::Metrics;
 use crate::worlds::cases::run_cases;
 use crate::worlds::context::SystemValues;
+use crate::worlds::model::RecordContext;
 use crate::worlds::{self, ContextJson, Decision, Problem, Request, Status, WorldModel};
 use auth::{Caller, Keys};
 use cache::{Cache, VersionLoadError};
 use decision_log::DecisionLog;
+pub use impact::{ReplayInput, ShadowInput};
 
 /// What went wrong, in terms a caller can act on. Each variant maps to one HTTP status in
 /// `http::problem`, the one place errors become responses.
@@ -301,6 +304,9 @@ pub struct App {
     /// How long another generation's rows may stay pending before `/health` calls them
     /// stranded and turns `degraded` (`SPECTRAL_OUTBOX_STRANDED_AFTER_MS`).
     pub stranded_after: std::time::Duration,
+    /// This instance's shadow evaluator (`service::impact`).
+    pub shadows: Arc<impact::Shadows>,
+    pub impact: crate::config::ImpactConfig,
 }
 
 /// What the API knows of the World Agent.
@@ -451,6 +457,19 @@ impl App {
         }
         .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         self.observe(&loaded.counters, &decision);
+        let text = input.context.get();
+        let (context_digest, context) = match loaded.model.record_context {
+            RecordContext::None => (String::new(), None),
+            RecordContext::Digest => (digest(text.as_bytes()), None),
+            RecordContext::Full => {
+                let kept = text.len() <= self.impact.context_max_bytes;
+                self.metrics.impact.contexts[usize::from(!kept)].inc();
+                (
+                    digest(text.as_bytes()),
+                    kept.then(|| Arc::<str>::from(text)),
+                )
+            }
+        };
         let meta = &decision.decision_metadata;
         self.log
             .record(NewDecision {
@@ -471,8 +490,9 @@ impl App {
                     .collect(),
                 caller: caller.key_id.clone(),
                 correlation_id: meta.correlation_id.clone(),
-                context_digest: digest(input.context.get().as_bytes()),
+                context_digest,
                 decided_at: now,
+                context,
             })
             .await
             .map_err(|_| {
@@ -482,6 +502,24 @@ impl App {
                         .into(),
                 )
             })?;
+        // Recorded and about to be answered: a sampled share goes to the world's shadow,
+        // evaluated on its own thread. Never awaited, never recorded.
+        if let Some(shadow) = self.cache.shadow(world) {
+            if shadow.record.sample > 0.0 && rand::random::<f64>() < shadow.record.sample {
+                let queued = self.shadows.offer(impact::ShadowJob {
+                    shadow,
+                    action: input.action.clone(),
+                    context: text.into(),
+                    system: SystemValues {
+                        request_time: now.timestamp(),
+                        request_id: decision.decision_metadata.decision_id.clone(),
+                        caller: caller.key_id.clone(),
+                    },
+                    answered: impact::Answer::of(&decision),
+                });
+                self.metrics.impact.shadow[usize::from(!queued)].inc();
+            }
+        }
         Ok(decision)
     }
 

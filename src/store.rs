@@ -25,6 +25,7 @@
 mod chain;
 mod dispatch;
 mod error;
+mod impact;
 mod outbox;
 mod postgres;
 mod protocol;
@@ -38,11 +39,14 @@ pub use crate::outbox::events;
 pub use chain::{chain_hash, GENESIS};
 pub use dispatch::{Backend, Notifications, Store, StoreConfig};
 pub use error::StoreError;
+pub use impact::{NewReplay, RecordedContext, ReplayRecord, ShadowRecord, MAX_UNFINISHED_REPLAYS};
 pub(crate) use outbox::OUTBOX_CHANNEL;
 pub use outbox::{
     Completion, Effect, Handled, NewEvent, OutboxCounts, OutboxRow, OutboxStatus, ThreadChanged,
 };
 pub use protocol::decision_recorded;
+/// The time now, as the store keeps times (to the microsecond).
+pub(crate) use records::now as now_micros;
 pub use records::{
     DecisionRecord, Deployment, KeyRecord, MatchedRule, NewDecision, NewKey, NewModule, NewVersion,
     Retirement, Scope, StatDelta, VersionRecord, VersionSummary, Webhook, WorldDetail,

@@ -118,6 +118,7 @@ impl Workers {
         store_config.migrate_on_start = false;
         let outbox = config.outbox.clone();
         let agent = AgentWiring {
+            impact: config.impact.clone(),
             config: config.agent.clone(),
             sandbox: config.sandbox.clone(),
             health: health.clone(),
@@ -170,8 +171,9 @@ impl Workers {
     }
 }
 
-/// What the workers need to run the World Agent.
+/// What the workers need to run the World Agent, and replays.
 struct AgentWiring {
+    impact: crate::config::ImpactConfig,
     config: crate::config::AgentConfig,
     sandbox: crate::sandbox::Limits,
     health: Arc<AgentHealth>,
@@ -218,6 +220,27 @@ fn run_workers(
             seal,
         )
         .map_err(|e| format!("cannot build the webhook client: {e}"))?;
+        // Replays (and the retention of kept contexts) run beside the consumer.
+        let impact = &agent.impact;
+        let replays = crate::service::impact::ReplayRunner {
+            store: store.clone(),
+            sandbox: Arc::new(crate::sandbox::Sandbox::new(agent.sandbox.clone())),
+            limits: crate::service::impact::ReplayLimits {
+                max_rows: impact.replay_max_rows,
+                deadline: impact.replay_deadline,
+                page: 500,
+            },
+            poll: impact.replay_poll,
+            retention: impact.context_retention,
+            prune_interval: impact.prune_interval,
+            prune_batch: outbox.prune_batch.max(1),
+            worker: format!(
+                "replayer-{}-{}",
+                std::process::id(),
+                uuid::Uuid::now_v7().simple()
+            ),
+            metrics: agent.metrics.clone(),
+        };
         let runner = match crate::agent::provider::Provider::new(&agent.config) {
             Ok(provider) => Some(Arc::new(Runner {
                 store: store.clone(),
@@ -249,12 +272,14 @@ fn run_workers(
             crate::outbox::Retention::new(store.clone(), &outbox, state.clone())
                 .run(retention_stop.clone()),
         );
+        let replaying = tokio::spawn(replays.run(retention_stop.clone()));
         let consumed = Consumer::new(store.clone(), registry, outbox, generation, state)
             .woken_in_process(woken)
             .run(stop.clone());
         let (result, ()) = tokio::join!(consumed, agent_runs);
         retention_stop.cancel();
         let _ = retention.await;
+        let _ = replaying.await;
         store.close().await;
         result.map_err(|e| format!("the outbox consumer cannot reach the store: {e}"))
     })
@@ -351,6 +376,14 @@ pub async fn start_mode(
         metrics.clone(),
     )
     .map_err(|e| StartError::DecisionLog(format!("cannot start its thread: {e}")))?;
+    let shadows = Arc::new(
+        crate::service::impact::Shadows::start(
+            sandbox.clone(),
+            config.impact.shadow_queue,
+            config.background.nice,
+        )
+        .map_err(|e| StartError::DecisionLog(format!("cannot start the shadow evaluator: {e}")))?,
+    );
     let agent_health = Arc::new(AgentHealth::default());
     let workers = match mode {
         Mode::Both => Some(Workers::spawn(
@@ -393,6 +426,8 @@ pub async fn start_mode(
         )
         .map_err(|e| StartError::Config(e.to_string()))?,
         stranded_after: config.outbox.stranded_after,
+        shadows: shadows.clone(),
+        impact: config.impact.clone(),
     });
 
     let generated_operator_key = ensure_operator_key(&store, &config).await?;
@@ -415,6 +450,12 @@ pub async fn start_mode(
     tasks.spawn(app.agent.wakes.clone().watch(
         store.clone(),
         config.agent.listen,
+        stop.child_token(),
+    ));
+    tasks.spawn(shadows.run_flusher(
+        store.clone(),
+        cache.clone(),
+        config.impact.shadow_flush,
         stop.child_token(),
     ));
     let grace = config.server.shutdown_grace;

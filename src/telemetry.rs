@@ -53,10 +53,12 @@ pub enum Route {
     NotFound,
     /// `/api/keys` and the revocations and rotations under it.
     Keys,
+    /// Shadows and replays (`/api/worlds/{world}/shadow`, `…/replays`).
+    Impact,
 }
 
 impl Route {
-    pub const ALL: [Route; 21] = [
+    pub const ALL: [Route; 22] = [
         Self::Decide,
         Self::DecideBatch,
         Self::Draft,
@@ -78,6 +80,7 @@ impl Route {
         Self::AgentStream,
         Self::NotFound,
         Self::Keys,
+        Self::Impact,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +106,7 @@ impl Route {
             Self::AgentStream => "agent_stream",
             Self::NotFound => "not_found",
             Self::Keys => "keys",
+            Self::Impact => "impact",
         }
     }
 
@@ -255,6 +259,54 @@ impl AgentMetrics {
     }
 }
 
+/// Impact analysis: contexts kept for replay, shadow evaluations and replays (docs/impact.md).
+pub struct ImpactMetrics {
+    /// Decisions of worlds that keep contexts: `[0]` kept, `[1]` not kept, too large.
+    pub contexts: [IntCounter; 2],
+    /// Contexts removed by age.
+    pub contexts_pruned: IntCounter,
+    /// Sampled decisions offered to a shadow: `[0]` queued, `[1]` skipped (queue full).
+    pub shadow: [IntCounter; 2],
+    /// Replays ended, by `status` (`done`, `failed`).
+    pub replays: IntCounterVec,
+}
+
+impl ImpactMetrics {
+    fn new(r: &Registry) -> Self {
+        Self {
+            contexts: {
+                let v = counter_vec(
+                    r,
+                    "spectral_decision_contexts_total",
+                    "Decisions of worlds that keep their contexts, by outcome (kept, too_large).",
+                    &["outcome"],
+                );
+                ["kept", "too_large"].map(|o| v.with_label_values(&[o]))
+            },
+            contexts_pruned: counter(
+                r,
+                "spectral_decision_contexts_pruned_total",
+                "Kept decision contexts removed by age.",
+            ),
+            shadow: {
+                let v = counter_vec(
+                    r,
+                    "spectral_shadow_evaluations_total",
+                    "Sampled decisions offered to a shadow version, by outcome (queued, skipped).",
+                    &["outcome"],
+                );
+                ["queued", "skipped"].map(|o| v.with_label_values(&[o]))
+            },
+            replays: counter_vec(
+                r,
+                "spectral_replays_total",
+                "Replays of recorded contexts ended, by status (done, failed).",
+                &["status"],
+            ),
+        }
+    }
+}
+
 /// The process's metrics, in a registry of their own (one per running service, so that
 /// several services in one test process do not share counters).
 pub struct Metrics {
@@ -278,6 +330,7 @@ pub struct Metrics {
     pub rate_limited: [IntCounter; 4],
     pub outbox: OutboxMetrics,
     pub agent: AgentMetrics,
+    pub impact: ImpactMetrics,
 }
 
 impl Default for Metrics {
@@ -497,6 +550,7 @@ impl Metrics {
             },
             outbox,
             agent: AgentMetrics::new(r),
+            impact: ImpactMetrics::new(r),
             registry,
         }
     }

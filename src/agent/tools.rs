@@ -666,6 +666,7 @@ mod tests {
             "a b",
         ] {
             let model = WorldModel {
+                record_context: Default::default(),
                 world: "w".into(),
                 description: String::new(),
                 context: [("amount".to_string(), Attribute::of(AttrType::Number))].into(),

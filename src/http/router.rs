@@ -51,6 +51,12 @@ pub enum Endpoint {
     Candidates(String),
     Approve(String, String),
     Reject(String, String),
+    /// `POST`, `GET` or `DELETE …/shadow`: start, read or end the world's shadow.
+    Shadow(String, Method),
+    /// `POST …/replays`: queue a replay.
+    Replays(String),
+    /// `GET …/replays/{id}`.
+    Replay(String, String),
 }
 
 impl Endpoint {
@@ -94,6 +100,7 @@ impl Endpoint {
             Self::RunEvents(..) | Self::PostMessage(..) | Self::ThreadEvents(..) => {
                 Route::AgentStream
             }
+            Self::Shadow(..) | Self::Replays(_) | Self::Replay(..) => Route::Impact,
         }
     }
 }
@@ -151,6 +158,22 @@ pub fn route(method: &Method, path: &str) -> Result<Endpoint, RouteError> {
             Method::DELETE,
             Endpoint::Webhook(w.to_string(), id.to_string()),
         ),
+        ["api", "worlds", w, "shadow"] => match *method {
+            Method::POST | Method::GET | Method::DELETE => {
+                Ok(Endpoint::Shadow(w.to_string(), method.clone()))
+            }
+            Method::HEAD => Ok(Endpoint::Shadow(w.to_string(), Method::GET)),
+            _ => Err(RouteError::MethodNotAllowed(vec![
+                Method::GET,
+                Method::HEAD,
+                Method::POST,
+                Method::DELETE,
+            ])),
+        },
+        ["api", "worlds", w, "replays"] => one(Method::POST, Endpoint::Replays(w.to_string())),
+        ["api", "worlds", w, "replays", id] => {
+            one(Method::GET, Endpoint::Replay(w.to_string(), id.to_string()))
+        }
         ["api", "keys"] => one(Method::GET, Endpoint::Keys),
         ["api", "keys", id, "revoke"] => one(Method::POST, Endpoint::KeyRevoke(id.to_string())),
         ["api", "keys", id, "rotate"] => one(Method::POST, Endpoint::KeyRotate(id.to_string())),

@@ -63,6 +63,13 @@ pub enum Watch {
 
 type Slot = Arc<OnceCell<Arc<LoadedVersion>>>;
 
+/// A world's shadow as this instance evaluates it: the stored record and its version, loaded.
+#[derive(Debug)]
+pub struct Shadow {
+    pub record: crate::store::ShadowRecord,
+    pub loaded: Arc<LoadedVersion>,
+}
+
 pub struct Cache {
     store: Store,
     sandbox: Arc<Sandbox>,
@@ -78,6 +85,8 @@ pub struct Cache {
     failed: Mutex<BTreeMap<String, String>>,
     /// Retired versions as of the last refresh: never served, whatever is loaded.
     retired: ArcSwap<HashSet<(String, u64)>>,
+    /// Each world's shadow as of the last refresh, read lock-free on the decide path.
+    shadows: ArcSwap<HashMap<String, Arc<Shadow>>>,
     /// Serializes refreshes so that two never race to swap the same world.
     refreshing: tokio::sync::Mutex<()>,
     watch: Mutex<Watch>,
@@ -99,6 +108,7 @@ impl Cache {
             versions: Mutex::new(HashMap::new()),
             failed: Mutex::new(BTreeMap::new()),
             retired: ArcSwap::from_pointee(HashSet::new()),
+            shadows: ArcSwap::from_pointee(HashMap::new()),
             refreshing: tokio::sync::Mutex::new(()),
             watch: Mutex::new(Watch::Polling),
         }
@@ -107,6 +117,20 @@ impl Cache {
     /// The deployed version of a world, if it is loaded. Lock-free.
     pub fn deployed(&self, world: &str) -> Option<Arc<LoadedVersion>> {
         self.deployed.load().get(world).cloned()
+    }
+
+    /// The world's shadow, if it has one and it is loaded. Lock-free.
+    pub fn shadow(&self, world: &str) -> Option<Arc<Shadow>> {
+        self.shadows.load().get(world).cloned()
+    }
+
+    /// The ids of the shadows this instance evaluates.
+    pub fn shadow_ids(&self) -> Vec<String> {
+        self.shadows
+            .load()
+            .values()
+            .map(|s| s.record.id.clone())
+            .collect()
     }
 
     /// Whether a version is retired, as of the last refresh. Lock-free.
@@ -275,6 +299,41 @@ impl Cache {
         if changed {
             self.deployed.store(Arc::new(next));
         }
+        self.refresh_shadows().await
+    }
+
+    /// Bring the shadows to what the store has: started, replaced and ended ones swap in
+    /// whole, on the notifications and polls that bring deployments.
+    async fn refresh_shadows(&self) -> Result<(), crate::store::StoreError> {
+        let records = self.store.shadows().await?;
+        let current = self.shadows.load_full();
+        let unchanged = records.len() == current.len()
+            && records
+                .iter()
+                .all(|r| current.get(&r.world).is_some_and(|s| s.record == *r));
+        if unchanged {
+            return Ok(());
+        }
+        let mut next = HashMap::new();
+        for record in records {
+            if let Some(same) = current.get(&record.world).filter(|s| s.record == record) {
+                next.insert(record.world.clone(), same.clone());
+                continue;
+            }
+            match self.version(&record.world, record.version).await {
+                Ok(loaded) => {
+                    tracing::info!(
+                        world = record.world,
+                        version = record.version,
+                        sample = record.sample,
+                        "evaluating shadow version"
+                    );
+                    next.insert(record.world.clone(), Arc::new(Shadow { record, loaded }));
+                }
+                Err(e) => tracing::warn!(error = %e, "shadow version not loaded; not evaluated"),
+            }
+        }
+        self.shadows.store(Arc::new(next));
         Ok(())
     }
 

@@ -43,6 +43,7 @@ fn record_bytes(d: &NewDecision) -> u32 {
         + d.caller.len()
         + d.correlation_id.as_ref().map_or(0, String::len)
         + d.context_digest.len()
+        + d.context.as_deref().map_or(0, str::len)
         + matched * PER_MATCHED_RULE;
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }

@@ -579,7 +579,9 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
             "properties": {
                 "world": {"type": "string"}, "description": {"type": "string"},
                 "context": {"type": "object"}, "config": {"type": "object"},
-                "actions": {"type": "array", "items": {"type": "object"}}
+                "actions": {"type": "array", "items": {"type": "object"}},
+                "record_context": {"enum": ["none", "digest", "full"], "description": "What each \
+                    decision's record keeps of its context (docs/impact.md); digest by default."}
             },
             "required": ["world", "actions"],
             "additionalProperties": false

@@ -193,6 +193,7 @@ mod tests {
             correlation_id: None,
             context_digest: "sha256:11".into(),
             decided_at: DateTime::from_timestamp(0, 1).unwrap(),
+            context: None,
         };
         let batch = [d.clone(), d.clone()];
         let grouped = group_by_world(&batch).unwrap();

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::impact::{self, ImpactDialect};
 use super::protocol::{self, Dialect};
 use super::ThreadChanged;
 use super::{postgres, sqlite, OUTBOX_CHANNEL};
@@ -19,6 +20,7 @@ use super::{
     NewKey, NewVersion, OutboxCounts, OutboxRow, OutboxStatus, Retirement, StatDelta, StoreError,
     VersionRecord, Webhook, WorldDetail, WorldSummary,
 };
+use super::{NewReplay, RecordedContext, ReplayRecord, ShadowRecord};
 
 /// How to reach the store.
 #[derive(Clone, PartialEq, Eq)]
@@ -765,6 +767,132 @@ impl Store {
         dispatch!(self, s => protocol::prune_outbox(s, before, batch).await)
     }
 
+    // Impact analysis (`impact.rs`).
+
+    /// Start (or replace) `world`'s shadow; every instance learns of it as of a deployment.
+    pub async fn start_shadow(&self, shadow: &ShadowRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => impact::start_shadow(s, shadow).await)
+    }
+
+    /// End `world`'s shadow; the shadow that ended, if there was one.
+    pub async fn end_shadow(&self, world: &str) -> Result<Option<ShadowRecord>, StoreError> {
+        dispatch!(self, s => impact::end_shadow(s, world).await)
+    }
+
+    /// Every world's shadow.
+    pub async fn shadows(&self) -> Result<Vec<ShadowRecord>, StoreError> {
+        dispatch!(self, s => impact::shadows(s).await)
+    }
+
+    pub async fn shadow(&self, world: &str) -> Result<Option<ShadowRecord>, StoreError> {
+        dispatch!(self, s => impact::shadow(s, world).await)
+    }
+
+    /// Store what `instance` has counted for a shadow (a JSON report), replacing what it
+    /// stored before.
+    pub async fn put_shadow_report(
+        &self,
+        shadow_id: &str,
+        instance: &str,
+        world: &str,
+        report: &str,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_shadow_report(shadow_id, instance, world, report).await)
+    }
+
+    /// Every instance's report of a shadow.
+    pub async fn shadow_reports(&self, shadow_id: &str) -> Result<Vec<String>, StoreError> {
+        dispatch!(self, s => s.shadow_reports(shadow_id).await)
+    }
+
+    /// Recorded decisions of `world` with their kept contexts, newest first: those before
+    /// `before_seq`, decided at or after `since`, at most `limit`.
+    pub async fn recorded_contexts(
+        &self,
+        world: &str,
+        before_seq: u64,
+        since: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> Result<Vec<RecordedContext>, StoreError> {
+        dispatch!(self, s => impact::recorded_contexts(s, world, before_seq, since, limit).await)
+    }
+
+    /// How many contexts `world` keeps.
+    pub async fn context_count(&self, world: &str) -> Result<u64, StoreError> {
+        let n = dispatch!(self, s => s.context_count(world).await)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Delete at most `batch` of the oldest contexts decided before `before`; how many went.
+    /// The chain is untouched.
+    pub async fn prune_contexts(
+        &self,
+        before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.prune_contexts(before, i64::from(batch)).await)
+    }
+
+    /// Queue a replay; `Conflict` when its world has [`super::MAX_UNFINISHED_REPLAYS`] unfinished.
+    pub async fn queue_replay(&self, replay: &NewReplay) -> Result<(), StoreError> {
+        dispatch!(self, s => impact::queue_replay(s, replay).await)
+    }
+
+    pub async fn replay_record(&self, id: &str) -> Result<Option<ReplayRecord>, StoreError> {
+        dispatch!(self, s => impact::replay(s, id).await)
+    }
+
+    /// Take the oldest queued replay, or a running one whose worker has not written since
+    /// `stale_before`; its id.
+    pub async fn claim_replay(
+        &self,
+        worker: &str,
+        stale_before: DateTime<Utc>,
+    ) -> Result<Option<String>, StoreError> {
+        let Some(id) = dispatch!(self, s => s.claimable_replay(stale_before).await)? else {
+            return Ok(None);
+        };
+        let at = Utc::now();
+        let taken = dispatch!(self, s => s.claim_replay(&id, worker, at, stale_before).await)?;
+        Ok((taken == 1).then_some(id))
+    }
+
+    /// Write a running replay's progress; `Fenced` when `worker` no longer holds it.
+    pub async fn replay_progress(
+        &self,
+        id: &str,
+        worker: &str,
+        processed: u64,
+        report: &str,
+    ) -> Result<(), StoreError> {
+        let processed = i64::try_from(processed).unwrap_or(i64::MAX);
+        let n = dispatch!(self, s => s.replay_progress(id, worker, processed, report).await)?;
+        fenced(n, id)
+    }
+
+    /// End a running replay as `done` or `failed`; `Fenced` when `worker` no longer holds it.
+    pub async fn finish_replay(
+        &self,
+        id: &str,
+        worker: &str,
+        status: &str,
+        processed: u64,
+        report: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let processed = i64::try_from(processed).unwrap_or(i64::MAX);
+        let at = Utc::now();
+        let n = dispatch!(self, s => {
+            s.finish_replay(id, worker, status, processed, report, error, at).await
+        })?;
+        fenced(n, id)
+    }
+
+    /// Delete replays that finished before `before`; how many.
+    pub async fn prune_replays(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.prune_replays(before).await)
+    }
+
     /// `world`'s chain head: the seq and hash of the newest record written, kept apart from
     /// the records, so that removing the newest ones is seen.
     pub async fn chain_head(&self, world: &str) -> Result<Option<ChainCheckpoint>, StoreError> {
@@ -818,5 +946,16 @@ impl Store {
         batch: u32,
     ) -> Result<PrunedDecisions, StoreError> {
         dispatch!(self, s => protocol::prune_decisions(s, world, through, batch).await)
+    }
+}
+
+/// A write under a replay's claim that changed nothing: another worker holds it now.
+fn fenced(rows: u64, replay: &str) -> Result<(), StoreError> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced(format!(
+            "replay '{replay}' is no longer held by this worker"
+        )))
     }
 }

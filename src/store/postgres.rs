@@ -19,6 +19,10 @@ use sqlx::postgres::{
 use sqlx::{Decode, Encode, Postgres, Type};
 
 use super::chain::{decisions_insert, ChainedDecision, GENESIS};
+use super::impact::{
+    contexts_insert, impact_statements, ImpactDialect, ImpactSql, NewReplay, RecordedContextRow,
+    ReplayRow, ShadowRecord, ShadowRow,
+};
 use super::outbox::{source, OutboxDbRow, Stamp};
 use super::protocol::{Dialect, Tx};
 use super::records::{
@@ -700,4 +704,65 @@ const SQL: Sql = Sql {
                  WHERE id = $1 AND revoked_at IS NULL",
     touch_key: "UPDATE core.api_keys SET last_used_at = $2 WHERE id = $1",
     delete_webhook: "DELETE FROM core.webhooks WHERE world = $1 AND id = $2",
+};
+
+impl ImpactDialect for PgStore {
+    const IMPACT: ImpactSql = IMPACT;
+    impact_statements!();
+}
+
+/// The impact statements in PostgreSQL.
+const IMPACT: ImpactSql = ImpactSql {
+    contexts_table: "core.decision_contexts",
+    recorded_contexts: "SELECT d.seq, d.decision_id, d.version, d.action, d.status,
+                               d.matched_rules, d.caller, d.decided_at, c.context
+                        FROM core.decision_contexts c
+                        JOIN core.decisions d ON d.world = c.world AND d.seq = c.seq
+                        WHERE c.world = $1 AND c.seq < $2
+                          AND ($3::timestamptz IS NULL OR c.decided_at >= $3)
+                        ORDER BY c.seq DESC LIMIT $4",
+    prune_contexts: "DELETE FROM core.decision_contexts WHERE (world, seq) IN (
+                         SELECT world, seq FROM core.decision_contexts WHERE decided_at < $1
+                         ORDER BY decided_at LIMIT $2)",
+    context_count: "SELECT COUNT(*) FROM core.decision_contexts WHERE world = $1",
+    upsert_shadow: "INSERT INTO core.shadows (world, id, version, sample, started_by, started_at)
+                    VALUES ($1, $2, $3, $4, $5, $6)
+                    ON CONFLICT (world) DO UPDATE SET id = excluded.id,
+                        version = excluded.version, sample = excluded.sample,
+                        started_by = excluded.started_by, started_at = excluded.started_at",
+    delete_shadow: "DELETE FROM core.shadows WHERE world = $1",
+    delete_shadow_of_version: "DELETE FROM core.shadows WHERE world = $1 AND version = $2",
+    shadows: "SELECT world, id, version, sample, started_by, started_at FROM core.shadows
+              ORDER BY world",
+    shadow: "SELECT world, id, version, sample, started_by, started_at FROM core.shadows
+             WHERE world = $1 FOR UPDATE",
+    put_shadow_report: "INSERT INTO core.shadow_reports
+                            (shadow_id, instance, world, report, updated_at)
+                        VALUES ($1, $2, $3, $4, $5)
+                        ON CONFLICT (shadow_id, instance) DO UPDATE SET
+                            report = excluded.report, updated_at = excluded.updated_at",
+    shadow_reports: "SELECT report FROM core.shadow_reports WHERE shadow_id = $1
+                     ORDER BY instance",
+    delete_shadow_reports: "DELETE FROM core.shadow_reports WHERE shadow_id = $1",
+    insert_replay: "INSERT INTO core.replays (id, world, version, model, since, row_limit,
+                                              status, requested_by, requested_at)
+                    VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8)",
+    replay: "SELECT id, world, version, model, since, row_limit, status, processed, report,
+                    error, requested_by, requested_at, finished_at
+             FROM core.replays WHERE id = $1",
+    unfinished_replays: "SELECT COUNT(*) FROM core.replays
+                         WHERE world = $1 AND status IN ('queued', 'running')",
+    claimable_replay: "SELECT id FROM core.replays
+                       WHERE status = 'queued' OR (status = 'running' AND heartbeat_at < $1)
+                       ORDER BY requested_at LIMIT 1",
+    claim_replay: "UPDATE core.replays SET status = 'running', claimed_by = $2, heartbeat_at = $3
+                   WHERE id = $1
+                     AND (status = 'queued' OR (status = 'running' AND heartbeat_at < $4))",
+    replay_progress: "UPDATE core.replays SET processed = $3, report = $4, heartbeat_at = $5
+                      WHERE id = $1 AND claimed_by = $2 AND status = 'running'",
+    finish_replay: "UPDATE core.replays SET status = $3, processed = $4, report = $5, error = $6,
+                                            finished_at = $7, heartbeat_at = $7
+                    WHERE id = $1 AND claimed_by = $2 AND status = 'running'",
+    prune_replays: "DELETE FROM core.replays
+                    WHERE status IN ('done', 'failed') AND finished_at < $1",
 };

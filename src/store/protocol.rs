@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 
 use super::chain::{extend_chain, group_by_world, insert_chunks, ChainedDecision};
+use super::impact::{end_shadow_of_version, ImpactDialect};
 use super::outbox::{Handled, OutboxDbRow, Stamp};
 use super::records::{
     bigint, convert, now, to_i64, to_u64, DecisionRow, DeploymentRow, KeyRow, VersionModelRow,
@@ -558,7 +559,7 @@ fn unique_modules(modules: &[NewModule]) -> Vec<&NewModule> {
     unique
 }
 
-pub(crate) async fn deploy<D: Dialect>(
+pub(crate) async fn deploy<D: ImpactDialect>(
     db: &D,
     world: &str,
     version: u64,
@@ -583,6 +584,8 @@ pub(crate) async fn deploy<D: Dialect>(
     let seq = D::next_deployment(&mut tx, world).await?;
     D::set_deployed(&mut tx, world, v).await?;
     D::insert_deployment(&mut tx, world, seq, v, deployed_at, deployed_by).await?;
+    // Deploying a world's shadow version ends the shadow: it is what is served now.
+    end_shadow_of_version::<D>(&mut tx, world, v).await?;
     let deployment = Deployment {
         seq: to_u64(seq, "deployment seq")?,
         version,
@@ -725,7 +728,7 @@ pub(crate) async fn key_by_hash<D: Dialect>(
 // ---------------------------------------------------------------------------------------------
 // Decisions.
 
-pub(crate) async fn append_decisions<D: Dialect>(
+pub(crate) async fn append_decisions<D: ImpactDialect>(
     db: &D,
     decisions: &[NewDecision],
 ) -> Result<(), StoreError> {
@@ -746,6 +749,8 @@ pub(crate) async fn append_decisions<D: Dialect>(
                     format!("a decision id in the batch for world '{world}' is already recorded")
                 })
             })?;
+            // The contexts kept for replay commit with their records, outside the chain.
+            D::insert_contexts(&mut tx, chunk).await?;
         }
         if let Some(event) = recorded_event(world, &chained)? {
             D::insert_event(&mut tx, &event, generation(db), at).await?;

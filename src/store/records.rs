@@ -225,6 +225,11 @@ pub struct NewDecision {
     /// `sha256:<hex>` of the context the caller sent.
     pub context_digest: String,
     pub decided_at: DateTime<Utc>,
+    /// The context's text, kept beside the record for replay when the world keeps contexts
+    /// (`record_context = "full"`). Outside the hashed record: its digest is what the chain
+    /// covers, so pruning the text leaves the chain verifiable.
+    #[serde(skip)]
+    pub context: Option<std::sync::Arc<str>>,
 }
 
 /// A recorded decision, with its place in its world's chain.
@@ -531,6 +536,7 @@ impl TryFrom<DecisionRow> for DecisionRecord {
                 correlation_id: r.correlation_id,
                 context_digest: r.context_digest,
                 decided_at: r.decided_at.0,
+                context: None,
             },
             prev_hash: r.prev_hash,
             hash: r.hash,

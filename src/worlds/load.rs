@@ -42,6 +42,8 @@ struct RawWorld {
     config: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
     actions: Vec<Spanned<RawAction>>,
+    #[serde(default)]
+    record_context: super::model::RecordContext,
 }
 
 #[derive(Deserialize)]
@@ -326,6 +328,7 @@ fn load_with_lines(dir: &Path) -> Result<(WorldModel, Lines, PathBuf), FolderErr
     }
     Ok((
         WorldModel {
+            record_context: raw.record_context,
             world: raw.world.into_inner(),
             description: raw.description,
             context,

@@ -21,6 +21,30 @@ pub struct WorldModel {
     #[serde(default)]
     pub config: BTreeMap<String, serde_json::Value>,
     pub actions: Vec<Action>,
+    /// What each decision's record keeps of its context (docs/impact.md). Not part of any
+    /// module: it changes what is stored, never a decision.
+    #[serde(default, skip_serializing_if = "RecordContext::is_digest")]
+    pub record_context: RecordContext,
+}
+
+/// What a decision's record keeps of the context it was decided on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordContext {
+    /// Nothing: the record carries no digest either (an empty one).
+    None,
+    /// Its sha256 digest, which the chain covers.
+    #[default]
+    Digest,
+    /// The digest, and the context's text beside the record, for replay; bounded in size
+    /// and pruned by age, outside the chain.
+    Full,
+}
+
+impl RecordContext {
+    pub fn is_digest(&self) -> bool {
+        *self == Self::Digest
+    }
 }
 
 impl WorldModel {

@@ -49,6 +49,7 @@ fn decision(world: &str, i: i64) -> NewDecision {
         correlation_id: Some(format!("corr-{i}")),
         context_digest: format!("sha256:{}", "cd".repeat(32)),
         decided_at: at(i),
+        context: None,
     }
 }
 

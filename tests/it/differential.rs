@@ -201,6 +201,7 @@ fn world(sandbox: &Sandbox, rules: &[GenRule]) -> WorldModel {
         })
         .collect();
     WorldModel {
+        record_context: Default::default(),
         world: "generated".into(),
         description: String::new(),
         context: schema(),

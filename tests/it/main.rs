@@ -27,6 +27,7 @@ mod flood;
 mod gate;
 mod hostile;
 mod image;
+mod impact;
 mod keys;
 mod llm;
 mod mcp;

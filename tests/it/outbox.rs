@@ -209,6 +209,7 @@ async fn events_commit_or_roll_back_with_their_change(backend: Backend) {
         correlation_id: None,
         context_digest: "sha256:y".into(),
         decided_at: chrono::Utc::now(),
+        context: None,
     };
     store
         .append_decisions(&[decision("d1"), decision("d2")])

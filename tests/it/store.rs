@@ -154,6 +154,7 @@ fn decision(world: &str, id: &str) -> NewDecision {
         correlation_id: Some(format!("corr-{id}")),
         context_digest: format!("sha256:{}", "cd".repeat(32)),
         decided_at: at(1_700_000_000, 123_456_000),
+        context: None,
     }
 }
 

@@ -52,6 +52,7 @@ pub fn hostile_schema() -> BTreeMap<String, Attribute> {
 /// A world with one action `probe.run` whose one T2 `GREEN` rule has this predicate.
 pub fn one_rule_world(predicate: &str, inputs: &[&str]) -> WorldModel {
     WorldModel {
+        record_context: Default::default(),
         world: "hostile".into(),
         description: String::new(),
         context: hostile_schema(),
