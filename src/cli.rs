@@ -161,6 +161,26 @@ enum WorldCommand {
         #[arg(long)]
         deploy: bool,
     },
+    /// Upload a world folder as the draft of a running service and replay it over the
+    /// decisions the world kept (docs/impact.md); print what it would have changed.
+    Replay {
+        dir: PathBuf,
+        /// The service's base URL, e.g. http://127.0.0.1:8000.
+        #[arg(long)]
+        url: String,
+        /// An API key with the author scope.
+        #[arg(long, env = "SPECTRAL_KEY", hide_env_values = true)]
+        key: String,
+        /// Only decisions decided at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// The most recent decisions to replay (the service's maximum by default).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// How long to wait for the replay to finish, in seconds.
+        #[arg(long, default_value_t = 300)]
+        wait: u64,
+    },
     /// Retire a version on a running service for good: no key may pin it any more and it is
     /// never deployed again. The deployed version cannot be retired; roll back first.
     Retire {
@@ -435,6 +455,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     deploy,
                 },
         } => return runtime()?.block_on(push(&dir, &url, &key, deploy)),
+        Command::World {
+            command:
+                WorldCommand::Replay {
+                    dir,
+                    url,
+                    key,
+                    since,
+                    limit,
+                    wait,
+                },
+        } => {
+            let wait = std::time::Duration::from_secs(wait);
+            return runtime()?.block_on(replay(&dir, &url, &key, since, limit, wait));
+        }
         Command::World {
             command:
                 WorldCommand::Retire {
@@ -847,6 +881,141 @@ async fn push(
         println!("{world}: deployed version {version}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn replay(
+    dir: &std::path::Path,
+    url: &str,
+    key: &str,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    limit: Option<u64>,
+    wait: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    let model = load::load_model(dir).map_err(|e| anyhow!("{e}"))?;
+    let base = url.trim_end_matches('/');
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()?;
+    let world = &model.world;
+    let call = |method: reqwest::Method, path: String| {
+        client
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(key)
+    };
+    answer(
+        call(reqwest::Method::PUT, format!("/api/worlds/{world}/draft"))
+            .json(&model)
+            .send()
+            .await?,
+    )
+    .await
+    .context("uploading the draft")?;
+    eprintln!("{world}: uploaded {} as the draft", dir.display());
+    let queued = answer(
+        call(
+            reqwest::Method::POST,
+            format!("/api/worlds/{world}/replays"),
+        )
+        .json(&serde_json::json!({"version": "draft", "since": since, "limit": limit}))
+        .send()
+        .await?,
+    )
+    .await
+    .context("queueing the replay")?;
+    let id = queued["id"].as_str().unwrap_or_default().to_string();
+    let deadline = std::time::Instant::now() + wait;
+    let mut shown = None;
+    let done = loop {
+        let r = answer(
+            call(
+                reqwest::Method::GET,
+                format!("/api/worlds/{world}/replays/{id}"),
+            )
+            .send()
+            .await?,
+        )
+        .await
+        .context("reading the replay")?;
+        let progress = (r["status"].clone(), r["processed"].clone());
+        if shown.as_ref() != Some(&progress) {
+            eprintln!("replay {id}: {}, {} decisions", progress.0, progress.1);
+            shown = Some(progress);
+        }
+        if matches!(r["status"].as_str(), Some("done" | "failed")) {
+            break r;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(anyhow!(
+                "replay {id} did not finish within {}s; read it later at /api/worlds/{world}/replays/{id}",
+                wait.as_secs()
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    if done["status"] == "failed" {
+        eprintln!(
+            "replay {id} failed: {}",
+            done["error"].as_str().unwrap_or("no reason given")
+        );
+        return Ok(ExitCode::from(1));
+    }
+    print!("{}", replay_table(world, &done));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A finished replay as a readable table.
+fn replay_table(world: &str, replay: &serde_json::Value) -> String {
+    let report = &replay["report"];
+    let mut out = format!(
+        "{world}: the draft replayed over {} recorded decisions (stopped by {})\n{}\n",
+        replay["processed"],
+        report["stopped_by"].as_str().unwrap_or("?"),
+        report["summary"].as_str().unwrap_or("")
+    );
+    let rows: Vec<[String; 5]> = report["differences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            let examples: Vec<&str> = d["examples"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.as_str())
+                .collect();
+            [
+                d["count"].to_string(),
+                d["from"].as_str().unwrap_or("").to_string(),
+                d["to"].as_str().unwrap_or("").to_string(),
+                d["rule"].as_str().unwrap_or("-").to_string(),
+                examples.join(", "),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return out;
+    }
+    let header = ["COUNT", "FROM", "TO", "RULE", "EXAMPLES"].map(String::from);
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (cell, w))| match i {
+                0 => format!("{cell:>w$}"),
+                4 => cell.clone(),
+                _ => format!("{cell:<w$}"),
+            })
+            .collect();
+        out.push_str(&format!("  {}\n", cells.join("  ")));
+    }
+    out
 }
 
 fn check(dir: &std::path::Path, sandbox: &Sandbox) -> ExitCode {

@@ -511,6 +511,82 @@ fn operation(
     op
 }
 
+/// The schemas of shadows and replays (docs/impact.md).
+fn impact_schemas(datetime: &Value) -> Value {
+    json!({
+        "shadow_request": {
+            "type": "object",
+            "properties": {
+                "version": {"type": "integer", "minimum": 0, "description": "A published version other than the deployed one."},
+                "sample": {"type": "number", "minimum": 0, "maximum": 1, "description": "The share of decisions also evaluated against it; 1.0 by default."}
+            },
+            "required": ["version"],
+            "additionalProperties": false
+        },
+        "difference_report": {
+            "type": "object",
+            "description": "Decisions compared, and how they differ, per (status before, status after, rule that made the difference), most frequent first.",
+            "properties": {
+                "evaluated": {"type": "integer"}, "differing": {"type": "integer"},
+                "skipped": {"type": "integer", "description": "Sampled decisions not compared: the shadow's queue was full."},
+                "other": {"type": "integer", "description": "Differing decisions beyond the kinds listed."},
+                "differences": {"type": "array", "items": {
+                    "type": "object",
+                    "properties": {
+                        "from": {"type": "string"}, "to": {"type": "string"},
+                        "rule": {"type": ["string", "null"]}, "count": {"type": "integer"},
+                        "examples": {"type": "array", "items": {"type": "string"}, "maxItems": crate::service::impact::EXAMPLES}
+                    },
+                    "required": ["from", "to", "rule", "count", "examples"]
+                }}
+            },
+            "required": ["evaluated", "differing", "skipped", "other", "differences"]
+        },
+        "shadow": {
+            "type": "object",
+            "properties": {
+                "shadow": {"type": "object", "properties": {
+                    "world": {"type": "string"}, "id": {"type": "string"}, "version": {"type": "integer"},
+                    "sample": {"type": "number"}, "started_by": {"type": "string"}, "started_at": datetime
+                }, "required": ["world", "id", "version", "sample", "started_by", "started_at"]},
+                "deployed_version": {"type": ["integer", "null"]},
+                "pending": {"type": "integer", "description": "Sampled decisions this instance has not evaluated yet."},
+                "summary": {"type": "string"},
+                "report": reference("difference_report")
+            },
+            "required": ["shadow", "deployed_version", "pending", "summary", "report"]
+        },
+        "replay_request": {
+            "type": "object",
+            "properties": {
+                "version": {"oneOf": [{"type": "integer", "minimum": 0}, {"const": "draft"}], "description": "A published version, or the world's draft."},
+                "since": {"type": ["string", "null"], "format": "date-time", "description": "Only decisions decided at or after this time."},
+                "limit": {"type": ["integer", "null"], "minimum": 1, "description": "The most recent decisions to replay; SPECTRAL_REPLAY_MAX_ROWS at most and by default."}
+            },
+            "required": ["version"],
+            "additionalProperties": false
+        },
+        "replay": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"}, "world": {"type": "string"},
+                "version": {"type": ["integer", "null"], "description": "null for the draft."},
+                "since": {"type": ["string", "null"]}, "limit": {"type": "integer"},
+                "status": {"enum": ["queued", "running", "done", "failed"]},
+                "processed": {"type": "integer"}, "error": {"type": ["string", "null"]},
+                "requested_by": {"type": "string"}, "requested_at": datetime,
+                "finished_at": {"type": ["string", "null"]},
+                "report": {"oneOf": [{"type": "null"}, {
+                    "allOf": [reference("difference_report")],
+                    "properties": {"summary": {"type": "string"}, "stopped_by": {"enum": ["end", "rows", "time", null]}},
+                    "required": ["summary", "stopped_by"]
+                }]}
+            },
+            "required": ["id", "world", "version", "since", "limit", "status", "processed", "error", "requested_by", "requested_at", "finished_at", "report"]
+        }
+    })
+}
+
 fn world_param() -> Value {
     json!({
         "name": "world", "in": "path", "required": true,
@@ -545,7 +621,7 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
         "description": "[action, module hash] pairs in the model's action order.",
         "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}
     });
-    let schemas = json!({
+    let mut schemas = json!({
         "decide_request": decide_request_schema(true),
         "decision": decision_schema(),
         "problem": problem_schema(),
@@ -717,6 +793,10 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
             "required": ["version", "git_sha", "generation"]
         }
     });
+    if let (Some(all), Value::Object(impact)) = (schemas.as_object_mut(), impact_schemas(&datetime))
+    {
+        all.extend(impact);
+    }
     let world = world_param();
     let version_param = json!({
         "name": "version", "in": "path", "required": true,
@@ -804,6 +884,29 @@ pub fn service_document(version: &str, batch_max_items: usize) -> Value {
         "/api/worlds/{world}/webhooks/{id}": {"parameters": [world, id_param.clone()], "delete": operation(
             "deleteWebhook", "Delete one of the world's webhooks; nothing more is delivered to it.", None,
             ("200", "Deleted.", json!({"type": "object", "properties": {"world": {"type": "string"}, "deleted": {"type": "string"}}, "required": ["world", "deleted"]})), &[])},
+        "/api/worlds/{world}/shadow": {"parameters": [world.clone()],
+            "post": operation(
+                "startShadow", "Evaluate a published version beside the deployed one on a sampled share of live decisions (the deploy scope); its answers are never returned or recorded.",
+                Some(reference("shadow_request")),
+                ("201", "The shadow, started.", reference("shadow")),
+                &[("409", "The world has no deployed version, or the version is the deployed one, retired or cannot be loaded (`conflict`).")]),
+            "get": operation(
+                "getShadow", "The world's shadow and every instance's differences so far.", None,
+                ("200", "The shadow and its report.", reference("shadow")), &[]),
+            "delete": operation(
+                "endShadow", "End the world's shadow (the deploy scope); its final report.", None,
+                ("200", "The shadow's final report.", reference("shadow")), &[])},
+        "/api/worlds/{world}/replays": {"parameters": [world.clone()], "post": operation(
+            "queueReplay", "Replay a version or the draft over the world's kept contexts (the author scope), on the workers.",
+            Some(reference("replay_request")),
+            ("202", "The replay, queued.", reference("replay")),
+            &[("409", "The world keeps no contexts, or has as many replays queued or running as it may (`conflict`).")])},
+        "/api/worlds/{world}/replays/{id}": {"parameters": [world.clone(), {
+                "name": "id", "in": "path", "required": true, "schema": {"type": "string"},
+                "description": "The replay's id (`rp_…`)."
+            }], "get": operation(
+            "getReplay", "A replay, its progress and its report so far.", None,
+            ("200", "The replay.", reference("replay")), &[])},
         "/api/keys": {"get": operation(
             "listKeys", "Every API key, never a secret or its hash (operator keys only).", None,
             ("200", "The keys.", json!({"type": "object", "properties": {"keys": {"type": "array", "items": reference("key")}}, "required": ["keys"]})), &[])},

@@ -27,6 +27,7 @@ crate::both_backends!(
     a_key_of_another_world_cannot_touch_a_shadow_or_a_replay,
     deploying_the_shadow_version_ends_the_shadow,
     bad_shadow_and_replay_requests_are_refused_with_reasons,
+    the_replay_command_prints_what_a_folder_would_change,
 );
 
 const WORLD: &str = "acme-payments";
@@ -722,5 +723,129 @@ async fn bad_shadow_and_replay_requests_are_refused_with_reasons(backend: Backen
         .get(Some(OPERATOR), &format!("{replays}/rp_missing"))
         .await;
     assert_eq!(status, 404);
+    app.stop().await;
+}
+
+/// Copy a folder, recursively.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+async fn the_replay_command_prints_what_a_folder_would_change(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = app(&db, |_| {}).await;
+    let keeping = publish(&app, &payments(|m| m["record_context"] = json!("full"))).await;
+    deploy(&app, WORLD, keeping).await;
+    let requests = traffic(10);
+    let answered = send(&app, &requests).await;
+    let green = answered
+        .iter()
+        .filter(|(_, d)| d["status"] == "GREEN")
+        .count();
+    assert!(green > 0);
+    // Every answer in which the rule matched changes, in status or in its outcome.
+    let changed = answered
+        .iter()
+        .filter(|(_, d)| {
+            d["decision_metadata"]["matched_rules"]
+                .as_array()
+                .expect("rules")
+                .iter()
+                .any(|r| r["id"] == "standard-release")
+        })
+        .count();
+    assert!(changed > green, "some RED answers match it too");
+
+    // The folder of a candidate: standard-release turned YELLOW.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join(WORLD);
+    copy_dir(&predicates_dir().join(WORLD), &folder);
+    let manifest = folder.join("world.toml");
+    let text = std::fs::read_to_string(&manifest).expect("read");
+    let release = "outcome = \"GREEN\"\ninputs = [\"amount\"]\npredicate = \"wire_transfer.release/standard-release.rhai\"";
+    assert!(text.contains(release));
+    let text = text.replacen(release, &release.replace("GREEN", "YELLOW"), 1);
+    std::fs::write(&manifest, format!("record_context = \"full\"\n{text}")).expect("write");
+
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let args: Vec<String> = [
+        "world",
+        "replay",
+        &folder_arg,
+        "--url",
+        &app.base,
+        "--key",
+        OPERATOR,
+        "--wait",
+        "60",
+    ]
+    .map(String::from)
+    .to_vec();
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::support::process::command(&args)
+            .output()
+            .expect("runs")
+    })
+    .await
+    .expect("joined");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "the draft replayed over {} recorded decisions (stopped by end)",
+            requests.len()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("({changed} of {})", requests.len())),
+        "{stdout}"
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("  ") && l.contains(" GREEN "))
+        .unwrap_or_else(|| panic!("no row for the rule: {stdout}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells[..4],
+        [
+            green.to_string().as_str(),
+            "GREEN",
+            "YELLOW",
+            "standard-release"
+        ],
+        "{stdout}"
+    );
+    assert!(stderr.contains("uploaded"), "{stderr}");
+
+    // A key that may not author the world is refused with the server's reason.
+    let reader = app.key(Some(WORLD), &[Scope::Read]).await;
+    let args = [
+        "world",
+        "replay",
+        &folder_arg,
+        "--url",
+        &app.base,
+        "--key",
+        &reader,
+    ];
+    let out = crate::support::process::command(&args)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("403"));
     app.stop().await;
 }
