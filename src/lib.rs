@@ -10,6 +10,7 @@ pub mod config;
 pub mod egress;
 pub mod gate;
 pub mod http;
+pub mod impact;
 pub mod mcp;
 pub mod outbox;
 pub mod sandbox;

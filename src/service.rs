@@ -305,7 +305,7 @@ pub struct App {
     /// stranded and turns `degraded` (`SPECTRAL_OUTBOX_STRANDED_AFTER_MS`).
     pub stranded_after: std::time::Duration,
     /// This instance's shadow evaluator (`service::impact`).
-    pub shadows: Arc<impact::Shadows>,
+    pub shadows: Arc<crate::impact::Shadows>,
     pub impact: crate::config::ImpactConfig,
 }
 
@@ -506,16 +506,17 @@ impl App {
         // evaluated on its own thread. Never awaited, never recorded.
         if let Some(shadow) = self.cache.shadow(world) {
             if shadow.record.sample > 0.0 && rand::random::<f64>() < shadow.record.sample {
-                let queued = self.shadows.offer(impact::ShadowJob {
-                    shadow,
-                    action: input.action.clone(),
+                let queued = self.shadows.offer(crate::impact::ShadowJob {
+                    module: shadow.loaded.modules.get(&input.action).cloned(),
+                    world: shadow.record.world.clone(),
+                    shadow: shadow.record.id.clone(),
                     context: text.into(),
                     system: SystemValues {
                         request_time: now.timestamp(),
                         request_id: decision.decision_metadata.decision_id.clone(),
                         caller: caller.key_id.clone(),
                     },
-                    answered: impact::Answer::of(&decision),
+                    answered: crate::impact::Answer::of(&decision),
                 });
                 self.metrics.impact.shadow[usize::from(!queued)].inc();
             }

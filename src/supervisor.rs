@@ -222,10 +222,10 @@ fn run_workers(
         .map_err(|e| format!("cannot build the webhook client: {e}"))?;
         // Replays (and the retention of kept contexts) run beside the consumer.
         let impact = &agent.impact;
-        let replays = crate::service::impact::ReplayRunner {
+        let replays = crate::impact::ReplayRunner {
             store: store.clone(),
             sandbox: Arc::new(crate::sandbox::Sandbox::new(agent.sandbox.clone())),
-            limits: crate::service::impact::ReplayLimits {
+            limits: crate::impact::ReplayLimits {
                 max_rows: impact.replay_max_rows,
                 deadline: impact.replay_deadline,
                 page: 500,
@@ -377,7 +377,7 @@ pub async fn start_mode(
     )
     .map_err(|e| StartError::DecisionLog(format!("cannot start its thread: {e}")))?;
     let shadows = Arc::new(
-        crate::service::impact::Shadows::start(
+        crate::impact::Shadows::start(
             sandbox.clone(),
             config.impact.shadow_queue,
             config.background.nice,
@@ -452,9 +452,10 @@ pub async fn start_mode(
         config.agent.listen,
         stop.child_token(),
     ));
+    let evaluated = cache.clone();
     tasks.spawn(shadows.run_flusher(
         store.clone(),
-        cache.clone(),
+        move || evaluated.shadow_ids(),
         config.impact.shadow_flush,
         stop.child_token(),
     ));

@@ -446,6 +446,49 @@ impl Runner {
         Ok(step)
     }
 
+    /// A candidate's evidence bundle with, when its world keeps contexts, `impact`: what the
+    /// rule added to the model it was authored against would have changed over the world's
+    /// most recent kept decisions (docs/impact.md). A measure that fails leaves it `null`.
+    async fn evidence_with_impact(
+        &self,
+        world: &str,
+        action: &str,
+        evidence: &super::graph::Evidence,
+    ) -> serde_json::Value {
+        let mut json = serde_json::to_value(evidence).unwrap_or_default();
+        // The rule as approval would add it: with its derived cases, each reading only what
+        // the rule reads.
+        let mut rule = evidence.rule.clone();
+        rule.cases = evidence
+            .cases
+            .iter()
+            .map(|case| {
+                let mut case = case.clone();
+                case.context.retain(|name, _| rule.inputs.contains(name));
+                case
+            })
+            .collect();
+        let impact = match authoring_base(&self.store, world).await {
+            Ok(Some(base)) => {
+                crate::impact::candidate_impact(&self.store, &self.sandbox, &base, action, &rule)
+                    .await
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let impact = impact.unwrap_or_else(|e| {
+            tracing::warn!(world, error = %e, "measuring a candidate's impact failed");
+            None
+        });
+        if let serde_json::Value::Object(m) = &mut json {
+            m.insert(
+                "impact".into(),
+                serde_json::to_value(impact).unwrap_or_default(),
+            );
+        }
+        json
+    }
+
     /// Store the candidate of a proposed run, then end the thread.
     async fn conclude(
         &self,
@@ -458,7 +501,9 @@ impl Runner {
                 id: candidate_id(&thread.id),
                 action: state.task.action.clone(),
                 rule: serde_json::to_value(&evidence.rule).unwrap_or_default(),
-                evidence: serde_json::to_value(&evidence).unwrap_or_default(),
+                evidence: self
+                    .evidence_with_impact(&thread.world, &state.task.action, &evidence)
+                    .await,
                 model: evidence
                     .model
                     .clone()
@@ -598,17 +643,22 @@ impl Runner {
         last_step: &mut Option<u64>,
     ) -> Result<(), Stop> {
         let child = state.run_thread(&thread.id);
-        let candidate = run.evidence().map(|evidence| NewCandidate {
-            id: candidate_id(&child),
-            action: run.task.action.clone(),
-            rule: serde_json::to_value(&evidence.rule).unwrap_or_default(),
-            evidence: serde_json::to_value(&evidence).unwrap_or_default(),
-            model: evidence
-                .model
-                .clone()
-                .unwrap_or_else(|| self.config.model.clone()),
-            prompt_versions: serde_json::to_value(&evidence.prompts).unwrap_or_default(),
-        });
+        let candidate = match run.evidence() {
+            Some(evidence) => Some(NewCandidate {
+                id: candidate_id(&child),
+                action: run.task.action.clone(),
+                rule: serde_json::to_value(&evidence.rule).unwrap_or_default(),
+                evidence: self
+                    .evidence_with_impact(&thread.world, &run.task.action, &evidence)
+                    .await,
+                model: evidence
+                    .model
+                    .clone()
+                    .unwrap_or_else(|| self.config.model.clone()),
+                prompt_versions: serde_json::to_value(&evidence.prompts).unwrap_or_default(),
+            }),
+            None => None,
+        };
         let recorded = RecordedRun {
             thread: crate::store::NewThread {
                 id: child,

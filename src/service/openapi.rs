@@ -535,7 +535,7 @@ fn impact_schemas(datetime: &Value) -> Value {
                     "properties": {
                         "from": {"type": "string"}, "to": {"type": "string"},
                         "rule": {"type": ["string", "null"]}, "count": {"type": "integer"},
-                        "examples": {"type": "array", "items": {"type": "string"}, "maxItems": crate::service::impact::EXAMPLES}
+                        "examples": {"type": "array", "items": {"type": "string"}, "maxItems": crate::impact::EXAMPLES}
                     },
                     "required": ["from", "to", "rule", "count", "examples"]
                 }}

@@ -208,6 +208,8 @@ async fn a_rule_authored_through_the_api_is_approved_published_deployed_and_deci
     let evidence = &view["candidate"]["evidence"];
     assert_all_passed(&evidence["checks"]);
     assert_eq!(evidence["cases"].as_array().map(Vec::len), Some(4));
+    // The world keeps no contexts: there is no impact to measure.
+    assert!(evidence["impact"].is_null(), "{evidence}");
     assert_eq!(view["candidate"]["model"], "stand-in-1");
     assert_eq!(
         view["candidate"]["prompt_versions"],
@@ -813,4 +815,97 @@ crate::both_backends!(
     runs_per_world_are_bounded_and_bad_requests_are_refused,
     health_turns_degraded_when_the_provider_is_unreachable,
     without_a_model_the_agent_endpoints_say_so,
+    a_candidate_carries_its_impact_on_the_decisions_the_world_kept,
 );
+
+/// A refund of the support world that decides with the deployed rules.
+fn refund(amount: f64, method: &str) -> Value {
+    json!({"world": WORLD, "action": ACTION, "context": {
+        "refund_amount": amount, "refund_method": method, "order_total": 2000.0,
+        "amount_already_refunded": 0.0, "product_type": "physical", "downloaded": false,
+        "fraud_flag": false, "customer_tier": "standard", "chargeback_open": false,
+        "order_status": "delivered", "purchase_time": "2026-11-30T10:00:00Z",
+        "refunds_last_30_days": 0
+    }})
+}
+
+async fn a_candidate_carries_its_impact_on_the_decisions_the_world_kept(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let llm = Llm::start(vec![rule(GOOD, &INPUTS), cases()]).await;
+    let mut config = agent_config(&db, &llm);
+    config.decision_log.durability = spectral::config::Durability::Commit;
+    let app = TestApp::start(config).await;
+    let operator = crate::app::OPERATOR;
+    // The world keeps its contexts from its second version on; that is also the draft the
+    // rule is authored against.
+    let model = spectral::worlds::load::load_model(&crate::support::predicates_dir().join(WORLD))
+        .expect("loads");
+    let mut json = serde_json::to_value(&model).expect("json");
+    json["record_context"] = json!("full");
+    let (status, body) = app
+        .put(operator, &format!("/api/worlds/{WORLD}/draft"), &json)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, published) = app
+        .post(
+            operator,
+            &format!("/api/worlds/{WORLD}/versions"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 201, "{published}");
+    let (status, body) = app
+        .post(
+            operator,
+            &format!("/api/worlds/{WORLD}/deployments"),
+            &json!({"version": published["version"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Three refunds the candidate rule would match, four it would not.
+    let traffic = [
+        refund(600.0, "store_credit"),
+        refund(700.0, "store_credit"),
+        refund(800.0, "store_credit"),
+        refund(500.0, "store_credit"),
+        refund(100.0, "store_credit"),
+        refund(900.0, "bank_transfer"),
+        refund(600.0, "bank_transfer"),
+    ];
+    for body in &traffic {
+        let (status, d) = app.decide(operator, body).await;
+        assert_eq!(status, 200, "{d}");
+        assert!(!matched(&d).contains(&"large-store-credit".to_string()));
+    }
+
+    let key = app.key(Some(WORLD), &author_key_scopes()).await;
+    let (_, events) = run_to_end(&app, &key, TEXT).await;
+    let finished = events.last().expect("events");
+    assert_eq!(
+        finished.data["data"]["status"],
+        "proposed",
+        "{:?}",
+        kinds(&events)
+    );
+    let (status, list) = app
+        .get(Some(&key), &format!("/api/worlds/{WORLD}/agent/candidates"))
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let impact = &list["candidates"][0]["evidence"]["impact"];
+    assert_eq!(impact["evaluated"], traffic.len(), "{impact}");
+    assert_eq!(impact["differing"], 3, "{impact}");
+    assert_eq!(impact["stopped_by"], "end");
+    let differences = impact["differences"].as_array().expect("differences");
+    assert!(
+        differences
+            .iter()
+            .all(|d| d["rule"] == "large-store-credit"),
+        "{impact}"
+    );
+    let summary = impact["summary"].as_str().expect("summary");
+    assert!(
+        summary.starts_with("would have changed 42.9% of decisions (3 of 7)"),
+        "{summary}"
+    );
+    app.stop().await;
+}
