@@ -3,7 +3,7 @@
 # (examples/hello.rs), both driven by the same client (examples/loadgen.rs) in the same run,
 # with the summary table and the checks of the two HTTP targets.
 #
-# Usage: bash bench/http.sh     (about 80 s once built; NICE=-20 RUNS=3 for the recorded figures)
+# Usage: bash bench/http.sh     (about 130 s once built, 80 s with SHADOWS=; NICE=-20 RUNS=3 for the recorded figures)
 #
 # Sequence (servers pinned to CPU 0, the load generator to CPU 1, when taskset exists and
 # there are at least 2 CPUs; keep-alive; every run has WARMUP s of uncounted traffic first):
@@ -13,12 +13,18 @@
 #   4. hello   open loop at the same rate     (the client's and machine's own tail, a control)
 #   5. hello   closed loop, c=1
 #   6. decide  closed loop, c=1
+#   7. per shadow kind in SHADOWS (docs/impact.md), with that shadow started at SAMPLE:
+#      decide closed loop, c=CONNS, and decide open loop at the rate of (3)
 # then /health's decision_log counters. With RUNS=n the sequence runs n times against the
 # same servers and a table of per-row medians follows the per-run tables.
 #
 # Settings (environment), with defaults: DURATION=10 WARMUP=2 (seconds per row), CONNS=32,
 # HALF=0.5 (open-loop rate as a fraction of the closed-loop decide rate), RUNS=1,
-# HELLO_PORT=18081, SPECTRAL_PORT=18082, PIN=auto (0: no pinning), NICE= (e.g. -20: higher
+# SHADOWS="variant hostile" (empty: no shadow rows; `variant`: the deployed model with one rule's
+# outcome changed, as costly as the deployed one; `hostile`: the deployed model plus rules that
+# hit the operation budget, integer overflow and the array bound on every decision),
+# SAMPLE=1.0 (the shadows' sampled share), HELLO_PORT=18081, SPECTRAL_PORT=18082,
+# PIN=auto (0: no pinning), NICE= (e.g. -20: higher
 # priority on a shared machine), BUILD=1 (0: use the binaries already built), BENCH_OUT=
 # (a directory that keeps the raw JSON lines and the server logs). TMPDIR decides where the
 # throwaway SQLite store lives (/tmp by default; /dev/shm takes the disk out of the picture).
@@ -36,6 +42,8 @@ WARMUP=${WARMUP:-2}
 CONNS=${CONNS:-32}
 HALF=${HALF:-0.5}
 RUNS=${RUNS:-1}
+SHADOWS=${SHADOWS-variant hostile}
+SAMPLE=${SAMPLE:-1.0}
 HELLO_PORT=${HELLO_PORT:-18081}
 SPECTRAL_PORT=${SPECTRAL_PORT:-18082}
 PIN=${PIN:-auto}
@@ -149,6 +157,55 @@ if [ "$code" != 200 ]; then
 fi
 echo "decide answers 200, status $(jq -r .status "$TMP/first.json")"
 
+API=http://127.0.0.1:$SPECTRAL_PORT/api/worlds/acme-payments
+api() { # METHOD PATH [JSON BODY] -> the answer's body; fails on a non-2xx answer
+    local args=(-fsS -X "$1" -H "$AUTH" "$API$2")
+    [ $# -gt 2 ] && args+=(-H 'content-type: application/json' --data-binary "$3")
+    curl "${args[@]}"
+}
+# The shadow versions: published (never deployed) from the deployed model, changed by jq.
+declare -A SHADOW_VERSION
+if [ -n "$SHADOWS" ]; then
+    deployed=$(api GET "" | jq -r .deployed_version)
+    api GET "/versions/$deployed" | jq .model >"$TMP/deployed.json"
+fi
+for kind in $SHADOWS; do
+    case $kind in
+    variant) edit='(.actions[] | select(.name == "wire_transfer.release") | .rules[]
+            | select(.id == "standard-release") | .outcome) = "YELLOW"' ;;
+    hostile) edit='.config.burn_a = [range(0; 256)] | .config.burn_b = [range(1000; 1256)]
+            | (.actions[] | select(.name == "wire_transfer.release") | .rules) += [
+              {id: "burn-operations", text: "Spends the whole operation budget.",
+               severity: "T2", outcome: "RED", inputs: ["amount"],
+               predicate: ("context.amount > 0 && (" + ([range(0; 50)]
+                   | map("any_in(config.burn_a, config.burn_b)") | join(" || ")) + ")"),
+               cases: [{context: {amount: 0}, matches: false}]},
+              {id: "overflow", text: "Overflows an integer.", severity: "T2", outcome: "RED",
+               inputs: ["bank_account_changed_days"],
+               predicate: "context.bank_account_changed_days * 4611686018427387904 < 0",
+               cases: [{context: {bank_account_changed_days: 0}, matches: false}]},
+              {id: "grow-list", text: "Grows a list past the array bound.", severity: "T2",
+               outcome: "RED", inputs: ["approvals"],
+               predicate: ("context.approvals.len() > 0 && (context.approvals"
+                   + ([range(0; 40)] | map(" + config.burn_a") | join("")) + ").len() > 0"),
+               cases: [{context: {approvals: []}, matches: false}]}]' ;;
+    *) echo "bench/http.sh: unknown shadow kind '$kind' (variant, hostile)" >&2; exit 1 ;;
+    esac
+    jq "$edit" "$TMP/deployed.json" >"$TMP/$kind.json"
+    api PUT /draft "$(cat "$TMP/$kind.json")" >/dev/null
+    SHADOW_VERSION[$kind]=$(api POST /versions '{}' | jq .version)
+    echo "shadow '$kind': version ${SHADOW_VERSION[$kind]}"
+done
+shadow_counts() { # the running shadow's counts, or {}
+    if [ -n "$SHADOW_NOW" ]; then
+        api GET /shadow | jq -c '{evaluated: .report.evaluated, skipped: .report.skipped,
+            differing: .report.differing, pending}'
+    else
+        echo '{}'
+    fi
+}
+SHADOW_NOW=
+
 cpu_ticks() { # pid -> utime+stime of the whole process, in clock ticks
     local stat
     stat=$(<"/proc/$1/stat")
@@ -173,15 +230,17 @@ load() {
         -H 'content-type: application/json' -c "$conns"
         --duration "$DURATION" --warmup "$WARMUP" --label "$label")
     [ -n "$rate" ] && args+=(--rate "$rate")
-    local t0 t1 c0 c1 b0 b1 line log0='{}' log1='{}'
+    local t0 t1 c0 c1 b0 b1 line log0='{}' log1='{}' sh0='{}' sh1='{}'
     if [ "$pid" = "$SPECTRAL_PID" ]; then
         # Rows start with the decision log's queue empty, so one row's backlog is not
         # written during the next (waits at most 20 s).
         for _ in $(seq 200); do
-            [ "$(decision_log | jq '.queue_depth // 0')" = 0 ] && break
+            [ "$(decision_log | jq '.queue_depth // 0')" = 0 ] &&
+                [ "$(shadow_counts | jq '.pending // 0')" = 0 ] && break
             sleep 0.1
         done
         log0=$(decision_log)
+        sh0=$(shadow_counts)
     fi
     c0=$(cpu_ticks "$pid")
     b0=$(busy_ticks)
@@ -193,7 +252,10 @@ load() {
     t1=$(date +%s%N)
     b1=$(busy_ticks)
     c1=$(cpu_ticks "$pid")
-    if [ "$pid" = "$SPECTRAL_PID" ]; then log1=$(decision_log); fi
+    if [ "$pid" = "$SPECTRAL_PID" ]; then
+        log1=$(decision_log)
+        sh1=$(shadow_counts)
+    fi
     # server_cpu_pct: the server process (all threads); other_cpu_pct: CPU time used on the
     # machine by anything but the server and the load generator (other builds, services):
     # more than a few percent means the run was disturbed. Softirq time is left out of both.
@@ -202,12 +264,15 @@ load() {
     line=$(jq -c --argjson run "$run" --argjson hz "$HZ" --argjson ns $((t1 - t0)) \
         --argjson srv $((c1 - c0)) --argjson all $((b1 - b0)) \
         --argjson log0 "$log0" --argjson log1 "$log1" \
+        --argjson sh0 "$sh0" --argjson sh1 "$sh1" \
         '($ns / 1e9) as $s | (.client_cpu_pct // 0) as $cli
         | . + {run: $run,
             server_cpu_pct: (1000 * $srv / $hz / $s | round / 10),
             other_cpu_pct: ([0, 1000 * (($all - $srv) / $hz / $s - $cli / 100) | round / 10] | max),
             log_dropped: (if $log1.dropped then $log1.dropped - $log0.dropped else null end),
-            log_queue: $log1.queue_depth}' \
+            log_queue: $log1.queue_depth,
+            shadow_evaluated: (if $sh1.evaluated then $sh1.evaluated - $sh0.evaluated else null end),
+            shadow_skipped: (if $sh1.skipped then $sh1.skipped - $sh0.skipped else null end)}' \
         "$TMP/line.json")
     echo "$line" >>"$RESULTS"
     echo "$line" >>"$OUT/progress.log"
@@ -216,11 +281,12 @@ load() {
 
 table() { # jq filter selecting rows -> aligned table
     jq -rs "$1"' | (["run", "mode", "c", "rate", "req/s", "p50 µs", "p90 µs", "p99 µs",
-        "p99.9 µs", "max µs", "non-2xx", "errors", "log drops", "srv CPU%", "cli CPU%",
-        "other CPU%"] | @tsv),
+        "p99.9 µs", "max µs", "non-2xx", "errors", "log drops", "shadow eval", "shadow skip",
+        "srv CPU%", "cli CPU%", "other CPU%"] | @tsv),
         (.[] | [.label, .mode, .connections, (.target_rate // "-" | tostring),
         .rps, .latency_us.p50, .latency_us.p90, .latency_us.p99, .latency_us.p999,
-        .latency_us.max, .non_2xx, .errors, (.log_dropped // "-"), .server_cpu_pct,
+        .latency_us.max, .non_2xx, .errors, (.log_dropped // "-"),
+        (.shadow_evaluated // "-"), (.shadow_skipped // "-"), .server_cpu_pct,
         (.client_cpu_pct // "-"),
         .other_cpu_pct]
         | map(tostring) | @tsv)' "$RESULTS" | if command -v column >/dev/null; then
@@ -241,6 +307,14 @@ for run in $(seq "$RUNS"); do
     load "$run" "hello open" "$HELLO_URL" "$HELLO_PID" "$CONNS" "$rate"
     load "$run" "hello c=1" "$HELLO_URL" "$HELLO_PID" 1
     load "$run" "decide c=1" "$DECIDE_URL" "$SPECTRAL_PID" 1
+    for kind in $SHADOWS; do
+        api POST /shadow "{\"version\": ${SHADOW_VERSION[$kind]}, \"sample\": $SAMPLE}" >/dev/null
+        SHADOW_NOW=$kind
+        load "$run" "decide c=$CONNS shadow=$kind" "$DECIDE_URL" "$SPECTRAL_PID" "$CONNS"
+        load "$run" "decide open shadow=$kind" "$DECIDE_URL" "$SPECTRAL_PID" "$CONNS" "$rate"
+        api DELETE /shadow >/dev/null
+        SHADOW_NOW=
+    done
 done
 
 sleep 1 # let the decision log's writer catch up before reading its counters
@@ -264,6 +338,8 @@ MEDIANS=$(jq -cs 'def med: sort | .[length / 2 | floor];
       target_rate: (map(.target_rate) | if .[0] == null then null else med end),
       rps: (map(.rps) | med), non_2xx: (map(.non_2xx) | add), errors: (map(.errors) | add),
       log_dropped: (map(.log_dropped) | if .[0] == null then null else add end),
+      shadow_evaluated: (map(.shadow_evaluated) | if .[0] == null then null else add end),
+      shadow_skipped: (map(.shadow_skipped) | if .[0] == null then null else add end),
       server_cpu_pct: (map(.server_cpu_pct) | med), client_cpu_pct: (map(.client_cpu_pct) | med),
       other_cpu_pct: (map(.other_cpu_pct) | med),
       latency_us: (reduce (.[0].latency_us | keys)[] as $k ({};
@@ -292,6 +368,15 @@ awk -v d="$decide_rps" -v h="$hello_rps" -v p="$p99" -v r="$rate" -v c="$CONNS" 
     printf "decide p99 open loop at %d req/s (half of max): %.3f ms  (target < 2 ms: %s)\n",
         r, p / 1000, p < 2000 ? "met" : "NOT met"
 }'
+for kind in $SHADOWS; do
+    with=$(pick "decide c=$CONNS shadow=$kind" .rps)
+    p99s=$(pick "decide open shadow=$kind" .latency_us.p99)
+    awk -v w="$with" -v d="$decide_rps" -v p="$p99s" -v q="$p99" -v k="$kind" -v s="$SAMPLE" 'BEGIN {
+        printf "decide with the %s shadow at sample %s / without, c=%s: %.0f / %.0f = %.2f  (target >= 0.90: %s)\n",
+            k, s, '"$CONNS"', w, d, w / d, w / d >= 0.9 ? "met" : "NOT met"
+        printf "decide p99 open loop with the %s shadow: %.3f ms, without: %.3f ms\n", k, p / 1000, q / 1000
+    }'
+done
 echo "decision log after the runs (/health): $(echo "$health" | jq -c .features.decision_log)"
 busy=$(jq -rs 'map(select(.other_cpu_pct > 10)) | map("\(.run)/\(.label) \(.other_cpu_pct)%") | join(", ")' \
     "$RESULTS")

@@ -520,6 +520,15 @@ pub struct ImpactConfig {
     /// Sampled decisions waiting for the shadow evaluator (`SPECTRAL_SHADOW_QUEUE`, 4,096); a
     /// decision sampled while it is full is skipped and counted.
     pub shadow_queue: usize,
+    /// The share of one CPU the shadow evaluator may use, in percent
+    /// (`SPECTRAL_SHADOW_CPU_PERCENT`, 10): above it the evaluator pauses, its queue fills and
+    /// sampled decisions are skipped (counted), so that a costly shadow version takes only
+    /// so much from the caches and the core it shares with the API.
+    pub shadow_cpu_percent: u8,
+    /// Nice steps below the API for the shadow evaluator (`SPECTRAL_SHADOW_NICE`, 0–19, 19):
+    /// the lowest priority by default; a host with cores to spare may raise it, so that a
+    /// busy machine does not leave sampled decisions waiting long.
+    pub shadow_nice: u8,
     /// Time between writes of this instance's shadow reports (`SPECTRAL_SHADOW_FLUSH_MS`, 1 s).
     pub shadow_flush: Duration,
     /// The most recorded decisions one replay evaluates (`SPECTRAL_REPLAY_MAX_ROWS`, 100,000),
@@ -539,6 +548,8 @@ impl Default for ImpactConfig {
             context_retention: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
             shadow_queue: 4096,
+            shadow_cpu_percent: 10,
+            shadow_nice: 19,
             shadow_flush: Duration::from_secs(1),
             replay_max_rows: 100_000,
             replay_deadline: Duration::from_secs(60),
@@ -1051,6 +1062,12 @@ impl Config {
             10..=86_400_000,
         )?;
         v.number("SPECTRAL_SHADOW_QUEUE", &mut im.shadow_queue, 1..=1 << 20)?;
+        v.number(
+            "SPECTRAL_SHADOW_CPU_PERCENT",
+            &mut im.shadow_cpu_percent,
+            1..=100,
+        )?;
+        v.number("SPECTRAL_SHADOW_NICE", &mut im.shadow_nice, 0..=19)?;
         v.millis(
             "SPECTRAL_SHADOW_FLUSH_MS",
             &mut im.shadow_flush,

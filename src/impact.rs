@@ -15,10 +15,11 @@
 //! few example decision ids ([`Tally`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -246,8 +247,18 @@ fn answer_of(
     context: &str,
     system: SystemValues,
 ) -> Answer {
+    evaluate_answer(sandbox, module, context, system).0
+}
+
+/// The answer, and whether a rule ran past its wall-clock deadline.
+fn evaluate_answer(
+    sandbox: &Sandbox,
+    module: Option<&worlds::Module>,
+    context: &str,
+    system: SystemValues,
+) -> (Answer, bool) {
     let Some(module) = module else {
-        return Answer::missing();
+        return (Answer::missing(), false);
     };
     let request = Request {
         context: ContextJson::Text(context),
@@ -256,13 +267,23 @@ fn answer_of(
         explain: false,
     };
     match worlds::evaluate(sandbox, module, &request) {
-        Ok(decision) => Answer::of(&decision),
+        Ok(decision) => {
+            let late = decision
+                .decision_metadata
+                .errors
+                .iter()
+                .any(|e| e.kind == crate::sandbox::ErrorKind::DeadlineExceeded.as_str());
+            (Answer::of(&decision), late)
+        }
         // The deployed version answered this context, so it is an object; a version that
         // cannot read it counts as refusing it.
-        Err(_) => Answer {
-            status: "RED".into(),
-            rules: Vec::new(),
-        },
+        Err(_) => (
+            Answer {
+                status: "RED".into(),
+                rules: Vec::new(),
+            },
+            false,
+        ),
     }
 }
 
@@ -284,105 +305,195 @@ pub struct ShadowJob {
 
 /// The shadow evaluator of one instance: a bounded queue, the thread that drains it, and
 /// what it has counted per shadow.
+///
+/// The thread runs at a low priority (nice 19 by default) and within a share of one CPU, so a request
+/// thread may preempt it anywhere; nothing a request thread does may then wait for it, not
+/// even for a moment. The queue is a
+/// ring twice as large as the bound a counter keeps, so the slot a request thread writes is
+/// never one the thread is still reading (a full ring would have it wait for that read); the
+/// thread sleeps without a lock and is woken when the queue turns non-empty; it publishes its
+/// counts through an [`ArcSwap`] that readers load without a lock; and skips are counted where
+/// only normal threads look.
 pub struct Shadows {
-    queue: mpsc::SyncSender<ShadowJob>,
-    counted: Arc<Mutex<HashMap<String, Counted>>>,
+    queue: Arc<Queue>,
+    /// What the thread has counted per shadow id, as of its last publication.
+    evaluated: Arc<ArcSwap<HashMap<String, Counted>>>,
+    /// The shadows still evaluated, as of the last flush, and when that list was read: the
+    /// thread forgets the others.
+    live: Arc<ArcSwap<Live>>,
+    /// Decisions skipped per shadow id: (world, count). Request threads and the flusher
+    /// only.
+    skipped: Mutex<HashMap<String, (String, u64)>>,
+    /// What was last written to the store per shadow id: (evaluated, skipped). Held for a
+    /// whole flush, so that two flushes (the periodic one and a read's) cannot write one
+    /// shadow's report out of order.
+    written: tokio::sync::Mutex<HashMap<String, (u64, u64)>>,
+    thread: std::thread::Thread,
     /// Names this instance's reports.
     pub instance: String,
-    /// Jobs queued and not yet evaluated.
+    /// Jobs queued, or evaluated and not yet published.
     pending: Arc<AtomicU64>,
 }
 
-#[derive(Default)]
+struct Queue {
+    /// Holds at most `capacity` jobs in a ring of twice that.
+    jobs: mpsc::SyncSender<ShadowJob>,
+    /// Jobs sent and not yet received.
+    queued: AtomicUsize,
+    capacity: usize,
+    closed: AtomicBool,
+}
+
+#[derive(Debug, Clone)]
 struct Counted {
     world: String,
     tally: Tally,
-    /// Counted since the last write to the store.
-    dirty: bool,
+    /// When the thread last counted a decision of this shadow.
+    last: Instant,
 }
 
+/// The shadows an instance evaluates, read at `at`.
+#[derive(Debug)]
+struct Live {
+    at: Instant,
+    ids: Vec<String>,
+}
+
+impl Live {
+    /// Whether the thread may forget `counted`: its shadow has ended, which this list shows
+    /// only for decisions counted before it was read (a later one may be of a shadow that
+    /// started after).
+    fn ended(&self, id: &str, counted: &Counted) -> bool {
+        counted.last < self.at && !self.ids.iter().any(|l| l == id)
+    }
+}
+
+/// The longest the thread keeps evaluated counts unpublished while it has work queued.
+const PUBLISH_EVERY: Duration = Duration::from_millis(20);
+
 impl Shadows {
-    /// Start the evaluator thread, `nice` steps below the API, with room for `queue` jobs.
-    pub fn start(sandbox: Arc<Sandbox>, queue: usize, nice: u8) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel::<ShadowJob>(queue.max(1));
-        let counted: Arc<Mutex<HashMap<String, Counted>>> = Default::default();
+    /// Start the evaluator thread `nice` steps below the API, with room for `queue` jobs,
+    /// using at most `cpu_percent` of one CPU.
+    pub fn start(
+        sandbox: Arc<Sandbox>,
+        queue: usize,
+        cpu_percent: u8,
+        nice: u8,
+    ) -> std::io::Result<Self> {
+        let capacity = queue.max(1);
+        let (jobs, received) = mpsc::sync_channel(capacity.saturating_mul(2));
+        let queue = Arc::new(Queue {
+            jobs,
+            queued: AtomicUsize::new(0),
+            capacity,
+            closed: AtomicBool::new(false),
+        });
+        let evaluated: Arc<ArcSwap<HashMap<String, Counted>>> = Default::default();
+        let live = Arc::new(ArcSwap::from_pointee(Live {
+            at: Instant::now(),
+            ids: Vec::new(),
+        }));
         let pending = Arc::new(AtomicU64::new(0));
-        let (c, p) = (counted.clone(), pending.clone());
-        crate::background::spawn("spectral-shadow", nice, move || {
-            // Ends when the service (every sender) is gone.
-            while let Ok(job) = rx.recv() {
-                let after = answer_of(
-                    &sandbox,
-                    job.module.as_deref(),
-                    &job.context,
-                    job.system.clone(),
-                );
-                if let Ok(mut counted) = c.lock() {
-                    let entry = counted.entry(job.shadow.clone()).or_default();
-                    entry.world.clone_from(&job.world);
-                    entry
-                        .tally
-                        .add(&job.system.request_id, &job.answered, &after);
-                    entry.dirty = true;
-                }
-                p.fetch_sub(1, Ordering::AcqRel);
-            }
+        let (q, e, l, p) = (
+            queue.clone(),
+            evaluated.clone(),
+            live.clone(),
+            pending.clone(),
+        );
+        let handle = crate::background::spawn("spectral-shadow", nice, move || {
+            let mut budget = CpuBudget::new(cpu_percent);
+            evaluate_queued(&sandbox, &q, &received, &e, &l, &p, &mut budget);
         })?;
         Ok(Self {
-            queue: tx,
-            counted,
+            queue,
+            evaluated,
+            live,
+            skipped: Mutex::default(),
+            written: tokio::sync::Mutex::default(),
+            thread: handle.thread().clone(),
             instance: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple()),
             pending,
         })
     }
 
-    /// Queue a sampled decision; never waits. A full queue counts the decision as skipped
+    /// Queue a sampled decision for `shadow` of `world`, the job built by `job` only when
+    /// the queue has room for it; never waits. A full queue counts the decision as skipped
     /// (`false`).
-    pub fn offer(&self, job: ShadowJob) -> bool {
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        if let Err(mpsc::TrySendError::Full(job) | mpsc::TrySendError::Disconnected(job)) =
-            self.queue.try_send(job)
-        {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            if let Ok(mut counted) = self.counted.lock() {
-                let entry = counted.entry(job.shadow).or_default();
-                entry.world = job.world;
-                entry.tally.skipped += 1;
-                entry.dirty = true;
+    pub fn offer(&self, shadow: &str, world: &str, job: impl FnOnce() -> ShadowJob) -> bool {
+        let queued = self.queue.queued.fetch_add(1, Ordering::AcqRel);
+        if queued < self.queue.capacity {
+            self.pending.fetch_add(1, Ordering::AcqRel);
+            // The ring has room for twice the bound: this never finds it full.
+            if self.queue.jobs.try_send(job()).is_ok() {
+                // A system call only when the thread sleeps, an atomic swap otherwise.
+                self.thread.unpark();
+                return true;
             }
-            return false;
+            self.pending.fetch_sub(1, Ordering::AcqRel);
         }
-        true
+        self.queue.queued.fetch_sub(1, Ordering::AcqRel);
+        let mut skipped = self
+            .skipped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match skipped.get_mut(shadow) {
+            Some((_, n)) => *n += 1,
+            None => {
+                skipped.insert(shadow.to_owned(), (world.to_owned(), 1));
+            }
+        }
+        false
     }
 
-    /// Jobs queued and not yet evaluated.
+    /// Jobs queued, or evaluated and not yet counted in a report.
     pub fn pending(&self) -> u64 {
         self.pending.load(Ordering::Acquire)
     }
 
     /// Write what changed since the last write to the store, one report per shadow; forget
-    /// shadows no longer in `live`.
-    pub async fn flush(&self, store: &Store, live: &[String]) -> Result<(), StoreError> {
-        let dirty: Vec<(String, String, Report)> = match self.counted.lock() {
-            Ok(mut counted) => {
-                counted.retain(|id, _| live.contains(id));
-                counted
-                    .iter_mut()
-                    .filter(|(_, c)| c.dirty)
-                    .map(|(id, c)| {
-                        c.dirty = false;
-                        (id.clone(), c.world.clone(), c.tally.report())
-                    })
-                    .collect()
-            }
-            Err(_) => Vec::new(),
+    /// shadows no longer in `live` (the shadows still evaluated, read when called).
+    pub async fn flush(
+        &self,
+        store: &Store,
+        live: impl FnOnce() -> Vec<String>,
+    ) -> Result<(), StoreError> {
+        let mut written = self.written.lock().await;
+        let at = Instant::now();
+        let live = live();
+        self.live.store(Arc::new(Live {
+            at,
+            ids: live.clone(),
+        }));
+        let evaluated = self.evaluated.load_full();
+        let skipped: HashMap<String, (String, u64)> = {
+            let mut skipped = self
+                .skipped
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            skipped.retain(|id, _| live.contains(id));
+            skipped.clone()
         };
-        for (id, world, report) in dirty {
+        written.retain(|id, _| live.contains(id));
+        let changed: Vec<(String, String, Report, (u64, u64))> = live
+            .iter()
+            .filter_map(|id| {
+                let counted = evaluated.get(id);
+                let skip = skipped.get(id);
+                let world = counted.map(|c| &c.world).or(skip.map(|(w, _)| w))?;
+                let mut tally = counted.map(|c| c.tally.clone()).unwrap_or_default();
+                tally.skipped += skip.map_or(0, |(_, n)| *n);
+                let mark = (tally.evaluated, tally.skipped);
+                (written.get(id) != Some(&mark))
+                    .then(|| (id.clone(), world.clone(), tally.report(), mark))
+            })
+            .collect();
+        for (id, world, report, mark) in changed {
             let text = serde_json::to_string(&report)
                 .map_err(|e| StoreError::Corrupt(format!("shadow report: {e}")))?;
             store
                 .put_shadow_report(&id, &self.instance, &world, &text)
                 .await?;
+            written.insert(id, mark);
         }
         Ok(())
     }
@@ -401,12 +512,133 @@ impl Shadows {
                 _ = stop.cancelled() => true,
                 _ = tokio::time::sleep(interval) => false,
             };
-            if let Err(e) = self.flush(&store, &live()).await {
+            if let Err(e) = self.flush(&store, &live).await {
                 tracing::warn!(error = %e, "writing shadow reports failed; trying again later");
             }
             if stopping {
                 return;
             }
+        }
+    }
+}
+
+impl Drop for Shadows {
+    /// The thread ends once it has drained the queue.
+    fn drop(&mut self) {
+        self.queue.closed.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
+}
+
+/// The share of one CPU a thread may use, kept per window of [`CpuBudget::WINDOW`]: a thread
+/// that used more than its share of the window so far pauses until it is back within it.
+struct CpuBudget {
+    share: f64,
+    window_start: Instant,
+    cpu_at_start: Duration,
+}
+
+impl CpuBudget {
+    const WINDOW: Duration = Duration::from_millis(100);
+
+    fn new(percent: u8) -> Self {
+        Self {
+            share: f64::from(percent.clamp(1, 100)) / 100.0,
+            window_start: Instant::now(),
+            cpu_at_start: thread_cpu_time(),
+        }
+    }
+
+    /// After a piece of work: pause while over the share.
+    fn charge(&mut self) {
+        if self.share >= 1.0 {
+            return;
+        }
+        let used = thread_cpu_time().saturating_sub(self.cpu_at_start);
+        let allowed = self.window_start.elapsed().mul_f64(self.share);
+        if used > allowed {
+            std::thread::sleep((used - allowed).div_f64(self.share));
+        }
+        if self.window_start.elapsed() >= Self::WINDOW {
+            self.window_start = Instant::now();
+            self.cpu_at_start = thread_cpu_time();
+        }
+    }
+}
+
+/// The CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// The evaluator thread: take jobs until the queue is closed and empty, count each answer
+/// against the one given, and publish the counts whenever the queue runs dry (and at least
+/// every [`PUBLISH_EVERY`] while it does not).
+fn evaluate_queued(
+    sandbox: &Sandbox,
+    queue: &Queue,
+    received: &mpsc::Receiver<ShadowJob>,
+    evaluated: &ArcSwap<HashMap<String, Counted>>,
+    live: &ArcSwap<Live>,
+    pending: &AtomicU64,
+    budget: &mut CpuBudget,
+) {
+    let mut counted: HashMap<String, Counted> = HashMap::new();
+    let mut seen_live = live.load_full();
+    let mut unpublished = 0u64;
+    let mut published_at = Instant::now();
+    loop {
+        let job = received.try_recv().ok();
+        if job.is_some() {
+            queue.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        let dry = job.is_none();
+        if let Some(job) = job {
+            let (wall, cpu) = (Instant::now(), thread_cpu_time());
+            let (after, late) = evaluate_answer(
+                sandbox,
+                job.module.as_deref(),
+                &job.context,
+                job.system.clone(),
+            );
+            let entry = counted.entry(job.shadow).or_insert_with(|| Counted {
+                world: job.world,
+                tally: Tally::default(),
+                last: Instant::now(),
+            });
+            entry.last = Instant::now();
+            // A deadline that passed while the thread waited for the CPU more than it ran
+            // says nothing of the version: the decision was not evaluated as it would be.
+            if late && thread_cpu_time().saturating_sub(cpu) < wall.elapsed() / 2 {
+                entry.tally.skipped += 1;
+            } else {
+                entry
+                    .tally
+                    .add(&job.system.request_id, &job.answered, &after);
+            }
+            unpublished += 1;
+            budget.charge();
+        }
+        let now_live = live.load_full();
+        if !Arc::ptr_eq(&now_live, &seen_live) {
+            counted.retain(|id, c| !now_live.ended(id, c));
+            seen_live = now_live;
+        }
+        if unpublished > 0 && (dry || published_at.elapsed() >= PUBLISH_EVERY) {
+            evaluated.store(Arc::new(counted.clone()));
+            pending.fetch_sub(unpublished, Ordering::AcqRel);
+            unpublished = 0;
+            published_at = Instant::now();
+        }
+        if dry {
+            if queue.closed.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::park();
         }
     }
 }

@@ -506,18 +506,21 @@ impl App {
         // evaluated on its own thread. Never awaited, never recorded.
         if let Some(shadow) = self.cache.shadow(world) {
             if shadow.record.sample > 0.0 && rand::random::<f64>() < shadow.record.sample {
-                let queued = self.shadows.offer(crate::impact::ShadowJob {
-                    module: shadow.loaded.modules.get(&input.action).cloned(),
-                    world: shadow.record.world.clone(),
-                    shadow: shadow.record.id.clone(),
-                    context: text.into(),
-                    system: SystemValues {
-                        request_time: now.timestamp(),
-                        request_id: decision.decision_metadata.decision_id.clone(),
-                        caller: caller.key_id.clone(),
-                    },
-                    answered: crate::impact::Answer::of(&decision),
-                });
+                let record = &shadow.record;
+                let queued =
+                    self.shadows
+                        .offer(&record.id, &record.world, || crate::impact::ShadowJob {
+                            module: shadow.loaded.modules.get(&input.action).cloned(),
+                            world: record.world.clone(),
+                            shadow: record.id.clone(),
+                            context: text.into(),
+                            system: SystemValues {
+                                request_time: now.timestamp(),
+                                request_id: decision.decision_metadata.decision_id.clone(),
+                                caller: caller.key_id.clone(),
+                            },
+                            answered: crate::impact::Answer::of(&decision),
+                        });
                 self.metrics.impact.shadow[usize::from(!queued)].inc();
             }
         }

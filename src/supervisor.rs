@@ -380,7 +380,8 @@ pub async fn start_mode(
         crate::impact::Shadows::start(
             sandbox.clone(),
             config.impact.shadow_queue,
-            config.background.nice,
+            config.impact.shadow_cpu_percent,
+            config.impact.shadow_nice,
         )
         .map_err(|e| StartError::DecisionLog(format!("cannot start the shadow evaluator: {e}")))?,
     );

@@ -167,7 +167,7 @@ impl super::App {
 
     async fn view(&self, shadow: ShadowRecord) -> Result<ShadowView, ServiceError> {
         self.shadows
-            .flush(&self.store, &self.cache.shadow_ids())
+            .flush(&self.store, || self.cache.shadow_ids())
             .await
             .map_err(ServiceError::from_store)?;
         let reports = self

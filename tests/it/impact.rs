@@ -39,6 +39,9 @@ async fn app(db: &Db, tune: impl FnOnce(&mut spectral::config::Config)) -> TestA
     config.decision_log.durability = Durability::Commit;
     config.impact.shadow_flush = Duration::from_millis(20);
     config.impact.replay_poll = Duration::from_millis(20);
+    // At nice 19 the evaluator may wait long for a CPU on a machine running the whole suite;
+    // what these tests check does not depend on its priority.
+    config.impact.shadow_nice = config.background.nice;
     tune(&mut config);
     TestApp::start(config).await
 }
@@ -203,7 +206,11 @@ async fn shadow_after(app: &TestApp, world: &str, n: u64) -> Value {
                 .get(Some(OPERATOR), &format!("/api/worlds/{world}/shadow"))
                 .await;
             assert_eq!(status, 200, "{body}");
-            (body["report"]["evaluated"].as_u64() == Some(n)).then_some(body)
+            let report = &body["report"];
+            let seen =
+                report["evaluated"].as_u64().unwrap_or(0) + report["skipped"].as_u64().unwrap_or(0);
+            assert!(seen <= n, "more decisions seen than sent: {body}");
+            (seen == n).then_some(body)
         },
     )
     .await
@@ -427,6 +434,7 @@ async fn a_hostile_shadow_never_changes_an_answer(backend: Backend) {
     assert!(after.iter().all(|d| d["status"] == "GREEN"));
     // The shadow failed closed on every limit, off the decide path.
     let view = shadow_after(&app, "probe", requests.len() as u64).await;
+    assert_eq!(view["report"]["evaluated"], requests.len() as u64, "{view}");
     let rules: Vec<&str> = view["report"]["differences"]
         .as_array()
         .expect("differences")
