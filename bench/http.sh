@@ -20,9 +20,8 @@
 #
 # Settings (environment), with defaults: DURATION=10 WARMUP=2 (seconds per row), CONNS=32,
 # HALF=0.5 (open-loop rate as a fraction of the closed-loop decide rate), RUNS=1,
-# SHADOWS="variant hostile" (empty: no shadow rows; `variant`: the deployed model with one rule's
-# outcome changed, as costly as the deployed one; `hostile`: the deployed model plus rules that
-# hit the operation budget, integer overflow and the array bound on every decision),
+# SHADOWS="variant hostile" (empty: no shadow rows; the kinds are described in
+# bench/shadows.sh),
 # SAMPLE=1.0 (the shadows' sampled share), HELLO_PORT=18081, SPECTRAL_PORT=18082,
 # PIN=auto (0: no pinning), NICE= (e.g. -20: higher
 # priority on a shared machine), BUILD=1 (0: use the binaries already built), BENCH_OUT=
@@ -158,42 +157,11 @@ fi
 echo "decide answers 200, status $(jq -r .status "$TMP/first.json")"
 
 API=http://127.0.0.1:$SPECTRAL_PORT/api/worlds/acme-payments
-api() { # METHOD PATH [JSON BODY] -> the answer's body; fails on a non-2xx answer
-    local args=(-fsS -X "$1" -H "$AUTH" "$API$2")
-    [ $# -gt 2 ] && args+=(-H 'content-type: application/json' --data-binary "$3")
-    curl "${args[@]}"
-}
-# The shadow versions: published (never deployed) from the deployed model, changed by jq.
+# shellcheck source=bench/shadows.sh
+. bench/shadows.sh
 declare -A SHADOW_VERSION
-if [ -n "$SHADOWS" ]; then
-    deployed=$(api GET "" | jq -r .deployed_version)
-    api GET "/versions/$deployed" | jq .model >"$TMP/deployed.json"
-fi
 for kind in $SHADOWS; do
-    case $kind in
-    variant) edit='(.actions[] | select(.name == "wire_transfer.release") | .rules[]
-            | select(.id == "standard-release") | .outcome) = "YELLOW"' ;;
-    hostile) edit='.config.burn_a = [range(0; 256)] | .config.burn_b = [range(1000; 1256)]
-            | (.actions[] | select(.name == "wire_transfer.release") | .rules) += [
-              {id: "burn-operations", text: "Spends the whole operation budget.",
-               severity: "T2", outcome: "RED", inputs: ["amount"],
-               predicate: ("context.amount > 0 && (" + ([range(0; 50)]
-                   | map("any_in(config.burn_a, config.burn_b)") | join(" || ")) + ")"),
-               cases: [{context: {amount: 0}, matches: false}]},
-              {id: "overflow", text: "Overflows an integer.", severity: "T2", outcome: "RED",
-               inputs: ["bank_account_changed_days"],
-               predicate: "context.bank_account_changed_days * 4611686018427387904 < 0",
-               cases: [{context: {bank_account_changed_days: 0}, matches: false}]},
-              {id: "grow-list", text: "Grows a list past the array bound.", severity: "T2",
-               outcome: "RED", inputs: ["approvals"],
-               predicate: ("context.approvals.len() > 0 && (context.approvals"
-                   + ([range(0; 40)] | map(" + config.burn_a") | join("")) + ").len() > 0"),
-               cases: [{context: {approvals: []}, matches: false}]}]' ;;
-    *) echo "bench/http.sh: unknown shadow kind '$kind' (variant, hostile)" >&2; exit 1 ;;
-    esac
-    jq "$edit" "$TMP/deployed.json" >"$TMP/$kind.json"
-    api PUT /draft "$(cat "$TMP/$kind.json")" >/dev/null
-    SHADOW_VERSION[$kind]=$(api POST /versions '{}' | jq .version)
+    SHADOW_VERSION[$kind]=$(publish_shadow "$kind")
     echo "shadow '$kind': version ${SHADOW_VERSION[$kind]}"
 done
 shadow_counts() { # the running shadow's counts, or {}

@@ -6,7 +6,10 @@
 # authentication, evaluation or decision record), closed loop and at a fixed rate.
 #
 # Usage: bash bench/threads.sh     (about 1 minute once built)
-# Settings (environment), with defaults: DURATION=8 WARMUP=1 CONNS=32 RATE=3000,
+# With SHADOW=variant or SHADOW=hostile (bench/shadows.sh), two more rows follow on the same
+# server with that shadow started at sample 1.0: decide closed and at RATE/s, where the
+# evaluator's own thread (spectral-shadow) shows beside the API's.
+# Settings (environment), with defaults: DURATION=8 WARMUP=1 CONNS=32 RATE=3000, SHADOW=,
 # SPECTRAL_PORT=18083, BUILD=1 (0: use the binaries already built), NICE= (e.g. -20).
 # Other SPECTRAL_* variables pass through to the server. Needs: cargo, curl, jq, taskset.
 # Figures: bench/RESULTS.md.
@@ -103,4 +106,14 @@ run "version closed" GET /version
 run "decide closed" POST /api/decide
 run "version at $RATE/s" GET /version "$RATE"
 run "decide at $RATE/s" POST /api/decide "$RATE"
+if [ -n "${SHADOW:-}" ]; then
+    API=http://127.0.0.1:$PORT/api/worlds/acme-payments AUTH="authorization: Bearer $KEY"
+    # shellcheck source=bench/shadows.sh
+    . bench/shadows.sh
+    version=$(publish_shadow "$SHADOW")
+    api POST /shadow "{\"version\": $version, \"sample\": 1.0}" >/dev/null
+    run "decide closed, $SHADOW shadow" POST /api/decide
+    run "decide at $RATE/s, $SHADOW shadow" POST /api/decide "$RATE"
+    echo "shadow report: $(api GET /shadow | jq -c '.report | {evaluated, skipped, differing}')"
+fi
 echo "decision log (/health): $(curl -fsS "http://127.0.0.1:$PORT/health" | jq -c .features.decision_log)"

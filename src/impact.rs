@@ -306,14 +306,13 @@ pub struct ShadowJob {
 /// The shadow evaluator of one instance: a bounded queue, the thread that drains it, and
 /// what it has counted per shadow.
 ///
-/// The thread runs at a low priority (nice 19 by default) and within a share of one CPU, so a request
-/// thread may preempt it anywhere; nothing a request thread does may then wait for it, not
-/// even for a moment. The queue is a
-/// ring twice as large as the bound a counter keeps, so the slot a request thread writes is
-/// never one the thread is still reading (a full ring would have it wait for that read); the
-/// thread sleeps without a lock and is woken when the queue turns non-empty; it publishes its
-/// counts through an [`ArcSwap`] that readers load without a lock; and skips are counted where
-/// only normal threads look.
+/// The thread runs at a low priority (nice 19 by default) and within a share of one CPU, so a
+/// request thread may preempt it anywhere; nothing a request thread does may then wait for it,
+/// not even for a moment. The queue is a ring twice as large as the bound a counter keeps, so
+/// the slot a request thread writes is never one the thread is still reading (a full ring
+/// would have it wait for that read); the thread sleeps without a lock and is woken when a job
+/// arrives; it publishes its counts through an [`ArcSwap`] that readers load without a lock;
+/// and skips are counted where only normal threads look.
 pub struct Shadows {
     queue: Arc<Queue>,
     /// What the thread has counted per shadow id, as of its last publication.
@@ -549,20 +548,22 @@ impl CpuBudget {
         }
     }
 
-    /// After a piece of work: pause while over the share.
-    fn charge(&mut self) {
+    /// After a piece of work: how long to pause to be back within the share, if at all.
+    fn pause(&mut self) -> Option<Duration> {
         if self.share >= 1.0 {
-            return;
+            return None;
         }
-        let used = thread_cpu_time().saturating_sub(self.cpu_at_start);
+        let cpu = thread_cpu_time();
+        let used = cpu.saturating_sub(self.cpu_at_start);
         let allowed = self.window_start.elapsed().mul_f64(self.share);
-        if used > allowed {
-            std::thread::sleep((used - allowed).div_f64(self.share));
+        let pause = (used > allowed).then(|| (used - allowed).div_f64(self.share));
+        let ends = self.window_start.elapsed() + pause.unwrap_or_default();
+        if ends >= Self::WINDOW {
+            // The next window starts when the pause ends, with nothing used yet.
+            self.window_start = Instant::now() + pause.unwrap_or_default();
+            self.cpu_at_start = cpu;
         }
-        if self.window_start.elapsed() >= Self::WINDOW {
-            self.window_start = Instant::now();
-            self.cpu_at_start = thread_cpu_time();
-        }
+        pause
     }
 }
 
@@ -593,11 +594,9 @@ fn evaluate_queued(
     let mut published_at = Instant::now();
     loop {
         let job = received.try_recv().ok();
-        if job.is_some() {
-            queue.queued.fetch_sub(1, Ordering::AcqRel);
-        }
         let dry = job.is_none();
         if let Some(job) = job {
+            queue.queued.fetch_sub(1, Ordering::AcqRel);
             let (wall, cpu) = (Instant::now(), thread_cpu_time());
             let (after, late) = evaluate_answer(
                 sandbox,
@@ -605,12 +604,13 @@ fn evaluate_queued(
                 &job.context,
                 job.system.clone(),
             );
+            let now = Instant::now();
             let entry = counted.entry(job.shadow).or_insert_with(|| Counted {
                 world: job.world,
                 tally: Tally::default(),
-                last: Instant::now(),
+                last: now,
             });
-            entry.last = Instant::now();
+            entry.last = now;
             // A deadline that passed while the thread waited for the CPU more than it ran
             // says nothing of the version: the decision was not evaluated as it would be.
             if late && thread_cpu_time().saturating_sub(cpu) < wall.elapsed() / 2 {
@@ -621,14 +621,15 @@ fn evaluate_queued(
                     .add(&job.system.request_id, &job.answered, &after);
             }
             unpublished += 1;
-            budget.charge();
         }
         let now_live = live.load_full();
         if !Arc::ptr_eq(&now_live, &seen_live) {
             counted.retain(|id, c| !now_live.ended(id, c));
             seen_live = now_live;
         }
-        if unpublished > 0 && (dry || published_at.elapsed() >= PUBLISH_EVERY) {
+        let pause = if dry { None } else { budget.pause() };
+        // Published before any pause, so that a reader does not wait for it.
+        if unpublished > 0 && (dry || pause.is_some() || published_at.elapsed() >= PUBLISH_EVERY) {
             evaluated.store(Arc::new(counted.clone()));
             pending.fetch_sub(unpublished, Ordering::AcqRel);
             unpublished = 0;
@@ -639,6 +640,8 @@ fn evaluate_queued(
                 return;
             }
             std::thread::park();
+        } else if let Some(pause) = pause {
+            std::thread::sleep(pause);
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::support::{compile, decide_with, eventually, predicates_dir, sandbox};
 crate::both_backends!(
     a_shadow_reports_exactly_the_decisions_that_differ,
     sampling_at_a_tenth_evaluates_about_a_tenth,
+    a_full_queue_skips_counted_and_no_answer_waits,
     a_hostile_shadow_never_changes_an_answer,
     a_replay_of_the_draft_reports_what_the_shadow_saw,
     pruning_contexts_keeps_the_chain_verifiable,
@@ -357,6 +358,53 @@ async fn sampling_at_a_tenth_evaluates_about_a_tenth(backend: Backend) {
     assert!((27..=93).contains(&sampled), "sampled {sampled} of {n}");
     // Every green wire turns YELLOW in the variant.
     assert_eq!(view["report"]["differing"], view["report"]["evaluated"]);
+    app.stop().await;
+}
+
+async fn a_full_queue_skips_counted_and_no_answer_waits(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    // Room for one job, and an evaluator that pauses ~99 times as long as each evaluation
+    // took: of a burst of concurrent decisions, all but a few find the queue full.
+    let app = app(&db, |c| {
+        c.decision_log.durability = Durability::Queued;
+        c.impact.shadow_queue = 1;
+        c.impact.shadow_cpu_percent = 1;
+    })
+    .await;
+    let version = publish(&app, &payments(yellow_release)).await;
+    let (status, body) = app
+        .post(
+            OPERATOR,
+            &format!("/api/worlds/{WORLD}/shadow"),
+            &json!({"version": version, "sample": 1.0}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let n = 40;
+    let burst = vec![green_wire(); n];
+    let answers =
+        futures::future::join_all(burst.iter().map(|body| app.decide(OPERATOR, body))).await;
+    // Every decision is answered, and by the deployed version.
+    for (status, d) in &answers {
+        assert_eq!(*status, 200, "{d}");
+        assert_eq!(d["status"], "GREEN", "{d}");
+    }
+    let view = shadow_after(&app, WORLD, n as u64).await;
+    let (evaluated, skipped) = (
+        view["report"]["evaluated"].as_u64().expect("evaluated"),
+        view["report"]["skipped"].as_u64().expect("skipped"),
+    );
+    assert!(evaluated >= 1, "{view}");
+    assert!(skipped >= 1, "a queue of one took a burst of {n}: {view}");
+    // The skips are counted in the metrics too.
+    let (status, metrics) = app.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    let metrics = metrics.as_str().expect("text");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("spectral_shadow_evaluations_total{outcome=\"skipped\"}"))
+        .unwrap_or_else(|| panic!("no skipped counter in {metrics}"));
+    assert!(line.ends_with(&format!(" {skipped}")), "{line} vs {view}");
     app.stop().await;
 }
 
