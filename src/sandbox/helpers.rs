@@ -217,8 +217,50 @@ fn string_in(
     Ok(false)
 }
 
+/// Rhai's `string.pad(len, padding)`, which never returns when `padding` is empty (it adds
+/// nothing per turn of its loop, inside one operation, so no limit stops it). The same result
+/// otherwise, the length refused before anything is allocated as Rhai refuses it, and an empty
+/// padding leaves the string as it is.
+fn pad_string(
+    ctx: NativeCallContext,
+    string: &mut ImmutableString,
+    len: INT,
+    padding: &str,
+) -> HelperResult<()> {
+    if len <= 0 || padding.is_empty() {
+        return Ok(());
+    }
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    let max = ctx.engine().max_string_size();
+    let too_large =
+        || Err(EvalAltResult::ErrorDataTooLarge("Length of string".into(), ctx.position()).into());
+    if max > 0 && len > max {
+        return too_large();
+    }
+    let mut chars = string.chars().count();
+    if chars >= len {
+        return Ok(());
+    }
+    let padding_chars = padding.chars().count();
+    let text = string.make_mut();
+    while chars < len {
+        if chars + padding_chars <= len {
+            text.push_str(padding);
+            chars += padding_chars;
+        } else {
+            text.extend(padding.chars().take(len - chars));
+            chars = len;
+        }
+    }
+    if max > 0 && text.len() > max {
+        return too_large();
+    }
+    Ok(())
+}
+
 pub(super) fn register(engine: &mut Engine) {
     engine.register_fn("contains", string_in);
+    engine.register_fn("pad", pad_string);
     engine
         .register_fn("hour_in", hour_in)
         .register_fn("minute_in", minute_in)
@@ -284,6 +326,42 @@ mod tests {
             };
             prop_assert_eq!(run(&stock), run(&ours));
         }
+    }
+
+    proptest! {
+        /// With a padding, the sandbox's `pad` gives what Rhai's gives: the same string, or
+        /// both refuse the length.
+        #[test]
+        fn pad_means_what_the_engines_pad_means(
+            start in "[ab]{0,4}",
+            len in -2i64..40,
+            padding in "[xyé]{1,3}",
+        ) {
+            let mut stock = Engine::new();
+            stock.set_max_string_size(24);
+            let mut ours = Engine::new();
+            ours.set_max_string_size(24);
+            register(&mut ours);
+            let run = |engine: &Engine| {
+                let mut scope = rhai::Scope::new();
+                scope.push("s", ImmutableString::from(start.as_str()));
+                scope.push("n", len);
+                scope.push("p", ImmutableString::from(padding.as_str()));
+                engine
+                    .eval_with_scope::<ImmutableString>(&mut scope, "s.pad(n, p); s")
+                    .map(|s| s.to_string())
+                    .map_err(|e| e.to_string())
+            };
+            prop_assert_eq!(run(&stock), run(&ours));
+        }
+    }
+
+    #[test]
+    fn pad_with_an_empty_padding_leaves_the_string() {
+        let mut engine = Engine::new();
+        register(&mut engine);
+        let padded = engine.eval::<ImmutableString>(r#"let s = "ab"; s.pad(9999, ""); s"#);
+        assert_eq!(padded.map(|s| s.to_string()).ok().as_deref(), Some("ab"));
     }
 
     #[test]

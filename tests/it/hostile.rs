@@ -352,6 +352,25 @@ fn f9_pad_chain_is_stopped_by_the_deadline() {
     );
 }
 
+#[test]
+fn f9_pad_with_an_empty_padding_returns() {
+    // Found by the `predicate` fuzz target: Rhai's own `pad` loops forever, within a single
+    // operation, when the padding is empty. The sandbox's `pad` leaves the string as it is,
+    // and the rule after it is evaluated as usual.
+    let sandbox = crate::support::sandbox();
+    let predicate = r#"("a" + context.s).pad(9999, "") == () && (context.s + "b").len() == 4"#;
+    let world = compile(&one_rule_world(predicate, &["s"]), &sandbox);
+    let decision = decide(&world, &sandbox, "probe.run", &context());
+    assert_eq!(decision.decision_metadata.errors, vec![], "{decision:?}");
+    let matched: Vec<&str> = decision
+        .decision_metadata
+        .matched_rules
+        .iter()
+        .map(|r| r.id.as_str())
+        .collect();
+    assert_eq!(matched, ["probe"], "{decision:?}");
+}
+
 // ---------------------------------------------------------------- F10: container growth
 
 #[test]
