@@ -9,7 +9,7 @@
 //! from `on_progress` with our own tick counter (Rhai's own count restarts inside callbacks).
 
 mod check;
-mod helpers;
+pub(crate) mod helpers;
 mod value;
 
 use std::cell::Cell;
