@@ -123,7 +123,8 @@ pub struct FileVerification {
 /// The walk is also held against the chain's head, which the writer keeps apart from the
 /// records: a chain that ends before its head, or whose record at the head's seq is not the
 /// head's, lost its newest records (records written after the head was read are walked too,
-/// and are checked like the rest).
+/// and are checked like the rest); a record past the head as it stands after the walk was
+/// added behind the service's back.
 pub async fn verify(store: &Store, world: &str) -> Result<Verification, StoreError> {
     // Read before the walk: the head only moves forward, so every record it names exists.
     let head = store.chain_head(world).await?;
@@ -168,6 +169,29 @@ pub async fn verify(store: &Store, world: &str) -> Result<Verification, StoreErr
         }
     }
     let last = expected_seq - 1;
+    // Every record the service wrote is at or before its head, read after the walk: a record
+    // past it was put there by someone else, however well it links to the one before.
+    let head_now = store.chain_head(world).await?;
+    if last > head_now.as_ref().map_or(0, |h| h.seq) {
+        let at = head_now.as_ref().map_or(0, |h| h.seq);
+        let extra = store.decisions(world, at, 1).await?;
+        return Ok(Verification {
+            world: world.to_string(),
+            records,
+            broken: Some(BrokenLink {
+                seq: at + 1,
+                decision_id: extra
+                    .first()
+                    .map(|r| r.decision.decision_id.clone())
+                    .unwrap_or_default(),
+                reason: format!(
+                    "record {} is past the chain head (record {at}): the service did not write it",
+                    at + 1
+                ),
+            }),
+            pruned_through,
+        });
+    }
     let truncated = head.filter(|h| h.seq > last).map(|h| BrokenLink {
         seq: last + 1,
         decision_id: String::new(),

@@ -26,6 +26,7 @@ crate::both_backends!(
     published_versions_are_immutable,
     restart_keeps_everything,
     decision_chain_verifies_and_detects_tampering,
+    audit_verify_detects_a_deleted_a_reordered_and_an_inserted_record,
     openapi_document_describes_the_deployed_actions,
     draft_with_problems_lists_every_one,
 );
@@ -858,6 +859,137 @@ async fn decision_chain_verifies_and_detects_tampering(backend: Backend) {
         broken.reason
     );
     store5.close().await;
+}
+
+/// Each kind of tampering, done behind the service's back and then undone, is found by
+/// `audit verify` at the record where it was done; between them the chain verifies again. An
+/// inserted record is linked and hashed as the service would have: only the chain head, kept
+/// apart from the records, gives it away.
+async fn audit_verify_detects_a_deleted_a_reordered_and_an_inserted_record(backend: Backend) {
+    let db = Db::fresh(backend).await;
+    let app = TestApp::on(&db).await;
+    for _ in 0..12 {
+        let (s, d) = app.decide(OPERATOR, &green_wire()).await;
+        assert_eq!(s, 200, "{d}");
+    }
+    app.stop().await;
+    let world = "acme-payments";
+    let verify = verify_chain;
+    assert_eq!(verify(&db).await.broken, None);
+    let (t, pg) = ("decisions", "core.decisions");
+    behind_the_service_raw(
+        &db,
+        &format!("CREATE TABLE saved AS SELECT * FROM {t}"),
+        &format!("CREATE TABLE core.saved AS SELECT * FROM {pg}"),
+    )
+    .await;
+    // Deleted: record 5 is gone, so record 6 is met where 5 was expected.
+    behind_the_service_raw(
+        &db,
+        &format!("DELETE FROM {t} WHERE world = '{world}' AND seq = 5"),
+        &format!("DELETE FROM {pg} WHERE world = '{world}' AND seq = 5"),
+    )
+    .await;
+    let broken = verify(&db).await.broken.expect("a deletion is detected");
+    assert_eq!(broken.seq, 6, "{broken:?}");
+    assert!(
+        broken.reason.contains("missing or out of order"),
+        "{broken:?}"
+    );
+    restore_saved(&db).await;
+
+    // Reordered: records 3 and 4 swap places, each keeping its own content and hashes.
+    for (from, to) in [(3, 1000), (4, 3), (1000, 4)] {
+        behind_the_service_raw(
+            &db,
+            &format!("UPDATE {t} SET seq = {to} WHERE world = '{world}' AND seq = {from}"),
+            &format!("UPDATE {pg} SET seq = {to} WHERE world = '{world}' AND seq = {from}"),
+        )
+        .await;
+    }
+    let broken = verify(&db).await.broken.expect("a reordering is detected");
+    assert_eq!(broken.seq, 3, "{broken:?}");
+    assert!(broken.reason.contains("does not match"), "{broken:?}");
+    restore_saved(&db).await;
+
+    // Inserted: a record after the newest, with a correct link and a correct hash.
+    let store = db.store().await;
+    let last = store
+        .decisions(world, 11, 1)
+        .await
+        .expect("records")
+        .pop()
+        .expect("record 12");
+    store.close().await;
+    assert_eq!(last.seq, 12);
+    let forged = spectral::store::NewDecision {
+        decision_id: "forged".into(),
+        ..last.decision.clone()
+    };
+    let hash = spectral::store::chain_hash(&last.hash, 13, &forged).expect("hash");
+    let copy = |table: &str| {
+        format!(
+            "INSERT INTO {table} (seq, world, decision_id, version, action, module_hash, status, \
+             matched_rules, caller, correlation_id, context_digest, decided_at, prev_hash, hash) \
+             SELECT 13, world, 'forged', version, action, module_hash, status, matched_rules, \
+             caller, correlation_id, context_digest, decided_at, prev_hash_of_next, '{hash}' \
+             FROM (SELECT *, '{}' AS prev_hash_of_next FROM {table} \
+             WHERE world = '{world}' AND seq = 12) AS newest",
+            last.hash
+        )
+    };
+    behind_the_service_raw(&db, &copy(t), &copy(pg)).await;
+    let report = verify(&db).await;
+    let broken = report.broken.expect("an insertion is detected");
+    assert_eq!(broken.seq, 13, "{broken:?}");
+    assert_eq!(broken.decision_id, "forged");
+    assert!(broken.reason.contains("past the chain head"), "{broken:?}");
+    restore_saved(&db).await;
+}
+
+/// `audit verify` of acme-payments, on a store of its own.
+async fn verify_chain(db: &Db) -> spectral::service::audit::Verification {
+    let store = db.store().await;
+    let report = spectral::service::audit::verify(&store, "acme-payments")
+        .await
+        .expect("verify");
+    store.close().await;
+    report
+}
+
+/// Put back the records saved in `saved` before the tampering, and check that they verify.
+async fn restore_saved(db: &Db) {
+    behind_the_service_raw(
+        db,
+        "DELETE FROM decisions; INSERT INTO decisions SELECT * FROM saved",
+        "DELETE FROM core.decisions; INSERT INTO core.decisions SELECT * FROM core.saved",
+    )
+    .await;
+    assert_eq!(verify_chain(db).await.broken, None, "restored");
+}
+
+/// Run `sql` (SQLite) or `pg` (Postgres), each one or more statements without arguments,
+/// behind the service's back with the append-only triggers out of the way.
+async fn behind_the_service_raw(db: &Db, sql: &str, pg: &str) {
+    use sqlx::Connection;
+    match (db.sqlite_file(), db.postgres_url()) {
+        (Some(file), _) => {
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+                .await
+                .expect("sqlite");
+            let sql = format!(
+                "DROP TRIGGER IF EXISTS decisions_immutable; \
+                 DROP TRIGGER IF EXISTS decisions_undeletable; {sql}"
+            );
+            sqlx::raw_sql(&sql).execute(&mut c).await.expect(&sql);
+        }
+        (None, Some(url)) => {
+            let mut c = sqlx::PgConnection::connect(url).await.expect("postgres");
+            let pg = format!("ALTER TABLE core.decisions DISABLE TRIGGER USER; {pg}");
+            sqlx::raw_sql(&pg).execute(&mut c).await.expect(&pg);
+        }
+        _ => unreachable!(),
+    }
 }
 
 /// Run `sql` (SQLite form, `?1` the argument) or `pg` (Postgres form, `$1`) behind the
