@@ -1,13 +1,18 @@
 //! The peers' workload, shared by `benches/evaluate.rs` and `bench/peers`: one rule over a
-//! 100-byte context, as `research/peers.md` §7 measured the peers on.
+//! 100-byte context, as `research/peers.md` §7 measured the peers on, and Spectral's rows of it.
 
 use std::collections::BTreeMap;
+use std::hint::black_box;
 
+use criterion::measurement::WallTime;
+use criterion::BenchmarkGroup;
 use serde_json::Map;
-use spectral::worlds::context::SystemValues;
+use spectral::sandbox::Sandbox;
+use spectral::worlds::context::{self, SystemValues};
 use spectral::worlds::model::{
     Action, AttrType, Attribute, Case, Rule, Severity, Status, WorldModel,
 };
+use spectral::worlds::{compile, evaluate, ContextJson, Request};
 
 /// The workload the peers are measured on, here and in `research/peers.md` §7.
 pub const PEERS_CONTEXT: &str = r#"{"user":{"id":"u1","tier":"gold","country":"US"},"amount":250,"action":"purchase","tags":["a","b"]}"#;
@@ -63,4 +68,35 @@ pub fn system() -> SystemValues {
         request_id: "00000000-0000-7000-8000-000000000001".into(),
         caller: "bench".into(),
     }
+}
+
+/// Spectral's rows of the peers' workload: evaluation of the compiled module from the JSON
+/// text, and the context conversion alone.
+pub fn spectral_rows(group: &mut BenchmarkGroup<'_, WallTime>, sandbox: &Sandbox) {
+    let peers = match compile(&peers_world(), 1, sandbox) {
+        Ok(w) => w,
+        Err(p) => panic!("{p:?}"),
+    };
+    let module = &peers.modules[0];
+    group.bench_function("evaluate_json_text", |b| {
+        b.iter(|| {
+            let request = Request {
+                context: ContextJson::Text(black_box(PEERS_CONTEXT)),
+                system: system(),
+                correlation_id: None,
+                explain: false,
+            };
+            black_box(evaluate(sandbox, module, &request))
+        })
+    });
+    group.bench_function("context_conversion_only", |b| {
+        b.iter(|| {
+            black_box(context::bind_str(
+                &module.attrs,
+                black_box(PEERS_CONTEXT),
+                Some(&system()),
+                sandbox.limits(),
+            ))
+        })
+    });
 }

@@ -15,42 +15,15 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use spectral::sandbox::Sandbox;
-use spectral::worlds::context;
-use spectral::worlds::{compile, evaluate, ContextJson, Request};
 
 #[path = "../../../benches/support/peers.rs"]
 mod peers;
-use peers::{peers_world, system, PEERS_CONTEXT};
+use peers::PEERS_CONTEXT;
 
 fn benches(c: &mut Criterion) {
     let sandbox = Sandbox::default();
-    let peers = match compile(&peers_world(), 1, &sandbox) {
-        Ok(w) => w,
-        Err(p) => panic!("{p:?}"),
-    };
-    let module = &peers.modules[0];
     let mut group = c.benchmark_group("peers_workload");
-    group.bench_function("evaluate_json_text", |b| {
-        b.iter(|| {
-            let request = Request {
-                context: ContextJson::Text(black_box(PEERS_CONTEXT)),
-                system: system(),
-                correlation_id: None,
-                explain: false,
-            };
-            black_box(evaluate(&sandbox, module, &request))
-        })
-    });
-    group.bench_function("context_conversion_only", |b| {
-        b.iter(|| {
-            black_box(context::bind_str(
-                &module.attrs,
-                black_box(PEERS_CONTEXT),
-                Some(&system()),
-                sandbox.limits(),
-            ))
-        })
-    });
+    peers::spectral_rows(&mut group, &sandbox);
     regorus_and_cedar(&mut group);
     group.finish();
 }
